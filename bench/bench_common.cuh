@@ -1,0 +1,138 @@
+// Benchmark harness shared by every bench/*.cu file.
+//
+// - Manual time from CUDA events recorded on the benchmark's own stream.
+// - L2 flushed before every timed iteration (a write over a buffer twice the L2).
+// - Peaks measured once per run, before any benchmark (bench_main.cu): the
+//   device-to-device copy bandwidth and a large bf16 cuBLAS GEMM rate. Every
+//   percent counter refers to these measured numbers, not to a datasheet.
+#pragma once
+#include <benchmark/benchmark.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "lory/dtype.hpp"
+
+namespace lory_bench {
+
+#define LORY_BENCH_CUDA(expr)                                                         \
+  do {                                                                                \
+    const cudaError_t e_ = (expr);                                                    \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::abort();                                                                   \
+    }                                                                                 \
+  } while (0)
+
+struct Peaks {
+  double copy_bytes_per_s = 0;   // bytes read + written per second, device-to-device copy
+  double bf16_gemm_flops = 0;    // FLOP/s of an 8192^3 bf16 cuBLAS GEMM on random data
+};
+Peaks& peaks();  // defined in bench_main.cu
+
+// A stream and a pair of events per benchmark; an L2-sized scratch for flushing.
+class GpuTimer {
+ public:
+  GpuTimer() {
+    LORY_BENCH_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    LORY_BENCH_CUDA(cudaEventCreate(&start_));
+    LORY_BENCH_CUDA(cudaEventCreate(&stop_));
+    int dev = 0, l2 = 0;
+    LORY_BENCH_CUDA(cudaGetDevice(&dev));
+    LORY_BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+    flush_bytes_ = 2 * static_cast<size_t>(l2 > 0 ? l2 : (64 << 20));
+    LORY_BENCH_CUDA(cudaMalloc(&flush_, flush_bytes_));
+  }
+  ~GpuTimer() {
+    cudaFree(flush_);
+    cudaEventDestroy(start_);
+    cudaEventDestroy(stop_);
+    cudaStreamDestroy(stream_);
+  }
+  cudaStream_t stream() const { return stream_; }
+  void flush_l2() { LORY_BENCH_CUDA(cudaMemsetAsync(flush_, 0x5a, flush_bytes_, stream_)); }
+
+  // Times fn(stream) once per benchmark iteration, after an L2 flush and a warm-up call.
+  template <class Fn>
+  void run(benchmark::State& state, Fn&& fn) {
+    fn(stream_);  // warm-up (module load, first-touch)
+    LORY_BENCH_CUDA(cudaStreamSynchronize(stream_));
+    LORY_BENCH_CUDA(cudaGetLastError());
+    for (auto _ : state) {
+      flush_l2();
+      LORY_BENCH_CUDA(cudaEventRecord(start_, stream_));
+      fn(stream_);
+      LORY_BENCH_CUDA(cudaEventRecord(stop_, stream_));
+      LORY_BENCH_CUDA(cudaEventSynchronize(stop_));
+      float ms = 0;
+      LORY_BENCH_CUDA(cudaEventElapsedTime(&ms, start_, stop_));
+      state.SetIterationTime(ms * 1e-3);
+    }
+    LORY_BENCH_CUDA(cudaGetLastError());
+  }
+
+ private:
+  cudaStream_t stream_{};
+  cudaEvent_t start_{}, stop_{};
+  void* flush_ = nullptr;
+  size_t flush_bytes_ = 0;
+};
+
+// Counters every benchmark reports: bytes moved (its own minimum: each input
+// read once, each output written once) and FLOPs, as rates and as percent of
+// the measured peaks. Set after the timing loop.
+inline void set_rate_counters(benchmark::State& state, double bytes_per_iter, double flops_per_iter) {
+  using benchmark::Counter;
+  state.counters["GB/s"] = Counter(bytes_per_iter * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["TFLOP/s"] = Counter(flops_per_iter * 1e-12, Counter::kIsIterationInvariantRate);
+  state.counters["bytes"] = bytes_per_iter;
+  state.counters["flops"] = flops_per_iter;
+  if (peaks().copy_bytes_per_s > 0)
+    state.counters["pct_copy_bw"] = Counter(bytes_per_iter / peaks().copy_bytes_per_s * 100.0,
+                                            Counter::kIsIterationInvariantRate);
+  if (peaks().bf16_gemm_flops > 0)
+    state.counters["pct_bf16_gemm"] = Counter(flops_per_iter / peaks().bf16_gemm_flops * 100.0,
+                                              Counter::kIsIterationInvariantRate);
+}
+
+// Device buffer filled with random values in [-1, 1] (never zeros: zeros run faster).
+template <class T>
+T* random_device_buffer(size_t n, uint64_t seed) {
+  std::vector<T> h(n);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  for (auto& v : h) v = lory::from_float<T>(dist(rng));
+  T* d = nullptr;
+  LORY_BENCH_CUDA(cudaMalloc(&d, n * sizeof(T)));
+  LORY_BENCH_CUDA(cudaMemcpy(d, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Random probability rows [rows, E] in float (routing weights).
+inline float* random_routing_weights(int64_t rows, int E, uint64_t seed) {
+  std::vector<float> h(static_cast<size_t>(rows) * E);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(0.05f, 1.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0;
+    for (int e = 0; e < E; ++e) s += (h[r * E + e] = dist(rng));
+    for (int e = 0; e < E; ++e) h[r * E + e] /= s;
+  }
+  float* d = nullptr;
+  LORY_BENCH_CUDA(cudaMalloc(&d, h.size() * sizeof(float)));
+  LORY_BENCH_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// The paper's FFN shapes (SPEC.md): d, f.
+struct PaperShape { int64_t d, f; const char* name; };
+inline const std::vector<PaperShape>& paper_shapes() {
+  static const std::vector<PaperShape> s = {{1024, 2816, "0.3B"}, {1536, 4096, "1.5B"}};
+  return s;
+}
+
+}  // namespace lory_bench

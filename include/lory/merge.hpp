@@ -1,0 +1,83 @@
+// lory: the expert merge and its backward pass -- arguments and validation,
+// shared by the CUDA launchers (merge.cuh) and the CPU twin (reference/merge.hpp).
+//
+//   forward:   Wbar[s, j] = sum_e weights[s, e] * W[e, j]                (K = E)
+//   backward:  dW[e, j]  (+)= sum_s weights[s, e] * G[s, j]              (K = S)
+//              d_weights[s, e] (+)= sum_j G[s, j] * W[e, j]              (K = P)
+//
+// Matrices are strided views: element (e, j) of W is W[e * expert_stride + j],
+// so one call can merge a slice of a larger parameter tensor (one of the three
+// FFN matrices, a tensor-parallel shard, a column block). T is the storage
+// dtype (float, __half, __nv_bfloat16 on the GPU; double too on the CPU); R is
+// the routing dtype (float on the GPU; float or double on the CPU).
+#pragma once
+#include <cstdint>
+
+#include "lory/config.hpp"
+#include "lory/detail/validate.hpp"
+#include "lory/status.hpp"
+
+LORY_NAMESPACE_BEGIN
+
+template <class T, class R = float>
+struct MergeForwardArgs {
+  int64_t num_segments = 0;   // S
+  int experts = 0;            // E
+  int64_t params = 0;         // P: elements per expert in this view
+  const T* W = nullptr;       // [E, P] view
+  int64_t expert_stride = 0;  // >= P
+  const R* weights = nullptr; // [S, E], row stride E
+  T* Wbar = nullptr;          // [S, P] view (output)
+  int64_t segment_stride = 0; // >= P
+};
+
+template <class T, class R = float>
+struct MergeBackwardArgs {
+  int64_t num_segments = 0;     // S
+  int experts = 0;              // E
+  int64_t params = 0;           // P
+  const T* G = nullptr;         // [S, P] gradient of the merged weights
+  int64_t grad_segment_stride = 0;
+  const T* W = nullptr;         // [E, P] expert weights (for d_weights)
+  int64_t expert_stride = 0;
+  const R* weights = nullptr;   // [S, E]
+  T* dW = nullptr;              // [E, P] (output); may be null to skip dW
+  int64_t dW_expert_stride = 0;
+  bool accumulate_dW = false;   // dW += ... instead of dW = ...
+  R* d_weights = nullptr;       // [S, E] (output); may be null to skip it
+  bool accumulate_d_weights = false;  // add into d_weights (sum over several matrices)
+  // Deterministic mode: bitwise identical results run to run (fixed-order
+  // reductions, no floating-point atomics). The fast mode may reduce
+  // d_weights with atomics, so its last bits can vary between runs.
+  bool deterministic = true;
+};
+
+// Shape and pointer checks shared by the CPU twin and the GPU launchers.
+template <class T, class R>
+Status validate(const MergeForwardArgs<T, R>& a) {
+  if (a.num_segments <= 0 || a.params <= 0) return Status::kErrorInvalidSize;
+  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
+  if (!a.W || !a.weights || !a.Wbar) return Status::kErrorNullPointer;
+  if (a.expert_stride < a.params || a.segment_stride < a.params) return Status::kErrorInvalidShape;
+  if (!detail::mul_fits(a.experts, a.expert_stride) || !detail::mul_fits(a.num_segments, a.segment_stride))
+    return Status::kErrorInvalidSize;
+  return Status::kSuccess;
+}
+
+template <class T, class R>
+Status validate(const MergeBackwardArgs<T, R>& a) {
+  if (a.num_segments <= 0 || a.params <= 0) return Status::kErrorInvalidSize;
+  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
+  if (!a.G || !a.weights) return Status::kErrorNullPointer;
+  if (!a.dW && !a.d_weights) return Status::kErrorNullPointer;  // nothing to compute
+  if (a.d_weights && !a.W) return Status::kErrorNullPointer;
+  if (a.grad_segment_stride < a.params) return Status::kErrorInvalidShape;
+  if (a.d_weights && a.expert_stride < a.params) return Status::kErrorInvalidShape;
+  if (a.dW && a.dW_expert_stride < a.params) return Status::kErrorInvalidShape;
+  if (!detail::mul_fits(a.num_segments, a.grad_segment_stride) ||
+      !detail::mul_fits(a.experts, a.expert_stride) || !detail::mul_fits(a.experts, a.dW_expert_stride))
+    return Status::kErrorInvalidSize;
+  return Status::kSuccess;
+}
+
+LORY_NAMESPACE_END

@@ -1,0 +1,66 @@
+// GPU test helpers: device detection, checked CUDA calls, RAII device buffers.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "common/catch.hpp"
+
+namespace lory_test {
+
+inline bool gpu_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+// Every CUDA call in a test goes through this: a failure fails the test with its message.
+#define LORY_TEST_CUDA(expr)                                                        \
+  do {                                                                              \
+    const cudaError_t lory_err_ = (expr);                                           \
+    INFO(#expr << " -> " << cudaGetErrorString(lory_err_));                          \
+    REQUIRE(lory_err_ == cudaSuccess);                                              \
+  } while (0)
+
+// Synchronise and check both the sticky and the last error after a launch.
+#define LORY_TEST_SYNC()                                  \
+  do {                                                    \
+    LORY_TEST_CUDA(cudaGetLastError());                   \
+    LORY_TEST_CUDA(cudaDeviceSynchronize());              \
+  } while (0)
+
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    if (n) LORY_TEST_CUDA(cudaMalloc(&p_, n * sizeof(T) + 64));  // slack for misaligned views
+  }
+  explicit DeviceBuffer(const std::vector<T>& h) : DeviceBuffer(h.size()) { upload(h); }
+  ~DeviceBuffer() { if (p_) cudaFree(p_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  void upload(const std::vector<T>& h) {
+    REQUIRE(h.size() <= n_);
+    LORY_TEST_CUDA(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const { return download(n_); }
+  std::vector<T> download(size_t n) const {
+    std::vector<T> h(n);
+    LORY_TEST_CUDA(cudaMemcpy(h.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// A byte buffer for caller-owned workspaces.
+using DeviceBytes = DeviceBuffer<unsigned char>;
+
+}  // namespace lory_test
