@@ -18,6 +18,6 @@ int main(int argc, char* argv[]) {
     std::printf("SKIPPED: no CUDA device present; GPU tests were not run\n");
     return 77;
   }
-  lory_test::announce_seed();
+  if (!listing) lory_test::announce_seed();
   return Catch::Session().run(argc, argv);
 }

@@ -1,5 +1,6 @@
 // lory: small validation helpers shared by every primitive's argument checks.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "lory/config.hpp"
