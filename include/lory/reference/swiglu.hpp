@@ -14,7 +14,7 @@ Status swiglu_forward(const SwigluForwardArgs<T>& p) {
   for (int64_t r = 0; r < p.rows; ++r)
     for (int64_t c = 0; c < p.cols; ++c)
       p.m[r * p.m_stride + c] = store_as<T>(
-          swiglu_forward(load_as<Acc>(p.a[r * p.a_stride + c]), load_as<Acc>(p.u[r * p.u_stride + c])));
+          LORY_NS_QUALIFIER::swiglu_forward(load_as<Acc>(p.a[r * p.a_stride + c]), load_as<Acc>(p.u[r * p.u_stride + c])));
   return Status::kSuccess;
 }
 
@@ -24,7 +24,7 @@ Status swiglu_backward(const SwigluBackwardArgs<T>& p) {
   for (int64_t r = 0; r < p.rows; ++r)
     for (int64_t c = 0; c < p.cols; ++c) {
       Acc da, du;
-      swiglu_backward(load_as<Acc>(p.a[r * p.a_stride + c]), load_as<Acc>(p.u[r * p.u_stride + c]),
+      LORY_NS_QUALIFIER::swiglu_backward(load_as<Acc>(p.a[r * p.a_stride + c]), load_as<Acc>(p.u[r * p.u_stride + c]),
                       load_as<Acc>(p.dm[r * p.dm_stride + c]), da, du);
       p.da[r * p.da_stride + c] = store_as<T>(da);
       p.du[r * p.du_stride + c] = store_as<T>(du);
