@@ -1,0 +1,140 @@
+// lory: the segment-level MoE FFN layer on the GPU -- the CUDA backend of the
+// plan in lory/moe_ffn_plan.hpp (whose orchestration the CPU tests exercise
+// with reference::MoeFfnCpuBackend). Leaf operations: the router, merge and
+// SwiGLU launchers, and cuBLAS strided-batched GEMMs (fp32 accumulation,
+// tensor cores for half / bfloat16).
+//
+//   cublasHandle_t h;  cublasCreate(&h);  cublasSetStream(h, stream);   // the caller's
+//   lory::MoeFfnCudaPlan<__nv_bfloat16> plan(layout, shape, RoutingMode::kCausalSegment, {budget});
+//   if (plan.can_implement() != lory::Status::kSuccess) ...
+//   cudaMalloc(&ws, plan.workspace_size());                                // the caller's
+//   plan.forward(fwd_args, ws, plan.workspace_size(), {stream, h});
+//   plan.backward(bwd_args, ws, plan.workspace_size(), {stream, h});
+//
+// The handle stays the caller's: lory neither creates nor reconfigures it, so
+// it must already be bound to the stream and in host pointer mode (checked).
+// cuBLAS' own workspace is the caller's business too (cublasSetWorkspace).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "lory/config.hpp"
+#include "lory/detail/cuda.cuh"
+#include "lory/merge.cuh"
+#include "lory/moe_ffn.hpp"
+#include "lory/moe_ffn_plan.hpp"
+#include "lory/router.cuh"
+#include "lory/status.hpp"
+#include "lory/swiglu.cuh"
+
+LORY_NAMESPACE_BEGIN
+namespace detail {
+
+template <class T> struct cublas_dtype;
+template <> struct cublas_dtype<float> { static constexpr cudaDataType_t value = CUDA_R_32F; };
+template <> struct cublas_dtype<__half> { static constexpr cudaDataType_t value = CUDA_R_16F; };
+template <> struct cublas_dtype<__nv_bfloat16> { static constexpr cudaDataType_t value = CUDA_R_16BF; };
+
+inline bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+}  // namespace detail
+
+struct MoeFfnCudaBackend {
+  // The execution context of one plan call: the caller's stream and cuBLAS handle.
+  struct Stream {
+    cudaStream_t stream = nullptr;
+    cublasHandle_t cublas = nullptr;
+  };
+
+  // Checked before anything is launched: a null handle, or one bound to another
+  // stream or in device pointer mode, would fail (or race) only after the router ran.
+  static Status check_stream(const Stream& s) {
+    if (!s.cublas) return Status::kErrorNullPointer;
+    cudaStream_t bound = nullptr;
+    if (cublasGetStream(s.cublas, &bound) != CUBLAS_STATUS_SUCCESS) return Status::kErrorCublas;
+    if (bound != s.stream) return Status::kErrorInvalidArgument;
+    cublasPointerMode_t mode = CUBLAS_POINTER_MODE_HOST;
+    if (cublasGetPointerMode(s.cublas, &mode) != CUBLAS_STATUS_SUCCESS) return Status::kErrorCublas;
+    if (mode != CUBLAS_POINTER_MODE_HOST) return Status::kErrorInvalidArgument;
+    return Status::kSuccess;
+  }
+
+  // GPU-only shape limits: cuBLAS takes m, n, k, leading dimensions and the
+  // batch count as int.
+  template <class T>
+  static Status can_implement(const SegmentLayout& lay, const FfnShape& sh) {
+    static_assert(detail::is_gpu_storage<T>::value, "MoeFfnCudaPlan: T must be float, __half or __nv_bfloat16");
+    if (!detail::fits_int(sh.d) || !detail::fits_int(sh.f) || !detail::fits_int(lay.segment_len) ||
+        !detail::fits_int(lay.num_segments()))
+      return Status::kErrorInvalidSize;
+    return Status::kSuccess;
+  }
+
+  template <class T>
+  static Status router_forward(const RouterForwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream s) {
+    return LORY_NS_QUALIFIER::router_forward(a, ws, ws_bytes, s.stream);
+  }
+  template <class T>
+  static Status router_backward(const RouterBackwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream s) {
+    return LORY_NS_QUALIFIER::router_backward(a, ws, ws_bytes, s.stream);
+  }
+  template <class T>
+  static Status merge_forward(const MergeForwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream s) {
+    return LORY_NS_QUALIFIER::merge_forward(a, ws, ws_bytes, s.stream);
+  }
+  template <class T>
+  static Status merge_backward(const MergeBackwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream s) {
+    return LORY_NS_QUALIFIER::merge_backward(a, ws, ws_bytes, s.stream);
+  }
+  // The SwiGLU launchers take no workspace: a size query answers 0.
+  template <class T>
+  static Status swiglu_forward(const SwigluForwardArgs<T>& a, void* ws, size_t& ws_bytes, Stream s) {
+    if (!ws) {
+      LORY_RETURN_IF_ERROR(swiglu_forward_can_implement(a));
+      ws_bytes = 0;
+      return Status::kSuccess;
+    }
+    return LORY_NS_QUALIFIER::swiglu_forward(a, s.stream);
+  }
+  template <class T>
+  static Status swiglu_backward(const SwigluBackwardArgs<T>& a, void* ws, size_t& ws_bytes, Stream s) {
+    if (!ws) {
+      LORY_RETURN_IF_ERROR(swiglu_backward_can_implement(a));
+      ws_bytes = 0;
+      return Status::kSuccess;
+    }
+    return LORY_NS_QUALIFIER::swiglu_backward(a, s.stream);
+  }
+
+  // One cuBLAS call for the whole batch. cuBLAS is column-major: a row-major
+  // [r, c] matrix is its column-major transpose, so row-major C = op(A) op(B)
+  // is column-major C^T = op(B)^T op(A)^T -- the operands swap places and keep
+  // their transpose flags.
+  template <class T>
+  static Status gemm(const StridedBatchedGemm<T>& g, Stream s) {
+    static_assert(detail::is_gpu_storage<T>::value, "MoeFfnCudaBackend::gemm: T must be float, __half or __nv_bfloat16");
+    LORY_RETURN_IF_ERROR(validate(g));
+    if (!s.cublas) return Status::kErrorNullPointer;
+    if (!detail::fits_int(g.m) || !detail::fits_int(g.n) || !detail::fits_int(g.k) || !detail::fits_int(g.batch) ||
+        !detail::fits_int(g.lda) || !detail::fits_int(g.ldb) || !detail::fits_int(g.ldc))
+      return Status::kErrorInvalidSize;
+    constexpr cudaDataType_t type = detail::cublas_dtype<T>::value;
+    const cublasStatus_t st = cublasGemmStridedBatchedEx(
+        s.cublas, g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+        static_cast<int>(g.n), static_cast<int>(g.m), static_cast<int>(g.k), &g.alpha,
+        g.B, type, static_cast<int>(g.ldb), static_cast<long long>(g.stride_b),
+        g.A, type, static_cast<int>(g.lda), static_cast<long long>(g.stride_a), &g.beta,
+        g.C, type, static_cast<int>(g.ldc), static_cast<long long>(g.stride_c), static_cast<int>(g.batch),
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    return st == CUBLAS_STATUS_SUCCESS ? Status::kSuccess : Status::kErrorCublas;
+  }
+};
+
+// The layer's GPU plan: MoeFfnCudaPlan<T>(layout, shape, mode, options).
+template <class T>
+using MoeFfnCudaPlan = MoeFfnPlan<T, MoeFfnCudaBackend>;
+
+LORY_NAMESPACE_END

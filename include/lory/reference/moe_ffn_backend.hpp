@@ -1,0 +1,121 @@
+// lory CPU backend of the MoE FFN plan (lory/moe_ffn_plan.hpp): the leaf
+// operations as CPU twins accumulating in float (the GPU's fp32), so that the
+// CPU tests drive the plan's orchestration exactly as the GPU runs it.
+//
+//   reference::MoeFfnCpuPlan<T> plan(layout, shape, mode, options);
+//   std::vector<unsigned char> ws(plan.workspace_size());
+//   plan.forward(args, ws.data(), ws.size(), {});
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "lory/dtype.hpp"
+#include "lory/merge.hpp"
+#include "lory/moe_ffn_plan.hpp"
+#include "lory/reference/merge.hpp"
+#include "lory/reference/router.hpp"
+#include "lory/math.hpp"
+#include "lory/router.hpp"
+#include "lory/swiglu.hpp"
+
+LORY_NAMESPACE_BEGIN
+namespace reference {
+
+struct MoeFfnCpuBackend {
+  struct Stream {};  // the CPU runs everything in order; nothing to name
+
+  template <class T>
+  static Status can_implement(const SegmentLayout&, const FfnShape&) { return Status::kSuccess; }
+  static Status check_stream(const Stream&) { return Status::kSuccess; }
+
+  // The CPU twins need no workspace: a null workspace is a size query (0 bytes)
+  // after validation, as the GPU launchers do it.
+  template <class T>
+  static Status router_forward(const RouterForwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::router_forward<float>(a); });
+  }
+  template <class T>
+  static Status router_backward(const RouterBackwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::router_backward<float>(a); });
+  }
+  template <class T>
+  static Status merge_forward(const MergeForwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::merge_forward<float>(a); });
+  }
+  template <class T>
+  static Status merge_backward(const MergeBackwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::merge_backward<float>(a); });
+  }
+  // The SwiGLU leaves loop here over the host-and-device formulas of
+  // lory/math.hpp, as reference::swiglu_forward/backward do: those twins do not
+  // compile yet (inside namespace reference their unqualified element calls
+  // find the twins themselves, not lory::swiglu_forward/backward).
+  template <class T>
+  static Status swiglu_forward(const SwigluForwardArgs<T>& p, void* ws, size_t& ws_bytes, Stream) {
+    return run(p, ws, ws_bytes, [&] {
+      for (int64_t r = 0; r < p.rows; ++r)
+        for (int64_t c = 0; c < p.cols; ++c)
+          p.m[r * p.m_stride + c] = store_as<T>(LORY_NS_QUALIFIER::swiglu_forward(
+              load_as<float>(p.a[r * p.a_stride + c]), load_as<float>(p.u[r * p.u_stride + c])));
+      return Status::kSuccess;
+    });
+  }
+  template <class T>
+  static Status swiglu_backward(const SwigluBackwardArgs<T>& p, void* ws, size_t& ws_bytes, Stream) {
+    return run(p, ws, ws_bytes, [&] {
+      for (int64_t r = 0; r < p.rows; ++r)
+        for (int64_t c = 0; c < p.cols; ++c) {
+          float da, du;
+          LORY_NS_QUALIFIER::swiglu_backward(load_as<float>(p.a[r * p.a_stride + c]),
+                                             load_as<float>(p.u[r * p.u_stride + c]),
+                                             load_as<float>(p.dm[r * p.dm_stride + c]), da, du);
+          p.da[r * p.da_stride + c] = store_as<T>(da);
+          p.du[r * p.du_stride + c] = store_as<T>(du);
+        }
+      return Status::kSuccess;
+    });
+  }
+
+  // Plain loop GEMM with the row-major semantics of StridedBatchedGemm, fp32
+  // accumulation, one rounding to T per output (as cuBLAS with CUBLAS_COMPUTE_32F).
+  template <class T>
+  static Status gemm(const StridedBatchedGemm<T>& g, Stream) {
+    LORY_RETURN_IF_ERROR(validate(g));
+    for (int64_t b = 0; b < g.batch; ++b) {
+      const T* A = g.A + b * g.stride_a;
+      const T* B = g.B + b * g.stride_b;
+      T* C = g.C + b * g.stride_c;
+      for (int64_t i = 0; i < g.m; ++i)
+        for (int64_t j = 0; j < g.n; ++j) {
+          float acc = 0.f;
+          for (int64_t p = 0; p < g.k; ++p) {
+            const T av = g.trans_a ? A[p * g.lda + i] : A[i * g.lda + p];
+            const T bv = g.trans_b ? B[j * g.ldb + p] : B[p * g.ldb + j];
+            acc += load_as<float>(av) * load_as<float>(bv);
+          }
+          T& out = C[i * g.ldc + j];
+          // beta == 0 never reads C (it may hold garbage or NaN).
+          const float prior = g.beta == 0.f ? 0.f : g.beta * load_as<float>(out);
+          out = store_as<T>(g.alpha * acc + prior);
+        }
+    }
+    return Status::kSuccess;
+  }
+
+ private:
+  template <class Args, class Fn>
+  static Status run(const Args& a, void* ws, size_t& ws_bytes, Fn&& fn) {
+    LORY_RETURN_IF_ERROR(validate(a));
+    if (ws == nullptr) {
+      ws_bytes = 0;
+      return Status::kSuccess;
+    }
+    return fn();
+  }
+};
+
+template <class T>
+using MoeFfnCpuPlan = MoeFfnPlan<T, MoeFfnCpuBackend>;
+
+}  // namespace reference
+LORY_NAMESPACE_END
