@@ -1,0 +1,246 @@
+// Merge forward / backward at the paper's shapes (SPEC.md), bf16 storage, and
+// the same merges done by cuBLAS in the same run as the baseline:
+//   merge_forward/...          lory::merge_forward
+//   merge_forward_cublas/...   [S x E] x [E x P] with cublasGemmEx (bf16, fp32 compute)
+//   merge_backward/...         lory::merge_backward (dW and d_weights, deterministic)
+//   merge_backward_cublas/...  two GEMMs: dW = weights^T G, d_weights = G W^T
+// Names share the suffix /bf16/d<d>_f<f>/E<E>/S<S> so a script can pair them.
+// P = 3 d f (the three FFN matrices merged as one [E, P] tensor); S = 16 segments x 8 or 32 sequences.
+// Bytes are each kernel's minimum: forward (E P + S P) * 2, backward (S P + 2 E P) * 2 + S E * 4.
+#include <cublas_v2.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bench_common.cuh"
+#include "lory/merge.cuh"
+
+namespace lory_bench {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// Device-side random fill (host generation of ~20 GB would dominate the run).
+__global__ void fill_random_bf16(bf16* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    p[i] = __float2bfloat16_rn(2.f * u - 1.f);
+  }
+}
+__global__ void float_to_bf16(const float* in, bf16* out, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(in[i]);
+}
+
+// One set of buffers, sized for the largest shape and shared by every benchmark.
+struct Buffers {
+  bf16* big = nullptr;  // [S, P]: merged weights (forward) or their gradient G (backward)
+  bf16* W = nullptr;    // [E, P]
+  bf16* dW = nullptr;   // [E, P]
+  float* d_weights = nullptr;
+  size_t big_n = 0, w_n = 0, dW_n = 0, de_n = 0;
+  void ensure(size_t big_need, size_t w_need, size_t de_need) {
+    auto grow = [](bf16*& p, size_t& have, size_t need, uint64_t seed) {
+      if (need <= have) return;
+      if (p) LORY_BENCH_CUDA(cudaFree(p));
+      LORY_BENCH_CUDA(cudaMalloc(&p, need * sizeof(bf16)));
+      fill_random_bf16<<<4096, 256>>>(p, need, seed);
+      LORY_BENCH_CUDA(cudaGetLastError());
+      have = need;
+    };
+    grow(big, big_n, big_need, 11);
+    grow(W, w_n, w_need, 12);
+    grow(dW, dW_n, w_need, 13);
+    if (de_need > de_n) {
+      if (d_weights) LORY_BENCH_CUDA(cudaFree(d_weights));
+      LORY_BENCH_CUDA(cudaMalloc(&d_weights, de_need * sizeof(float)));
+      de_n = de_need;
+    }
+    LORY_BENCH_CUDA(cudaDeviceSynchronize());
+  }
+};
+Buffers& buffers() {
+  static Buffers b;
+  return b;
+}
+
+struct Shape {
+  int64_t d, f;
+  int E;
+  int64_t S;
+  int64_t P() const { return 3 * d * f; }
+  std::string suffix() const {
+    return "/bf16/d" + std::to_string(d) + "_f" + std::to_string(f) + "/E" + std::to_string(E) + "/S" +
+           std::to_string(S);
+  }
+};
+
+// Routing weights in fp32 (lory) and their bf16 copy for cuBLAS, made outside the timing.
+struct Routing {
+  float* f32 = nullptr;
+  bf16* b16 = nullptr;
+  Routing(int64_t S, int E) {
+    f32 = random_routing_weights(S, E, 7);
+    LORY_BENCH_CUDA(cudaMalloc(&b16, S * E * sizeof(bf16)));
+    float_to_bf16<<<64, 256>>>(f32, b16, size_t(S) * E);
+    LORY_BENCH_CUDA(cudaDeviceSynchronize());
+  }
+  ~Routing() {
+    cudaFree(f32);
+    cudaFree(b16);
+  }
+};
+
+struct Workspace {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Workspace(size_t n) : bytes(n) { LORY_BENCH_CUDA(cudaMalloc(&p, n)); }
+  ~Workspace() { cudaFree(p); }
+};
+
+double forward_bytes(const Shape& s) { return double(s.E * s.P() + s.S * s.P()) * sizeof(bf16); }
+double backward_bytes(const Shape& s) {
+  return double(s.S * s.P() + 2 * s.E * s.P()) * sizeof(bf16) + double(s.S * s.E) * sizeof(float);
+}
+
+void bench_forward(benchmark::State& state, Shape s) {
+  auto& B = buffers();
+  B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
+  Routing r(s.S, s.E);
+  lory::MergeForwardArgs<bf16, float> a;
+  a.num_segments = s.S;
+  a.experts = s.E;
+  a.params = s.P();
+  a.W = B.W;
+  a.expert_stride = s.P();
+  a.weights = r.f32;
+  a.Wbar = B.big;
+  a.segment_stride = s.P();
+  size_t bytes = 0;
+  if (lory::merge_forward(a, nullptr, bytes, nullptr) != lory::Status::kSuccess) {
+    state.SkipWithError("merge_forward size query failed");
+    return;
+  }
+  Workspace ws(bytes);
+  GpuTimer timer;
+  lory::Status st = lory::Status::kSuccess;
+  timer.run(state, [&](cudaStream_t stream) {
+    const lory::Status x = lory::merge_forward(a, ws.p, ws.bytes, stream);
+    if (x != lory::Status::kSuccess) st = x;
+  });
+  if (st != lory::Status::kSuccess) state.SkipWithError(lory::status_string(st));
+  set_rate_counters(state, forward_bytes(s), 2.0 * s.S * s.E * s.P());
+}
+
+void bench_forward_cublas(benchmark::State& state, Shape s) {
+  auto& B = buffers();
+  B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
+  Routing r(s.S, s.E);
+  cublasHandle_t h;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+    state.SkipWithError("cublasCreate failed");
+    return;
+  }
+  GpuTimer timer;
+  cublasSetStream(h, timer.stream());
+  const float alpha = 1.f, beta = 0.f;
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+  // Row-major Wbar[S, P] = w[S, E] W[E, P]  <=>  column-major Wbar^T[P, S] = W^T[P, E] w^T[E, S].
+  timer.run(state, [&](cudaStream_t) {
+    const cublasStatus_t x = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(s.P()), int(s.S), s.E, &alpha, B.W,
+                                          CUDA_R_16BF, int(s.P()), r.b16, CUDA_R_16BF, s.E, &beta, B.big,
+                                          CUDA_R_16BF, int(s.P()), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (x != CUBLAS_STATUS_SUCCESS) st = x;
+  });
+  cublasDestroy(h);
+  if (st != CUBLAS_STATUS_SUCCESS) state.SkipWithError("cublasGemmEx failed");
+  set_rate_counters(state, forward_bytes(s), 2.0 * s.S * s.E * s.P());
+}
+
+void bench_backward(benchmark::State& state, Shape s) {
+  auto& B = buffers();
+  B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
+  Routing r(s.S, s.E);
+  lory::MergeBackwardArgs<bf16, float> a;
+  a.num_segments = s.S;
+  a.experts = s.E;
+  a.params = s.P();
+  a.G = B.big;
+  a.grad_segment_stride = s.P();
+  a.W = B.W;
+  a.expert_stride = s.P();
+  a.weights = r.f32;
+  a.dW = B.dW;
+  a.dW_expert_stride = s.P();
+  a.d_weights = B.d_weights;
+  size_t bytes = 0;
+  if (lory::merge_backward(a, nullptr, bytes, nullptr) != lory::Status::kSuccess) {
+    state.SkipWithError("merge_backward size query failed");
+    return;
+  }
+  Workspace ws(bytes);
+  GpuTimer timer;
+  lory::Status st = lory::Status::kSuccess;
+  timer.run(state, [&](cudaStream_t stream) {
+    const lory::Status x = lory::merge_backward(a, ws.p, ws.bytes, stream);
+    if (x != lory::Status::kSuccess) st = x;
+  });
+  if (st != lory::Status::kSuccess) state.SkipWithError(lory::status_string(st));
+  set_rate_counters(state, backward_bytes(s), 4.0 * s.S * s.E * s.P());
+}
+
+void bench_backward_cublas(benchmark::State& state, Shape s) {
+  auto& B = buffers();
+  B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
+  Routing r(s.S, s.E);
+  cublasHandle_t h;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+    state.SkipWithError("cublasCreate failed");
+    return;
+  }
+  GpuTimer timer;
+  cublasSetStream(h, timer.stream());
+  const float alpha = 1.f, beta = 0.f;
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+  const int P = int(s.P()), S = int(s.S), E = s.E;
+  timer.run(state, [&](cudaStream_t) {
+    // dW[E, P] = w^T G  <=>  column-major dW^T[P, E] = G^T[P, S] w[S, E] (w stored row-major = w^T column-major).
+    cublasStatus_t x = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, P, E, S, &alpha, B.big, CUDA_R_16BF, P, r.b16,
+                                    CUDA_R_16BF, E, &beta, B.dW, CUDA_R_16BF, P, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT);
+    if (x != CUBLAS_STATUS_SUCCESS) st = x;
+    // d_weights[S, E] = G W^T  <=>  column-major d_weights^T[E, S] = W[E, P] G^T[P, S], fp32 output.
+    x = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, E, S, P, &alpha, B.W, CUDA_R_16BF, P, B.big, CUDA_R_16BF, P,
+                     &beta, B.d_weights, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (x != CUBLAS_STATUS_SUCCESS) st = x;
+  });
+  cublasDestroy(h);
+  if (st != CUBLAS_STATUS_SUCCESS) state.SkipWithError("cublasGemmEx failed");
+  set_rate_counters(state, backward_bytes(s), 4.0 * s.S * s.E * s.P());
+}
+
+// Registered at start-up: every paper shape x E in {8, 16, 32} x S in {128, 512}.
+const bool registered = [] {
+  for (const auto& ps : paper_shapes())
+    for (int E : {8, 16, 32})
+      for (int64_t seqs : {8, 32}) {
+        const Shape s{ps.d, ps.f, E, 16 * seqs};
+        benchmark::RegisterBenchmark(("merge_forward" + s.suffix()).c_str(), bench_forward, s)
+            ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("merge_forward_cublas" + s.suffix()).c_str(), bench_forward_cublas, s)
+            ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("merge_backward" + s.suffix()).c_str(), bench_backward, s)
+            ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("merge_backward_cublas" + s.suffix()).c_str(), bench_backward_cublas, s)
+            ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+      }
+  return true;
+}();
+
+}  // namespace
+}  // namespace lory_bench

@@ -1,0 +1,7 @@
+// lory: umbrella header for everything, CUDA kernels and launchers included (needs nvcc).
+#pragma once
+#include "lory/lory.hpp"
+#include "lory/merge.cuh"
+#include "lory/moe_ffn.cuh"
+#include "lory/router.cuh"
+#include "lory/swiglu.cuh"

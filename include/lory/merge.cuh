@@ -1,0 +1,880 @@
+// lory: the expert merge on the GPU, forward and backward (math in lory/merge.hpp,
+// CPU twin in lory/reference/merge.hpp).
+//
+//   forward   Wbar[s, :] = sum_e weights[s, e] W[e, :]                  GEMM, K = E
+//   backward  dW[e, :] (+)= sum_s weights[s, e] G[s, :]                  GEMM, K = S
+//             d_weights[s, e] (+)= <G[s, :], W[e, :]>                    GEMM, K = P
+//
+// Both directions are memory-bound GEMMs with a tiny K on one side, so the
+// design rule is "each big operand crosses HBM once":
+// - forward: a block stages a P-tile of all E experts in shared memory, then
+//   produces every segment's merged tile from it (S may be split across
+//   blockIdx.y when there are too few P-tiles to fill the GPU; then W is read
+//   once per slice). Two implementations of the tile product:
+//     SIMT         fp32 FMAs on CUDA cores, any dtype, any E;
+//     tensor core  mma.sync m16n8k16 (bf16 / fp16 storage, E <= 64):
+//                  M = segments, N = params, K = experts padded to 16. The
+//                  routing weights enter as hi + lo 16-bit operands (two mmas)
+//                  so they keep ~16 bits; the output tile goes through shared
+//                  memory so global stores are whole 16-byte vectors.
+//   The launcher picks tensor cores for 16-bit storage and 8 <= E <= 64 on
+//   sm_80+; otherwise SIMT. detail::merge_forward_on_path forces either.
+//   The fp16 tensor-core path needs |weights| < 65504 (routing probabilities are).
+// - backward: one pass over G. A persistent grid (a few blocks per SM, each
+//   looping over many P-tiles) stages a chunk of G rows per step and feeds
+//   both products from it: dW accumulates in registers over all S, the
+//   d_weights partial [S, E] accumulates on chip (shared memory when S*E is
+//   small enough, else the block's own slice of the workspace) across the
+//   block's P-tiles. Deterministic mode (default): partials land in the
+//   workspace and a second kernel sums them in a fixed order, bitwise
+//   reproducible. Fast mode: partials are atomically added into d_weights
+//   (last bits may vary run to run); when the partial does not fit in shared
+//   memory the fast mode falls back to the deterministic reduction.
+//
+// Paths: every pointer only needs its element alignment. 16-byte vector loads
+// and stores are used when the base pointers are 16-byte aligned and the
+// strides are multiples of 16 bytes; otherwise a scalar path runs (same
+// kernel, template flag). A P-tail shorter than a vector is always scalar.
+// All global offsets are 64-bit.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "lory/config.hpp"
+#include "lory/detail/cuda.cuh"
+#include "lory/detail/merge_mma.cuh"
+#include "lory/detail/validate.hpp"
+#include "lory/dtype.hpp"
+#include "lory/merge.hpp"
+#include "lory/status.hpp"
+
+LORY_NAMESPACE_BEGIN
+namespace detail {
+
+// Which implementation of the tile product to run (tests force each one).
+enum class MergePath : int { kAuto = 0, kSimt = 1, kTensorCore = 2 };
+
+constexpr int kMergeThreads = 256;
+// A launcher that needs no scratch still reports 16 bytes, never 0, so the
+// two-phase "query, allocate, call" pattern always ends in a real launch.
+constexpr size_t kMergeMinWorkspaceBytes = 16;
+// Forward: P-tiles x S-slices aimed at (at least) this many blocks.
+constexpr int64_t kMergeForwardTargetBlocks = 1024;
+// Backward: at most this many persistent blocks (bounds the partials' workspace).
+constexpr int kMergeBackwardMaxBlocks = 512;
+// Backward: segments staged per step, and the largest S*E partial kept in shared memory.
+constexpr int kMergeBackwardChunk = 16;
+constexpr int64_t kMergeBackwardSmemPartial = 16384;  // floats (64 KiB)
+
+// ---------------------------------------------------------------------------
+// Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
+// ---------------------------------------------------------------------------
+#if defined(__CUDACC__)
+
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE Vec16<T> zero_vec16() {
+  Vec16<T> r;
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) r.v[i] = from_float<T>(0.f);
+  return r;
+}
+
+// Elements [col, col + kSize) of a row; those at or past P read as zero.
+template <class T, bool kVec>
+LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_row_vec(const T* row, int64_t col, int64_t P) {
+  constexpr int V = Vec16<T>::kSize;
+  if (kVec && col + V <= P) return load_vec16(row + col);
+  Vec16<T> r;
+#pragma unroll
+  for (int i = 0; i < V; ++i) r.v[i] = (col + i < P) ? row[col + i] : from_float<T>(0.f);
+  return r;
+}
+
+// Writes elements [col, min(col + kSize, P)) of a row.
+template <class T, bool kVec>
+LORY_DEVICE LORY_FORCEINLINE void store_row_vec(T* row, int64_t col, int64_t P, const Vec16<T>& x) {
+  constexpr int V = Vec16<T>::kSize;
+  if (kVec && col + V <= P) {
+    store_vec16(row + col, x);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    if (col + i < P) row[col + i] = x.v[i];
+}
+
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE void vec_to_float(const Vec16<T>& x, float (&f)[Vec16<T>::kSize]) {
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) f[i] = to_float(x.v[i]);
+}
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE Vec16<T> float_to_vec(const float (&f)[Vec16<T>::kSize]) {
+  Vec16<T> r;
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) r.v[i] = from_float<T>(f[i]);
+  return r;
+}
+
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------
+// Forward, SIMT: thread (c, g) owns one 16-byte column vector c of the tile and
+// kSegs consecutive segments of group g; the expert vector read from shared
+// memory is reused for all kSegs segments (64 fp32 accumulators).
+// ---------------------------------------------------------------------------
+template <class T>
+struct MergeForwardParams {
+  int64_t S;
+  int E;
+  int64_t P;
+  const T* W;
+  int64_t w_stride;
+  const float* weights;
+  T* out;
+  int64_t out_stride;
+  int col_vecs;            // 16-byte column vectors per tile (SIMT: cg; tensor core: fixed)
+  int64_t tiles;           // ceil(P / tile width)
+  int64_t segs_per_slice;  // S range of one blockIdx.y
+};
+
+template <class T>
+struct MergeForwardSimtConfig {
+  static constexpr int kVec = Vec16<T>::kSize;
+  static constexpr int kSegs = 64 / kVec;  // segments per thread
+  static constexpr int kPrefetch = 2;      // W-tile vectors per thread loaded ahead (registers)
+  // Column vectors per tile: 32 (one warp across the tile) unless the E
+  // expert rows would not fit in 64 KiB of shared memory.
+  static int col_vecs(int E) {
+    int cg = 32;
+    while (cg > 1 && static_cast<int64_t>(E) * cg * 16 > 65536) cg /= 2;
+    return cg;
+  }
+  LORY_HOST_DEVICE static int rows_per_pass(int cg) { return (kMergeThreads / cg) * kSegs; }
+  // The slice's routing weights stay in shared memory, rows padded to E + 1
+  // floats (odd: two segment groups in one warp read different banks).
+  static int64_t bytes_per_segment(int E) { return int64_t(E + 1) * sizeof(float); }
+  LORY_HOST_DEVICE static size_t w_tile_bytes(int E, int cg) { return static_cast<size_t>(E) * cg * 16; }
+  static bool weights_in_smem(int E, int cg, int64_t budget) {
+    return bytes_per_segment(E) * rows_per_pass(cg) <= budget;
+  }
+  static size_t smem_bytes(int E, int cg, int64_t slice_rows, bool weights_smem) {
+    return w_tile_bytes(E, cg) + (weights_smem ? static_cast<size_t>(slice_rows * bytes_per_segment(E)) : 0);
+  }
+};
+
+#if defined(__CUDACC__)
+// kWeightsSmem: the slice's weights in shared memory (else read through L1,
+// for large E where a pass's rows of weights would not fit).
+template <class T, bool kVecIO, bool kWeightsSmem>
+LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(const MergeForwardParams<T> p) {
+  using Cfg = MergeForwardSimtConfig<T>;
+  constexpr int V = Cfg::kVec, kSegs = Cfg::kSegs, kPre = Cfg::kPrefetch;
+  extern __shared__ __align__(16) unsigned char merge_smem[];
+  const int cg = p.col_vecs, E = p.E, wrow = kWeightsSmem ? p.E + 1 : p.E;
+  Vec16<T>* w_tile = reinterpret_cast<Vec16<T>*>(merge_smem);                     // [E][cg]
+  float* w_all = reinterpret_cast<float*>(merge_smem + Cfg::w_tile_bytes(E, cg));  // [slice rows][E + 1]
+  const int rows = Cfg::rows_per_pass(cg);
+  const int c = threadIdx.x % cg, g = threadIdx.x / cg;
+  const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * p.segs_per_slice;
+  const int64_t s_end = s_begin + p.segs_per_slice < p.S ? s_begin + p.segs_per_slice : p.S;
+  const int64_t slice_rows = (s_end - s_begin + rows - 1) / rows * rows;
+
+  // The slice's weights, once per block; rows past the slice are zero.
+  for (int64_t i = threadIdx.x; kWeightsSmem && i < slice_rows * E; i += kMergeThreads) {
+    const int64_t r = i / E;
+    const int e = static_cast<int>(i % E);
+    w_all[r * wrow + e] = s_begin + r < s_end ? p.weights[(s_begin + r) * E + e] : 0.f;
+  }
+  // The first kPre vectors of each thread's share of the next W tile travel in
+  // registers while the current tile is computed.
+  auto load_w = [&](int64_t tile, int i) {
+    const int e = i / cg, cc = i % cg;
+    return load_row_vec<T, kVecIO>(p.W + e * p.w_stride, tile * cg * V + cc * V, p.P);
+  };
+  Vec16<T> pre[kPre];
+#pragma unroll
+  for (int j = 0; j < kPre; ++j)
+    if (threadIdx.x + j * kMergeThreads < E * cg && blockIdx.x < p.tiles) pre[j] = load_w(blockIdx.x, threadIdx.x + j * kMergeThreads);
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's readers are done with w_tile
+#pragma unroll
+    for (int j = 0; j < kPre; ++j)
+      if (threadIdx.x + j * kMergeThreads < E * cg) w_tile[threadIdx.x + j * kMergeThreads] = pre[j];
+    for (int i = threadIdx.x + kPre * kMergeThreads; i < E * cg; i += kMergeThreads) w_tile[i] = load_w(tile, i);
+    __syncthreads();
+    const int64_t next = tile + gridDim.x;
+    if (next < p.tiles) {
+#pragma unroll
+      for (int j = 0; j < kPre; ++j)
+        if (threadIdx.x + j * kMergeThreads < E * cg) pre[j] = load_w(next, threadIdx.x + j * kMergeThreads);
+    }
+    const int64_t col = tile * cg * V + c * V;
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += rows) {
+      float acc[kSegs][V];
+#pragma unroll
+      for (int m = 0; m < kSegs; ++m)
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[m][v] = 0.f;
+      const int64_t seg0 = s0 + g * kSegs;
+      const float* wseg = kWeightsSmem ? w_all + (seg0 - s_begin) * wrow : p.weights;
+#pragma unroll 2
+      for (int e = 0; e < E; ++e) {
+        float wf[V];
+        vec_to_float(w_tile[e * cg + c], wf);
+#pragma unroll
+        for (int m = 0; m < kSegs; ++m) {
+          // Same address across the segment group: a broadcast. From global memory,
+          // rows past the slice read its last row (their results are not stored).
+          const float a = kWeightsSmem ? wseg[m * wrow + e]
+                                       : __ldg(wseg + (seg0 + m < s_end ? seg0 + m : s_end - 1) * wrow + e);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[m][v] = fmaf(a, wf[v], acc[m][v]);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kSegs; ++m) {
+        const int64_t s = s0 + g * kSegs + m;
+        if (s < s_end) store_row_vec<T, kVecIO>(p.out + s * p.out_stride, col, p.P, float_to_vec<T>(acc[m]));
+      }
+    }
+  }
+}
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------
+// Forward, tensor cores (bf16 / fp16 storage, E <= 64). Block tile: 256
+// params x all experts; 8 warps = 4 (N, 64 params each) x 2 (M). The slice's
+// routing weights (hi and lo) stay in shared memory; a warp keeps its B
+// fragments (experts x 64 params) in registers for the whole tile and sweeps
+// the slice's segments 16 at a time. The next tile's W travels in registers
+// while the current one is computed (E <= 16; else two blocks per SM overlap).
+// ---------------------------------------------------------------------------
+template <class T, int kKSteps>
+struct MergeForwardTcConfig {
+  static constexpr int kTileN = 256;
+  static constexpr int kWarpN = 64;
+  static constexpr int kRowsPerPass = 32;  // 2 warp rows x 16 segments
+  static constexpr int kK = kKSteps * 16;
+  // Vectors per thread of the next W tile held in registers: only where they do not cost occupancy.
+  static constexpr int kPrefetch = kKSteps == 1 ? kK * (kTileN / 8) / kMergeThreads : 0;
+  // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
+  static constexpr int kWRow = kTileN + 8;
+  static constexpr int kARow = kK + 8;
+  static constexpr int kStageRow = kWarpN + 8;
+  static constexpr size_t kWBytes = size_t(kK) * kWRow * sizeof(T);
+  static constexpr size_t kStageBytes = size_t(16) * kStageRow * sizeof(T);
+  static constexpr size_t kFixedBytes = kWBytes + (kMergeThreads / 32) * kStageBytes;
+  static int64_t bytes_per_segment() { return int64_t(2) * kARow * sizeof(T); }  // hi + lo
+  static size_t smem_bytes(int64_t slice_rows) { return kFixedBytes + size_t(slice_rows * bytes_per_segment()); }
+};
+
+#if defined(__CUDACC__)
+template <class T, bool kVecIO, int kKSteps>
+LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_forward_tc_kernel(const MergeForwardParams<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Cfg = MergeForwardTcConfig<T, kKSteps>;
+  constexpr int kK = Cfg::kK, kWRow = Cfg::kWRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
+  constexpr int V = Vec16<T>::kSize;  // 8
+  constexpr int kRowVecs = Cfg::kTileN / V;
+  constexpr int kPre = Cfg::kPrefetch;
+  extern __shared__ __align__(16) unsigned char merge_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_n = warp % 4, warp_m = warp / 4;
+  const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * p.segs_per_slice;
+  const int64_t s_end = s_begin + p.segs_per_slice < p.S ? s_begin + p.segs_per_slice : p.S;
+  const int64_t slice_rows = (s_end - s_begin + 15) / 16 * 16;
+  T* w_s = reinterpret_cast<T*>(merge_smem);                                                // [kK][kWRow]
+  T* stage = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + warp * Cfg::kStageBytes);     // [16][kStageRow]
+  T* a_hi = reinterpret_cast<T*>(merge_smem + Cfg::kFixedBytes);                            // [slice rows][kARow]
+  T* a_lo = a_hi + slice_rows * kARow;                                                      // [slice rows][kARow]
+  const int g = lane / 4, t = lane % 4;
+
+  // The slice's weights as hi + lo, once per block; rows past the slice and experts past E are zero.
+  for (int64_t i = threadIdx.x; i < slice_rows * kK; i += kMergeThreads) {
+    const int64_t r = i / kK;
+    const int k = static_cast<int>(i % kK);
+    const float w = (s_begin + r < s_end && k < p.E) ? p.weights[(s_begin + r) * p.E + k] : 0.f;
+    split_hi_lo(w, a_hi[r * kARow + k], a_lo[r * kARow + k]);
+  }
+  // Expert rows k >= E are zero: they meet zero weights, and 0 * garbage could be NaN.
+  auto load_w = [&](int64_t tile, int i) {
+    const int k = i / kRowVecs, v = i % kRowVecs;
+    return k < p.E ? load_row_vec<T, kVecIO>(p.W + k * p.w_stride, tile * Cfg::kTileN + v * V, p.P)
+                   : zero_vec16<T>();
+  };
+  Vec16<T> pre[kPre > 0 ? kPre : 1];
+  if (kPre > 0 && blockIdx.x < p.tiles) {
+#pragma unroll
+    for (int j = 0; j < kPre; ++j) pre[j] = load_w(blockIdx.x, threadIdx.x + j * kMergeThreads);
+  }
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t tile_col = tile * Cfg::kTileN;
+    __syncthreads();  // every warp has its B fragments of the previous tile (and the weights are in place)
+    if (kPre > 0) {
+#pragma unroll
+      for (int j = 0; j < kPre; ++j) {
+        const int i = threadIdx.x + j * kMergeThreads;
+        *reinterpret_cast<Vec16<T>*>(w_s + (i / kRowVecs) * kWRow + (i % kRowVecs) * V) = pre[j];
+      }
+    } else {
+      for (int i = threadIdx.x; i < kK * kRowVecs; i += kMergeThreads)
+        *reinterpret_cast<Vec16<T>*>(w_s + (i / kRowVecs) * kWRow + (i % kRowVecs) * V) = load_w(tile, i);
+    }
+    __syncthreads();
+    uint32_t b[kKSteps][8][2];
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        const int q = lane / 8;
+        const int k = ks * 16 + (q & 1) * 8 + lane % 8;
+        const int n = warp_n * Cfg::kWarpN + (np * 2 + (q >> 1)) * 8;
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, w_s + k * kWRow + n);
+        b[ks][2 * np][0] = r[0];
+        b[ks][2 * np][1] = r[1];
+        b[ks][2 * np + 1][0] = r[2];
+        b[ks][2 * np + 1][1] = r[3];
+      }
+    const int64_t next = tile + gridDim.x;
+    if (kPre > 0 && next < p.tiles) {
+#pragma unroll
+      for (int j = 0; j < kPre; ++j) pre[j] = load_w(next, threadIdx.x + j * kMergeThreads);
+    }
+
+#pragma unroll 1
+    for (int64_t r0 = warp_m * 16; r0 < slice_rows; r0 += 32) {
+      float acc[8][4];
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t ah[4], al[4];
+        const int64_t r = r0 + lane % 16;
+        const int k = ks * 16 + (lane / 16) * 8;
+        ldmatrix_x4(ah, a_hi + r * kARow + k);
+        ldmatrix_x4(al, a_lo + r * kARow + k);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          mma_16816<T>(acc[nb], al, b[ks][nb]);
+          mma_16816<T>(acc[nb], ah, b[ks][nb]);
+        }
+      }
+      // Accumulators -> T -> this warp's staging tile, then whole 16-byte rows out.
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        *reinterpret_cast<uint32_t*>(stage + g * kStageRow + nb * 8 + 2 * t) = pack2<T>(acc[nb][0], acc[nb][1]);
+        *reinterpret_cast<uint32_t*>(stage + (g + 8) * kStageRow + nb * 8 + 2 * t) = pack2<T>(acc[nb][2], acc[nb][3]);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int row = it * 4 + lane / 8, chunk = lane % 8;
+        const int64_t s = s_begin + r0 + row;
+        if (s < s_end) {
+          const Vec16<T> x = *reinterpret_cast<const Vec16<T>*>(stage + row * kStageRow + chunk * V);
+          store_row_vec<T, kVecIO>(p.out + s * p.out_stride, tile_col + warp_n * Cfg::kWarpN + chunk * V, p.P, x);
+        }
+      }
+      __syncwarp();  // the staging tile is rewritten by the next m-tile
+    }
+  }
+#endif
+}
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------
+// Backward, SIMT. Thread (c, r): column vector c of the tile; experts
+// r, r + rows, ... (kEPT of them) for dW. Dot products for d_weights are
+// spread over all threads, one (segment, expert) pair at a time.
+// ---------------------------------------------------------------------------
+template <class T>
+struct MergeBackwardParams {
+  int64_t S;
+  int E;
+  int64_t P;
+  const T* G;
+  int64_t g_stride;
+  const T* W;  // null when d_weights is skipped
+  int64_t w_stride;
+  const float* weights;
+  T* dW;  // null: skip dW
+  int64_t dw_stride;
+  bool accumulate_dW;
+  bool want_de;           // compute the d_weights partials
+  bool partial_in_smem;   // the block's [S, E] partial lives in shared memory
+  float* partials;        // workspace [gridDim.x][S][E], or null (fast mode with a shared-memory partial)
+  float* d_weights_atomic;  // fast mode: atomicAdd target, else null
+  int col_vecs;
+  int64_t tiles;
+};
+
+template <class T>
+struct MergeBackwardSimtConfig {
+  static constexpr int kVec = Vec16<T>::kSize;
+  static constexpr int kChunk = kMergeBackwardChunk;
+  // Column vectors per tile: 32 unless the E expert rows would pass 32 KiB.
+  static int col_vecs(int E) {
+    int cg = 32;
+    while (cg > 1 && static_cast<int64_t>(E) * cg * 16 > 32768) cg /= 2;
+    return cg;
+  }
+  static int experts_per_thread(int E, int cg) {
+    const int rows = kMergeThreads / cg;
+    const int ept = (E + rows - 1) / rows;
+    return ept <= 1 ? 1 : ept <= 2 ? 2 : ept <= 4 ? 4 : 8;
+  }
+  // Shared memory: W tile [E][cg+1], G chunk [kChunk][cg+1] (16-byte vectors, one
+  // pad vector per row against bank conflicts), weights chunk [kChunk][E], partial [S][E].
+  LORY_HOST_DEVICE static size_t w_tile_bytes(int E, int cg, bool want_de) { return want_de ? size_t(E) * (cg + 1) * 16 : 0; }
+  LORY_HOST_DEVICE static size_t g_tile_bytes(int cg) { return size_t(kChunk) * (cg + 1) * 16; }
+  LORY_HOST_DEVICE static size_t w_chunk_bytes(int E) { return align_up(size_t(kChunk) * E * sizeof(float), 16); }
+  static size_t smem_bytes(int64_t S, int E, int cg, bool want_de, bool partial_in_smem) {
+    return w_tile_bytes(E, cg, want_de) + g_tile_bytes(cg) + w_chunk_bytes(E) +
+           (partial_in_smem ? size_t(S) * E * sizeof(float) : 0);
+  }
+};
+
+#if defined(__CUDACC__)
+template <class T, bool kVecIO, int kEPT>
+LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(const MergeBackwardParams<T> p) {
+  using Cfg = MergeBackwardSimtConfig<T>;
+  constexpr int V = Cfg::kVec, kChunk = Cfg::kChunk;
+  extern __shared__ __align__(16) unsigned char merge_smem[];
+  const int cg = p.col_vecs, row_vecs = cg + 1;
+  const int E = p.E;
+  const int64_t SE = p.S * E;
+  unsigned char* sp = merge_smem;
+  Vec16<T>* w_tile = reinterpret_cast<Vec16<T>*>(sp);  // [E][row_vecs]
+  sp += Cfg::w_tile_bytes(E, cg, p.want_de);
+  Vec16<T>* g_tile = reinterpret_cast<Vec16<T>*>(sp);  // [kChunk][row_vecs]
+  sp += Cfg::g_tile_bytes(cg);
+  float* w_chunk = reinterpret_cast<float*>(sp);  // [kChunk][E]
+  sp += Cfg::w_chunk_bytes(E);
+  float* part = !p.want_de ? nullptr : p.partial_in_smem ? reinterpret_cast<float*>(sp) : p.partials + blockIdx.x * SE;
+
+  const int rows = kMergeThreads / cg;
+  const int c = threadIdx.x % cg, r0 = threadIdx.x / cg;
+  const bool want_dw = p.dW != nullptr;
+
+  if (p.want_de) {
+    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) part[i] = 0.f;
+  }
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t tile_col = tile * cg * V;
+    const int64_t col = tile_col + c * V;
+    __syncthreads();  // w_tile free; partial zeroing visible
+    if (p.want_de) {
+      for (int i = threadIdx.x; i < E * cg; i += kMergeThreads) {
+        const int e = i / cg, cc = i % cg;
+        w_tile[e * row_vecs + cc] = load_row_vec<T, kVecIO>(p.W + e * p.w_stride, tile_col + cc * V, p.P);
+      }
+    }
+    float acc[kEPT][V];
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k)
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[k][v] = 0.f;
+
+    for (int64_t s0 = 0; s0 < p.S; s0 += kChunk) {
+      const int sc = p.S - s0 < kChunk ? static_cast<int>(p.S - s0) : kChunk;
+      __syncthreads();  // g_tile and w_chunk free
+      for (int i = threadIdx.x; i < sc * cg; i += kMergeThreads) {
+        const int r = i / cg, cc = i % cg;
+        g_tile[r * row_vecs + cc] = load_row_vec<T, kVecIO>(p.G + (s0 + r) * p.g_stride, tile_col + cc * V, p.P);
+      }
+      if (want_dw) {
+        for (int i = threadIdx.x; i < sc * E; i += kMergeThreads) w_chunk[i] = p.weights[s0 * E + i];
+      }
+      __syncthreads();
+      if (want_dw) {
+        for (int r = 0; r < sc; ++r) {
+          float gf[V];
+          vec_to_float(g_tile[r * row_vecs + c], gf);
+#pragma unroll
+          for (int k = 0; k < kEPT; ++k) {
+            const int e = r0 + k * rows;
+            const float a = e < E ? w_chunk[r * E + e] : 0.f;
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[k][v] = fmaf(a, gf[v], acc[k][v]);
+          }
+        }
+      }
+      if (p.want_de) {
+        // One thread per (segment, expert) pair; the same pairs every tile, so
+        // the partial needs no atomics (barriers separate the steps).
+        for (int i = threadIdx.x; i < sc * E; i += kMergeThreads) {
+          const int r = i / E, e = i % E;
+          const Vec16<T>* gr = g_tile + r * row_vecs;
+          const Vec16<T>* wr = w_tile + e * row_vecs;
+          float dot0 = 0.f, dot1 = 0.f;  // two chains for latency
+          for (int cc = 0; cc < cg; ++cc) {
+            float gf[V], wf[V];
+            vec_to_float(gr[cc], gf);
+            vec_to_float(wr[cc], wf);
+#pragma unroll
+            for (int v = 0; v < V; v += 2) {
+              dot0 = fmaf(gf[v], wf[v], dot0);
+              dot1 = fmaf(gf[v + 1], wf[v + 1], dot1);
+            }
+          }
+          part[(s0 + r) * E + e] += dot0 + dot1;
+        }
+      }
+    }
+    if (want_dw) {
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const int e = r0 + k * rows;
+        if (e < E) {
+          T* dst = p.dW + e * p.dw_stride;
+          if (p.accumulate_dW) {
+            float old[V];
+            vec_to_float(load_row_vec<T, kVecIO>(dst, col, p.P), old);
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[k][v] += old[v];
+          }
+          store_row_vec<T, kVecIO>(dst, col, p.P, float_to_vec<T>(acc[k]));
+        }
+      }
+    }
+  }
+  if (p.want_de && p.partial_in_smem) {
+    __syncthreads();
+    if (p.d_weights_atomic) {
+      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, part[i]);
+    } else {
+      float* dst = p.partials + blockIdx.x * SE;
+      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = part[i];
+    }
+  }
+}
+
+// d_weights[i] (+)= sum over blocks b of partials[b][i], always in the order b = 0, 1, ...
+// (A template, so that a header-defined kernel is not a duplicate symbol across translation units.)
+template <int kThreads>
+LORY_KERNEL void __launch_bounds__(kThreads)
+    merge_backward_reduce_kernel(const float* partials, int blocks, int64_t n, float* d_weights, bool accumulate) {
+  for (int64_t i = blockIdx.x * int64_t(kMergeThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kMergeThreads) {
+    float sum = 0.f;
+    for (int b = 0; b < blocks; ++b) sum += partials[b * n + i];
+    d_weights[i] = accumulate ? d_weights[i] + sum : sum;
+  }
+}
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------
+// Host side: plans (shared by the size query and the launch), then launchers.
+// ---------------------------------------------------------------------------
+template <class T>
+inline bool merge_vec_io(const T* a, int64_t a_stride, const T* b, int64_t b_stride) {
+  constexpr int64_t V = Vec16<T>::kSize;
+  return is_aligned(a, 16) && is_aligned(b, 16) && a_stride % V == 0 && b_stride % V == 0;
+}
+
+inline Status device_compute_major(int& major) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  return Status::kSuccess;
+}
+
+template <class T>
+constexpr bool merge_tc_supports(int E) {
+  return is_mma_b16<T>::value && E >= 1 && E <= 64;
+}
+
+// S slices: when the slice's weights would not fit in shared memory, or when the
+// P-tiles alone cannot fill the GPU. A slice is whole passes; W is read once per slice.
+inline void merge_forward_slices(int64_t S, int64_t tiles, int64_t rows_per_pass, int64_t max_rows,
+                                 int64_t& segs_per_slice, int64_t& slices) {
+  const int64_t passes = (S + rows_per_pass - 1) / rows_per_pass;
+  const int64_t max_passes = std::max<int64_t>(1, max_rows / rows_per_pass);
+  int64_t want = tiles >= kMergeForwardTargetBlocks ? 1 : (kMergeForwardTargetBlocks + tiles - 1) / tiles;
+  want = std::max<int64_t>(want, (passes + max_passes - 1) / max_passes);
+  want = std::min<int64_t>(std::min<int64_t>(want, passes), 65535);
+  segs_per_slice = (passes + want - 1) / want * rows_per_pass;
+  slices = (S + segs_per_slice - 1) / segs_per_slice;
+}
+
+// Shared memory the slice's weights may take (the rest of the block's use is small).
+constexpr int64_t kMergeForwardWeightsSmem = 48 * 1024;
+
+#if defined(__CUDACC__)
+// smem_of(slice_rows) gives the kernel's dynamic shared memory for a slice.
+template <class T, class Kernel, class SmemOf>
+Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t tile_width, int64_t rows_per_pass,
+                            int64_t max_rows, SmemOf smem_of, cudaStream_t stream) {
+  prm.tiles = (prm.P + tile_width - 1) / tile_width;
+  int64_t slices = 1;
+  merge_forward_slices(prm.S, prm.tiles, rows_per_pass, max_rows, prm.segs_per_slice, slices);
+  const size_t smem = smem_of(prm.segs_per_slice);
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  if (per_sm < 1) return Status::kErrorInvalidArgument;
+  // Persistent over P-tiles: each block loads its slice's weights once and loops over tiles.
+  const int64_t resident = std::max<int64_t>(1, int64_t(sms) * per_sm / slices);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(prm.tiles, resident)), static_cast<unsigned>(slices));
+  kernel<<<grid, kMergeThreads, smem, stream>>>(prm);
+  return check_launch();
+}
+
+template <class T, bool kVecIO>
+Status merge_forward_tc(const MergeForwardParams<T>& prm, cudaStream_t stream) {
+  if constexpr (is_mma_b16<T>::value) {
+    const int ksteps = (prm.E + 15) / 16;
+    switch (ksteps) {
+#define LORY_MERGE_TC_CASE(K)                                                                              \
+  case K:                                                                                                  \
+    return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K>, prm, 256, 32,                    \
+                                   kMergeForwardWeightsSmem / MergeForwardTcConfig<T, K>::bytes_per_segment(), \
+                                   [](int64_t rows) { return MergeForwardTcConfig<T, K>::smem_bytes(rows); }, stream);
+      LORY_MERGE_TC_CASE(1)
+      LORY_MERGE_TC_CASE(2)
+      LORY_MERGE_TC_CASE(3)
+      LORY_MERGE_TC_CASE(4)
+#undef LORY_MERGE_TC_CASE
+      default: return Status::kErrorInvalidArgument;
+    }
+  } else {
+    return Status::kErrorInvalidArgument;
+  }
+}
+#endif  // __CUDACC__
+
+}  // namespace detail
+
+// ===========================================================================
+// Launchers
+// ===========================================================================
+
+template <class T>
+Status merge_forward_can_implement(const MergeForwardArgs<T, float>& a) {
+  static_assert(detail::is_gpu_storage<T>::value, "merge_forward: T must be float, __half or __nv_bfloat16");
+  LORY_RETURN_IF_ERROR(validate(a));
+  if (!detail::is_aligned(a.W, alignof(T)) || !detail::is_aligned(a.Wbar, alignof(T)) ||
+      !detail::is_aligned(a.weights, alignof(float)))
+    return Status::kErrorMisalignedPointer;
+  return Status::kSuccess;
+}
+
+template <class T>
+Status merge_backward_can_implement(const MergeBackwardArgs<T, float>& a) {
+  static_assert(detail::is_gpu_storage<T>::value, "merge_backward: T must be float, __half or __nv_bfloat16");
+  LORY_RETURN_IF_ERROR(validate(a));
+  if (!detail::is_aligned(a.G, alignof(T)) || !detail::is_aligned(a.weights, alignof(float)) ||
+      (a.dW && !detail::is_aligned(a.dW, alignof(T))) || (a.d_weights && !detail::is_aligned(a.W, alignof(T))) ||
+      (a.d_weights && !detail::is_aligned(a.d_weights, alignof(float))))
+    return Status::kErrorMisalignedPointer;
+  return Status::kSuccess;
+}
+
+namespace detail {
+
+// Workspace plan of the backward, computed without touching the device.
+struct MergeBackwardPlan {
+  int col_vecs = 0;
+  int64_t tiles = 0;
+  bool want_de = false;
+  bool partial_in_smem = false;
+  bool use_partials = false;  // per-block partials in the workspace + ordered reduction
+  int max_blocks = 0;
+  size_t workspace_bytes = kMergeMinWorkspaceBytes;
+};
+
+template <class T>
+Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, MergeBackwardPlan& plan) {
+  using Cfg = MergeBackwardSimtConfig<T>;
+  plan.col_vecs = Cfg::col_vecs(a.experts);
+  const int64_t tile_width = int64_t(plan.col_vecs) * Cfg::kVec;
+  plan.tiles = (a.params + tile_width - 1) / tile_width;
+  plan.want_de = a.d_weights != nullptr;
+  const int64_t SE = a.num_segments * a.experts;  // fits: validate() checked S * stride
+  plan.partial_in_smem = plan.want_de && SE <= kMergeBackwardSmemPartial;
+  plan.use_partials = plan.want_de && (a.deterministic || !plan.partial_in_smem);
+  plan.max_blocks = static_cast<int>(std::min<int64_t>(plan.tiles, kMergeBackwardMaxBlocks));
+  if (plan.use_partials) {
+    if (!mul_fits(SE, int64_t(plan.max_blocks) * int64_t(sizeof(float)))) return Status::kErrorInvalidSize;
+    plan.workspace_bytes = std::max(align_up(size_t(SE) * plan.max_blocks * sizeof(float)), kMergeMinWorkspaceBytes);
+  }
+  return Status::kSuccess;
+}
+
+#if defined(__CUDACC__)
+template <class T>
+Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
+                             cudaStream_t stream, MergePath path) {
+  LORY_RETURN_IF_ERROR(merge_forward_can_implement(a));
+  if (path == MergePath::kTensorCore && !merge_tc_supports<T>(a.experts)) return Status::kErrorInvalidArgument;
+  bool size_query = false;
+  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, kMergeMinWorkspaceBytes, size_query));
+  if (size_query) return Status::kSuccess;
+
+  if (path == MergePath::kAuto || path == MergePath::kTensorCore) {
+    int major = 0;
+    LORY_RETURN_IF_ERROR(device_compute_major(major));
+    if (path == MergePath::kTensorCore && major < 8) return Status::kErrorInvalidArgument;
+    // Tensor cores from E = 8 (K padded to 16): measured on an H200 (bf16, paper shapes), the
+    // tensor-core kernel at E = 16 reached ~72% of copy bandwidth against ~50% for the CUDA-core
+    // kernel at E = 8, and an mma with K padded to 16 costs the same at E = 8.
+    if (path == MergePath::kAuto)
+      path = (major >= 8 && merge_tc_supports<T>(a.experts) && a.experts >= 8) ? MergePath::kTensorCore
+                                                                                 : MergePath::kSimt;
+  }
+  MergeForwardParams<T> prm{};
+  prm.S = a.num_segments;
+  prm.E = a.experts;
+  prm.P = a.params;
+  prm.W = a.W;
+  prm.w_stride = a.expert_stride;
+  prm.weights = a.weights;
+  prm.out = a.Wbar;
+  prm.out_stride = a.segment_stride;
+  const bool vec = merge_vec_io(a.W, a.expert_stride, a.Wbar, a.segment_stride);
+  if (path == MergePath::kTensorCore) {
+    prm.col_vecs = 32;
+    return vec ? merge_forward_tc<T, true>(prm, stream) : merge_forward_tc<T, false>(prm, stream);
+  }
+  using Cfg = MergeForwardSimtConfig<T>;
+  prm.col_vecs = Cfg::col_vecs(a.experts);
+  const int E = a.experts, cg = prm.col_vecs;
+  const int64_t tile_width = int64_t(cg) * Cfg::kVec;
+  const int64_t rows = Cfg::rows_per_pass(cg);
+  if (Cfg::weights_in_smem(E, cg, kMergeForwardWeightsSmem)) {
+    auto smem_of = [E, cg](int64_t r) { return Cfg::smem_bytes(E, cg, r, true); };
+    const int64_t max_rows = kMergeForwardWeightsSmem / Cfg::bytes_per_segment(E);
+    return vec ? launch_merge_forward<T>(merge_forward_simt_kernel<T, true, true>, prm, tile_width, rows, max_rows,
+                                         smem_of, stream)
+               : launch_merge_forward<T>(merge_forward_simt_kernel<T, false, true>, prm, tile_width, rows, max_rows,
+                                         smem_of, stream);
+  }
+  auto smem_of = [E, cg](int64_t r) { return Cfg::smem_bytes(E, cg, r, false); };
+  return vec ? launch_merge_forward<T>(merge_forward_simt_kernel<T, true, false>, prm, tile_width, rows, INT64_MAX,
+                                       smem_of, stream)
+             : launch_merge_forward<T>(merge_forward_simt_kernel<T, false, false>, prm, tile_width, rows, INT64_MAX,
+                                       smem_of, stream);
+}
+
+template <class T, bool kVecIO, int kEPT>
+Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
+                                  cudaStream_t stream) {
+  auto kernel = merge_backward_simt_kernel<T, kVecIO, kEPT>;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
+  // Persistent grid: a fixed function of the device, so deterministic mode reduces in the same order every run.
+  blocks = static_cast<int>(std::min<int64_t>(max_blocks, int64_t(sms) * per_sm));
+  kernel<<<blocks, kMergeThreads, smem, stream>>>(prm);
+  return check_launch();
+}
+
+template <class T>
+Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
+                              cudaStream_t stream, MergePath path) {
+  LORY_RETURN_IF_ERROR(merge_backward_can_implement(a));
+  if (path == MergePath::kTensorCore) return Status::kErrorInvalidArgument;  // backward runs on CUDA cores only
+  MergeBackwardPlan plan;
+  LORY_RETURN_IF_ERROR(plan_merge_backward(a, plan));
+  bool size_query = false;
+  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, plan.workspace_bytes, size_query));
+  if (size_query) return Status::kSuccess;
+  if (plan.use_partials && !is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;
+
+  using Cfg = MergeBackwardSimtConfig<T>;
+  MergeBackwardParams<T> prm{};
+  prm.S = a.num_segments;
+  prm.E = a.experts;
+  prm.P = a.params;
+  prm.G = a.G;
+  prm.g_stride = a.grad_segment_stride;
+  prm.W = plan.want_de ? a.W : nullptr;
+  prm.w_stride = a.expert_stride;
+  prm.weights = a.weights;
+  prm.dW = a.dW;
+  prm.dw_stride = a.dW_expert_stride;
+  prm.accumulate_dW = a.accumulate_dW;
+  prm.want_de = plan.want_de;
+  prm.partial_in_smem = plan.partial_in_smem;
+  prm.partials = plan.use_partials ? static_cast<float*>(workspace) : nullptr;
+  prm.d_weights_atomic = (plan.want_de && !plan.use_partials) ? a.d_weights : nullptr;
+  prm.col_vecs = plan.col_vecs;
+  prm.tiles = plan.tiles;
+
+  if (prm.d_weights_atomic && !a.accumulate_d_weights &&
+      cudaMemsetAsync(a.d_weights, 0, size_t(a.num_segments) * a.experts * sizeof(float), stream) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+
+  // Vector I/O needs every tensor the kernel touches aligned (unused ones pass trivially).
+  const bool vec = merge_vec_io(a.G, a.grad_segment_stride, a.G, a.grad_segment_stride) &&
+                   (!prm.W || merge_vec_io(prm.W, prm.w_stride, prm.W, prm.w_stride)) &&
+                   (!prm.dW || merge_vec_io(prm.dW, prm.dw_stride, prm.dW, prm.dw_stride));
+  const size_t smem = Cfg::smem_bytes(a.num_segments, a.experts, plan.col_vecs, plan.want_de, plan.partial_in_smem);
+  const int ept = Cfg::experts_per_thread(a.experts, plan.col_vecs);
+  int blocks = 0;
+  Status st = Status::kErrorInvalidArgument;
+#define LORY_MERGE_BWD_CASE(EPT)                                                                    \
+  case EPT:                                                                                          \
+    st = vec ? launch_merge_backward_simt<T, true, EPT>(prm, plan.max_blocks, smem, blocks, stream)  \
+             : launch_merge_backward_simt<T, false, EPT>(prm, plan.max_blocks, smem, blocks, stream); \
+    break;
+  switch (ept) {
+    LORY_MERGE_BWD_CASE(1)
+    LORY_MERGE_BWD_CASE(2)
+    LORY_MERGE_BWD_CASE(4)
+    LORY_MERGE_BWD_CASE(8)
+    default: break;
+  }
+#undef LORY_MERGE_BWD_CASE
+  LORY_RETURN_IF_ERROR(st);
+  if (plan.use_partials) {
+    const int64_t n = a.num_segments * a.experts;
+    const int64_t grid = std::min<int64_t>((n + kMergeThreads - 1) / kMergeThreads, 4096);
+    merge_backward_reduce_kernel<kMergeThreads><<<static_cast<unsigned>(grid), kMergeThreads, 0, stream>>>(
+        prm.partials, blocks, n, a.d_weights, a.accumulate_d_weights);
+    LORY_RETURN_IF_ERROR(check_launch());
+  }
+  return Status::kSuccess;
+}
+#endif  // __CUDACC__
+
+}  // namespace detail
+
+#if defined(__CUDACC__)
+// Wbar = weights x W for every segment. Workspace: none needed (the query reports 16 bytes).
+template <class T>
+Status merge_forward(const MergeForwardArgs<T, float>& args, void* workspace, size_t& workspace_bytes,
+                     cudaStream_t stream) {
+  return detail::merge_forward_on_path(args, workspace, workspace_bytes, stream, detail::MergePath::kAuto);
+}
+
+// dW (+)= weights^T x G and d_weights (+)= G x W^T in one pass over G. Workspace:
+// per-block d_weights partials (deterministic mode), else 16 bytes.
+template <class T>
+Status merge_backward(const MergeBackwardArgs<T, float>& args, void* workspace, size_t& workspace_bytes,
+                      cudaStream_t stream) {
+  return detail::merge_backward_on_path(args, workspace, workspace_bytes, stream, detail::MergePath::kAuto);
+}
+#endif  // __CUDACC__
+
+LORY_NAMESPACE_END

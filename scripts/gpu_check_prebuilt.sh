@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The short-lease variant of the one-shot GPU check: runs test and benchmark binaries that were
+# built on a CPU machine (for sm_90a) and carried along, so no device time goes to compiling.
+# Runs: the GPU tests (all), the CPU and launcher tests, compute-sanitizer memcheck and racecheck
+# over the small GPU tests, the benchmarks; prints the summary table last (bench/summarize.py).
+#   on the CPU machine:  scripts/stage_gpu_deps.sh && cmake --preset default && cmake --build build
+#                        mkdir -p .gpucarry && cp build/tests/lory_*_tests build/bench/lory_bench .gpucarry/
+#   on the GPU machine:  LORY_COMMIT=<hash> bash scripts/gpu_check_prebuilt.sh .gpucarry  (carry .gpucarry and .deps)
+# Environment: LORY_BENCH_FILTER (regex, default all), LORY_BENCH_TIMEOUT_S (default 120),
+#              LORY_SAN_TIMEOUT_S (per tool, default 60).
+set -uo pipefail
+bin=${1:-.gpucarry}
+out=${OUT:-out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+export PATH="/usr/local/cuda/bin:$PATH"
+checks="$out/checks.txt"; : > "$checks"
+fail=()
+echo "commit=${LORY_COMMIT:-unknown}" >> "$checks"
+echo "date=$(date -u +%Y-%m-%dT%H:%MZ)" >> "$checks"
+echo "gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)" >> "$checks"
+
+# Catch2 prints "All tests passed (N assertions in M test cases)" or "test cases: M | P passed | F failed".
+run_tests() {  # name, binary, args...
+  local name=$1; shift
+  local log="$out/tests.log"
+  echo "### $name: $*" >> "$log"
+  timeout -k 5 150 "$@" >> "$log" 2>&1; local rc=$?
+  local line; line=$(grep -E "All tests passed|test cases:" "$log" | tail -1)
+  echo "$name=rc $rc; ${line:-no summary}" >> "$checks"
+  echo "$name: rc $rc; ${line:-no summary}"
+  [ $rc -eq 0 ] || fail+=("$name")
+}
+run_tests cpu_tests "$bin/lory_cpu_tests"
+run_tests launch_tests "$bin/lory_launch_tests"
+run_tests gpu_tests "$bin/lory_gpu_tests" --durations yes
+
+san_total=0
+for tool in memcheck racecheck; do
+  log="$out/sanitizer.log"
+  echo "### compute-sanitizer --tool $tool" >> "$log"
+  timeout -k 5 "${LORY_SAN_TIMEOUT_S:-60}" compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+    "$bin/lory_gpu_tests" "[swiglu],[router],[merge]~[large]" >> "$log" 2>&1; rc=$?
+  errs=$(grep -cE "^========= (Invalid|Error|Race|.*hazard)" "$log" || true)
+  case $rc in
+    0) state="clean";;
+    99) state="ERRORS"; fail+=("$tool");;
+    124|137) state="timed out (partial run, ${errs} error lines so far)";;
+    *) if grep -q "Device not supported\|Unable to find\|not supported" "$log"; then state="NOT RUN (unsupported)"; else state="rc $rc (see log)"; fail+=("$tool"); fi;;
+  esac
+  echo "sanitizer_$tool=$state" >> "$checks"
+  echo "sanitizer $tool: $state"
+done
+
+timeout -k 5 "${LORY_BENCH_TIMEOUT_S:-120}" "$bin/lory_bench" --benchmark_filter="${LORY_BENCH_FILTER:-.}" \
+  --benchmark_min_time=0.05 --benchmark_out="$out/bench.json" --benchmark_out_format=json \
+  > "$out/bench.log" 2>&1; rc=$?
+echo "benchmarks=rc $rc" >> "$checks"
+[ $rc -eq 0 ] || echo "benchmarks: rc $rc (124 = timed out; partial JSON is summarised)"
+
+python3 bench/summarize.py "$out/bench.json" --checks "$checks" | tee "$out/summary.txt"
+if [ ${#fail[@]} -gt 0 ]; then echo "GPU CHECK FAILED: ${fail[*]}"; exit 1; fi
+echo "GPU CHECK PASSED"

@@ -1,0 +1,478 @@
+// Merge forward / backward on the GPU against the double-precision CPU twin.
+//
+// Every tensor is a strided view inside a bigger buffer: the gaps between rows,
+// a leading offset (misaligned views start one element in) and a trailing guard
+// are NaN-poisoned, in inputs (a kernel reading outside its view produces NaN)
+// and in outputs (a kernel writing outside its view leaves a non-NaN). Outputs
+// are poisoned inside the view too, so full coverage is checked.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/catch.hpp"
+#include "common/gpu_util.cuh"
+#include "common/test_util.hpp"
+#include "lory/merge.cuh"
+#include "lory/reference/merge.hpp"
+
+namespace {
+
+using lory::Status;
+using lory::detail::MergePath;
+using namespace lory_test;
+
+constexpr int64_t kGuard = 37;
+
+// A [rows, cols] view with row stride `stride` starting `offset` elements into its buffer.
+template <class T>
+struct HostView {
+  int64_t rows = 0, cols = 0, stride = 0, offset = 0;
+  std::vector<T> data;
+  T* view() { return data.data() + offset; }
+  const T* view() const { return data.data() + offset; }
+  bool inside(int64_t i) const {
+    const int64_t k = i - offset;
+    return k >= 0 && k < rows * stride && k % stride < cols;
+  }
+};
+
+// Inside the view: uniform random values (or poison); everywhere else: poison.
+template <class T>
+HostView<T> make_view(int64_t rows, int64_t cols, int64_t pad, int64_t offset, std::mt19937_64& rng,
+                      bool random_inside) {
+  HostView<T> v;
+  v.rows = rows;
+  v.cols = cols;
+  v.stride = cols + pad;
+  v.offset = offset;
+  v.data.assign(static_cast<size_t>(offset + rows * v.stride + kGuard), poison_value<T>());
+  if (random_inside) {
+    std::uniform_real_distribution<double> dist(-1.0, 1.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) v.view()[r * v.stride + c] = lory::from_double<T>(dist(rng));
+  }
+  return v;
+}
+
+// got vs want (the twin's output in the same layout): inside the view no NaN and
+// norm-relative error <= tol; outside the view still poison.
+template <class T>
+void check_view(const HostView<T>& got, const HostView<T>& want, double tol, const std::string& what) {
+  std::vector<double> g, w;
+  int64_t outside_written = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(got.data.size()); ++i) {
+    if (got.inside(i)) {
+      g.push_back(lory::to_double(got.data[i]));
+      w.push_back(lory::to_double(want.data[i]));
+    } else if (!std::isnan(lory::to_double(got.data[i]))) {
+      ++outside_written;
+    }
+  }
+  INFO(what << ": " << g.size() << " elements");
+  CHECK(count_nan(g) == 0);
+  CHECK(outside_written == 0);
+  const double err = rel_error(g, w);
+  INFO("rel error " << err << " (tolerance " << tol << "), max abs " << max_abs_error(g.data(), w.data(), g.size()));
+  CHECK(err <= tol);
+}
+
+template <class T>
+T* device_view(DeviceBuffer<T>& buf, const HostView<T>& v) { return buf.get() + v.offset; }
+
+template <class T>
+const char* dtype_tag() { return lory::dtype_name(lory::dtype_of<T>::value); }
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+struct FwdCase {
+  int64_t S;
+  int E;
+  int64_t P;
+  int64_t w_pad, out_pad;  // stride - P
+  int64_t offset;          // elements; 1 = misaligned base pointers
+};
+
+template <class T>
+void run_forward(const FwdCase& c, MergePath path) {
+  const std::string tag = std::string("fwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
+                          std::to_string(c.E) + "/P" + std::to_string(c.P) + "/path" +
+                          std::to_string(static_cast<int>(path)) + "/off" + std::to_string(c.offset);
+  INFO(tag);
+  auto rng = make_rng(tag);
+  auto W = make_view<T>(c.E, c.P, c.w_pad, c.offset, rng, true);
+  auto out = make_view<T>(c.S, c.P, c.out_pad, c.offset, rng, false);
+  auto weights = random_simplex_rows(c.S, c.E, rng);
+
+  DeviceBuffer<T> dW(W.data), dout(out.data);
+  DeviceBuffer<float> dweights(weights);
+  lory::MergeForwardArgs<T, float> a;
+  a.num_segments = c.S;
+  a.experts = c.E;
+  a.params = c.P;
+  a.W = device_view(dW, W);
+  a.expert_stride = W.stride;
+  a.weights = dweights.get();
+  a.Wbar = device_view(dout, out);
+  a.segment_stride = out.stride;
+  size_t bytes = 0;
+  REQUIRE(lory::detail::merge_forward_on_path(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
+  DeviceBytes ws(bytes);
+  REQUIRE(lory::detail::merge_forward_on_path(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+  LORY_TEST_SYNC();
+
+  HostView<T> got = out;
+  got.data = dout.download(out.data.size());
+  HostView<T> want = out;
+  lory::MergeForwardArgs<T, float> h = a;
+  h.W = W.view();
+  h.weights = weights.data();
+  h.Wbar = want.view();
+  REQUIRE(lory::reference::merge_forward<double>(h) == Status::kSuccess);
+  check_view(got, want, tolerance<T>(), tag);
+}
+
+const std::vector<FwdCase>& forward_cases() {
+  static const std::vector<FwdCase> cases = {
+      {1, 1, 1, 0, 0, 0},          // the smallest merge
+      {5, 3, 1001, 0, 0, 0},       // P and strides not a multiple of the vector: scalar path
+      {7, 64, 777, 0, 0, 0},       // E = 64
+      {70, 16, 2048, 0, 0, 0},     // vector path; S crosses a 64-segment pass
+      {33, 32, 4103, 9, 25, 0},    // strided views with a P tail on the vector path
+      {9, 20, 1000, 8, 24, 1},     // misaligned base pointers
+      {130, 8, 520, 0, 8, 0},      // S past one SIMT pass for every dtype
+      {300, 5, 64, 0, 0, 0},       // a single P-tile: S split across blockIdx.y
+      {200, 17, 24, 0, 0, 0},      // tensor cores with E padded to 32, S split
+      {4, 256, 300, 4, 4, 0},      // E = kMaxExperts (SIMT, narrower tiles)
+      {3, 100, 1500, 0, 12, 0},    // E not a power of two, several expert chunks
+  };
+  return cases;
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+struct BwdCase {
+  int64_t S;
+  int E;
+  int64_t P;
+  int64_t pad;     // every stride = P + pad
+  int64_t offset;  // 1 = misaligned base pointers
+};
+
+struct BwdMode {
+  bool deterministic = true;
+  bool want_dW = true, want_de = true;
+  bool accumulate_dW = false, accumulate_de = false;
+  std::string name() const {
+    return std::string(deterministic ? "det" : "fast") + (want_dW ? "+dW" : "") + (want_de ? "+de" : "") +
+           (accumulate_dW ? "+accdW" : "") + (accumulate_de ? "+accde" : "");
+  }
+};
+
+template <class T>
+struct BwdResult {
+  std::vector<T> dW;
+  std::vector<float> de;
+};
+
+template <class T>
+BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, int repeats = 1) {
+  const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
+                          std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
+                          "/off" + std::to_string(c.offset) + "/" + m.name();
+  INFO(tag);
+  auto rng = make_rng(tag);
+  auto G = make_view<T>(c.S, c.P, c.pad, c.offset, rng, true);
+  auto W = make_view<T>(c.E, c.P, c.pad + 3, c.offset, rng, true);
+  auto dW = make_view<T>(c.E, c.P, c.pad + 1, c.offset, rng, m.accumulate_dW);
+  auto weights = random_simplex_rows(c.S, c.E, rng);
+  // d_weights [S, E] contiguous, followed by a poisoned guard.
+  std::vector<float> de(static_cast<size_t>(c.S * c.E + kGuard), poison_value<float>());
+  if (m.accumulate_de)
+    for (int64_t i = 0; i < c.S * c.E; ++i) de[i] = static_cast<float>(std::uniform_real_distribution<double>(-1, 1)(rng));
+
+  DeviceBuffer<T> dG(G.data), dWd(W.data), ddW(dW.data);
+  DeviceBuffer<float> dweights(weights), dde(de);
+  lory::MergeBackwardArgs<T, float> a;
+  a.num_segments = c.S;
+  a.experts = c.E;
+  a.params = c.P;
+  a.G = device_view(dG, G);
+  a.grad_segment_stride = G.stride;
+  a.W = m.want_de ? device_view(dWd, W) : nullptr;
+  a.expert_stride = W.stride;
+  a.weights = dweights.get();
+  a.dW = m.want_dW ? device_view(ddW, dW) : nullptr;
+  a.dW_expert_stride = dW.stride;
+  a.accumulate_dW = m.accumulate_dW;
+  a.d_weights = m.want_de ? dde.get() : nullptr;
+  a.accumulate_d_weights = m.accumulate_de;
+  a.deterministic = m.deterministic;
+  size_t bytes = 0;
+  REQUIRE(lory::merge_backward(a, nullptr, bytes, nullptr) == Status::kSuccess);
+  DeviceBytes ws(bytes);
+  BwdResult<T> first;
+  for (int rep = 0; rep < repeats; ++rep) {
+    ddW.upload(dW.data);  // fresh initial values each repeat (accumulate modes)
+    dde.upload(de);
+    REQUIRE(lory::merge_backward(a, ws.get(), bytes, nullptr) == Status::kSuccess);
+    LORY_TEST_SYNC();
+    BwdResult<T> r;
+    r.dW = ddW.download(dW.data.size());
+    r.de = dde.download(de.size());
+    if (rep == 0) {
+      first = r;
+    } else {
+      // Deterministic mode: bitwise identical run to run.
+      CHECK(std::memcmp(first.dW.data(), r.dW.data(), r.dW.size() * sizeof(T)) == 0);
+      CHECK(std::memcmp(first.de.data(), r.de.data(), r.de.size() * sizeof(float)) == 0);
+    }
+  }
+
+  HostView<T> want_dW = dW;
+  std::vector<float> want_de = de;
+  lory::MergeBackwardArgs<T, float> h = a;
+  h.G = G.view();
+  h.W = m.want_de ? W.view() : nullptr;
+  h.weights = weights.data();
+  h.dW = m.want_dW ? want_dW.view() : nullptr;
+  h.d_weights = m.want_de ? want_de.data() : nullptr;
+  REQUIRE(lory::reference::merge_backward<double>(h) == Status::kSuccess);
+
+  HostView<T> got_dW = dW;
+  got_dW.data = first.dW;
+  if (m.want_dW) {
+    check_view(got_dW, want_dW, tolerance<T>(), tag + " dW");
+  } else {
+    CHECK(std::memcmp(got_dW.data.data(), dW.data.data(), dW.data.size() * sizeof(T)) == 0);  // untouched
+  }
+  if (m.want_de) {
+    // d_weights is fp32: products of T values are exact in fp32, only the
+    // fp32 accumulation over P differs from the double twin.
+    std::vector<double> g(first.de.begin(), first.de.begin() + c.S * c.E), w(want_de.begin(), want_de.begin() + c.S * c.E);
+    INFO(tag << " d_weights");
+    CHECK(count_nan(g) == 0);
+    CHECK(rel_error(g, w) <= 2e-5);
+    CHECK(count_nan(first.de.data() + c.S * c.E, kGuard) == kGuard);
+  } else {
+    CHECK(std::memcmp(first.de.data(), de.data(), de.size() * sizeof(float)) == 0);
+  }
+  return first;
+}
+
+const std::vector<BwdCase>& backward_cases() {
+  static const std::vector<BwdCase> cases = {
+      {1, 1, 1, 0, 0},          // the smallest
+      {5, 3, 1001, 0, 0},       // scalar path, P tail
+      {17, 64, 777, 0, 0},      // E = 64
+      {40, 16, 4103, 5, 0},     // vector path (strides multiple of 8 for 16-bit) with a tail
+      {9, 20, 1000, 8, 1},      // misaligned base pointers
+      {33, 8, 300000, 0, 0},    // many P-tiles per persistent block; S not a multiple of the chunk
+      {70, 256, 100, 0, 0},     // E = 256: S*E past the on-chip partial (workspace partials)
+      {600, 32, 257, 7, 0},     // S*E past the on-chip partial with the paper's E
+  };
+  return cases;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("merge_forward (CUDA cores) matches the CPU twin", "[gpu][merge]", float, __half, __nv_bfloat16) {
+  for (const auto& c : forward_cases()) run_forward<TestType>(c, MergePath::kSimt);
+}
+
+TEMPLATE_TEST_CASE("merge_forward (tensor cores) matches the CPU twin", "[gpu][merge]", __half, __nv_bfloat16) {
+  for (const auto& c : forward_cases())
+    if (c.E <= 64) run_forward<TestType>(c, MergePath::kTensorCore);
+}
+
+TEMPLATE_TEST_CASE("merge_forward (launcher's choice) matches the CPU twin", "[gpu][merge]", float, __half,
+                   __nv_bfloat16) {
+  for (const auto& c : forward_cases()) run_forward<TestType>(c, MergePath::kAuto);
+}
+
+TEMPLATE_TEST_CASE("merge_backward matches the CPU twin in every mode", "[gpu][merge]", float, __half, __nv_bfloat16) {
+  // The full mode matrix on a few shapes, the default mode on all of them.
+  const auto& cases = backward_cases();
+  for (const auto& c : cases) run_backward<TestType>(c, BwdMode{});
+  for (int ci : {1, 3, 4, 6}) {
+    for (bool det : {true, false})
+      for (int outs = 0; outs < 3; ++outs)
+        for (bool acc : {false, true}) {
+          BwdMode m;
+          m.deterministic = det;
+          m.want_dW = outs != 2;
+          m.want_de = outs != 1;
+          m.accumulate_dW = acc;
+          m.accumulate_de = acc;
+          run_backward<TestType>(cases[ci], m);
+        }
+  }
+}
+
+TEMPLATE_TEST_CASE("merge_backward deterministic mode is bitwise reproducible", "[gpu][merge]", float,
+                   __nv_bfloat16) {
+  BwdMode m;
+  m.accumulate_de = true;
+  run_backward<TestType>({33, 8, 300000, 0, 0}, m, 2);
+  run_backward<TestType>({600, 32, 257, 7, 0}, m, 2);
+}
+
+// ---------------------------------------------------------------------------
+// S * P > 2^31 (and E * stride > 2^32): 64-bit offsets. The data are periodic
+// in the column (prime periods), generated on the device, so the twin runs on
+// windows of columns and d_weights has a closed form over whole periods.
+// ---------------------------------------------------------------------------
+namespace {
+
+template <class T>
+__global__ void fill_periodic(T* dst, int64_t rows, int64_t cols, int64_t stride, const T* pattern, int period) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    dst[r * stride + c] = pattern[r * period + c % period];
+  }
+}
+
+template <class T>
+void fill_device_periodic(T* dst, int64_t rows, int64_t cols, int64_t stride, const std::vector<T>& pattern,
+                          int period) {
+  DeviceBuffer<T> pat(pattern);
+  fill_periodic<<<4096, 256>>>(dst, rows, cols, stride, pat.get(), period);
+  LORY_TEST_SYNC();
+}
+
+// Host copy of columns [c0, c0 + n) of every row of a device view.
+template <class T>
+std::vector<T> download_window(const T* dev, int64_t rows, int64_t stride, int64_t c0, int64_t n) {
+  std::vector<T> h(static_cast<size_t>(rows * n));
+  for (int64_t r = 0; r < rows; ++r)
+    LORY_TEST_CUDA(cudaMemcpy(h.data() + r * n, dev + r * stride + c0, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+template <class T>
+std::vector<T> periodic_window(const std::vector<T>& pattern, int period, int64_t rows, int64_t c0, int64_t n) {
+  std::vector<T> h(static_cast<size_t>(rows * n));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) h[r * n + j] = pattern[r * period + (c0 + j) % period];
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merge][large]") {
+  using T = __nv_bfloat16;
+  const int64_t S = 2, P = 1100000001, stride = 1100000008;  // S * stride > 2^31, 3 * stride > 2^32
+  const int E = 3;
+  const int pw = 997, pg = 1009;
+  auto rng = make_rng("merge_large");
+  auto wpat = random_vector<T>(static_cast<size_t>(E) * pw, rng);
+  auto gpat = random_vector<T>(static_cast<size_t>(S) * pg, rng);
+  auto weights = random_simplex_rows(S, E, rng);
+  DeviceBuffer<float> dweights(weights);
+  DeviceBuffer<T> W(static_cast<size_t>(E * stride)), out(static_cast<size_t>(S * stride));
+  fill_device_periodic(W.get(), E, P, stride, wpat, pw);
+  // Windows: the start, across the 2^31 element offset of row 1, and the tail.
+  const int64_t n = 2048, j31 = (int64_t(1) << 31) - stride - n / 2;
+  const std::vector<int64_t> windows = {0, j31, P - n};
+
+  for (MergePath path : {MergePath::kSimt, MergePath::kTensorCore}) {
+    INFO("forward path " << static_cast<int>(path));
+    LORY_TEST_CUDA(cudaMemset(out.get(), 0xff, S * stride * sizeof(T)));  // NaN poison
+    lory::MergeForwardArgs<T, float> a;
+    a.num_segments = S;
+    a.experts = E;
+    a.params = P;
+    a.W = W.get();
+    a.expert_stride = stride;
+    a.weights = dweights.get();
+    a.Wbar = out.get();
+    a.segment_stride = stride;
+    size_t bytes = 0;
+    REQUIRE(lory::detail::merge_forward_on_path(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
+    DeviceBytes ws(bytes);
+    REQUIRE(lory::detail::merge_forward_on_path(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+    LORY_TEST_SYNC();
+    for (int64_t c0 : windows) {
+      auto got = download_window(out.get(), S, stride, c0, n);
+      auto Wwin = periodic_window(wpat, pw, E, c0, n);
+      std::vector<T> want(got.size());
+      lory::MergeForwardArgs<T, float> h = a;
+      h.params = n;
+      h.W = Wwin.data();
+      h.expert_stride = n;
+      h.weights = weights.data();
+      h.Wbar = want.data();
+      h.segment_stride = n;
+      REQUIRE(lory::reference::merge_forward<double>(h) == Status::kSuccess);
+      INFO("window at column " << c0);
+      CHECK(count_nan(got) == 0);
+      CHECK(rel_error(got, want) <= tolerance<T>());
+    }
+    // The stride gap after row 0 is never written.
+    auto gap = download_window(out.get(), 1, stride, P, stride - P);
+    CHECK(count_nan(gap) == stride - P);
+  }
+
+  // Backward: the forward's output buffer now holds G.
+  DeviceBuffer<T>& G = out;
+  fill_device_periodic(G.get(), S, P, stride, gpat, pg);
+  DeviceBuffer<T> dW(static_cast<size_t>(E * stride));
+  DeviceBuffer<float> de(static_cast<size_t>(S * E));
+  LORY_TEST_CUDA(cudaMemset(dW.get(), 0xff, E * stride * sizeof(T)));
+  lory::MergeBackwardArgs<T, float> b;
+  b.num_segments = S;
+  b.experts = E;
+  b.params = P;
+  b.G = G.get();
+  b.grad_segment_stride = stride;
+  b.W = W.get();
+  b.expert_stride = stride;
+  b.weights = dweights.get();
+  b.dW = dW.get();
+  b.dW_expert_stride = stride;
+  b.d_weights = de.get();
+  size_t bytes = 0;
+  REQUIRE(lory::merge_backward(b, nullptr, bytes, nullptr) == Status::kSuccess);
+  DeviceBytes ws(bytes);
+  REQUIRE(lory::merge_backward(b, ws.get(), bytes, nullptr) == Status::kSuccess);
+  LORY_TEST_SYNC();
+  for (int64_t c0 : windows) {
+    auto got = download_window(dW.get(), E, stride, c0, n);
+    auto Gwin = periodic_window(gpat, pg, S, c0, n);
+    std::vector<T> want(got.size());
+    lory::MergeBackwardArgs<T, float> h;
+    h.num_segments = S;
+    h.experts = E;
+    h.params = n;
+    h.G = Gwin.data();
+    h.grad_segment_stride = n;
+    h.weights = weights.data();
+    h.dW = want.data();
+    h.dW_expert_stride = n;
+    REQUIRE(lory::reference::merge_backward<double>(h) == Status::kSuccess);
+    INFO("dW window at column " << c0);
+    CHECK(count_nan(got) == 0);
+    CHECK(rel_error(got, want) <= tolerance<T>());
+  }
+  // d_weights[s][e] = sum_j gpat[s][j % pg] * wpat[e][j % pw]: whole periods of pg * pw, then the rest.
+  const int64_t L = int64_t(pg) * pw, full = P / L, rest = P % L;
+  std::vector<double> want_de(S * E);
+  for (int64_t s = 0; s < S; ++s)
+    for (int e = 0; e < E; ++e) {
+      double cycle = 0, tail = 0;
+      for (int64_t j = 0; j < L; ++j) {
+        const double prod = lory::to_double(gpat[s * pg + j % pg]) * lory::to_double(wpat[e * pw + j % pw]);
+        cycle += prod;
+        if (j < rest) tail += prod;
+      }
+      want_de[s * E + e] = cycle * full + tail;
+    }
+  auto got_de = de.download();
+  INFO("d_weights over 1.1e9 columns");
+  CHECK(count_nan(got_de) == 0);
+  CHECK(rel_error(got_de, want_de) <= 1e-3);
+}

@@ -1,0 +1,257 @@
+// Merge launchers without a GPU: every validation error returns its Status
+// before any memory is touched or any kernel launched, and the workspace size
+// query works. Pointers are bogus non-null values that must never be
+// dereferenced (validation has to fail first); no success path here may reach
+// the CUDA runtime.
+#include <cstdint>
+
+#include "common/catch.hpp"
+#include "lory/merge.cuh"
+
+namespace {
+
+using lory::Status;
+
+template <class T>
+const T* bogus(uintptr_t addr) { return reinterpret_cast<const T*>(addr); }
+template <class T>
+T* bogus_mut(uintptr_t addr) { return reinterpret_cast<T*>(addr); }
+void* bogus_ws() { return reinterpret_cast<void*>(uintptr_t(0x7000)); }
+
+template <class T>
+lory::MergeForwardArgs<T, float> good_forward() {
+  lory::MergeForwardArgs<T, float> a;
+  a.num_segments = 5;
+  a.experts = 8;
+  a.params = 1000;
+  a.W = bogus<T>(0x1000);
+  a.expert_stride = 1000;
+  a.weights = bogus<float>(0x2000);
+  a.Wbar = bogus_mut<T>(0x3000);
+  a.segment_stride = 1000;
+  return a;
+}
+
+template <class T>
+lory::MergeBackwardArgs<T, float> good_backward() {
+  lory::MergeBackwardArgs<T, float> a;
+  a.num_segments = 5;
+  a.experts = 8;
+  a.params = 1000;
+  a.G = bogus<T>(0x1000);
+  a.grad_segment_stride = 1000;
+  a.W = bogus<T>(0x2000);
+  a.expert_stride = 1000;
+  a.weights = bogus<float>(0x3000);
+  a.dW = bogus_mut<T>(0x4000);
+  a.dW_expert_stride = 1000;
+  a.d_weights = bogus_mut<float>(0x5000);
+  return a;
+}
+
+// Calls the launcher with a bogus, large workspace: only validation can answer.
+template <class T>
+Status fwd(const lory::MergeForwardArgs<T, float>& a) {
+  size_t bytes = size_t(1) << 40;
+  return lory::merge_forward(a, bogus_ws(), bytes, nullptr);
+}
+template <class T>
+Status bwd(const lory::MergeBackwardArgs<T, float>& a) {
+  size_t bytes = size_t(1) << 40;
+  return lory::merge_backward(a, bogus_ws(), bytes, nullptr);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("merge_forward rejects every invalid argument before launching", "[launch][merge]", float, __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  REQUIRE(lory::merge_forward_can_implement(good_forward<T>()) == Status::kSuccess);
+  auto a = good_forward<T>();
+  a.num_segments = 0;
+  CHECK(fwd(a) == Status::kErrorInvalidSize);
+  a = good_forward<T>();
+  a.num_segments = -3;
+  CHECK(fwd(a) == Status::kErrorInvalidSize);
+  a = good_forward<T>();
+  a.params = 0;
+  CHECK(fwd(a) == Status::kErrorInvalidSize);
+  a = good_forward<T>();
+  a.params = -1;
+  CHECK(fwd(a) == Status::kErrorInvalidSize);
+  a = good_forward<T>();
+  a.experts = 0;
+  CHECK(fwd(a) == Status::kErrorUnsupportedExpertCount);
+  a = good_forward<T>();
+  a.experts = -2;
+  CHECK(fwd(a) == Status::kErrorUnsupportedExpertCount);
+  a = good_forward<T>();
+  a.experts = lory::kMaxExperts + 1;
+  CHECK(fwd(a) == Status::kErrorUnsupportedExpertCount);
+  a = good_forward<T>();
+  a.W = nullptr;
+  CHECK(fwd(a) == Status::kErrorNullPointer);
+  a = good_forward<T>();
+  a.weights = nullptr;
+  CHECK(fwd(a) == Status::kErrorNullPointer);
+  a = good_forward<T>();
+  a.Wbar = nullptr;
+  CHECK(fwd(a) == Status::kErrorNullPointer);
+  a = good_forward<T>();
+  a.expert_stride = 999;
+  CHECK(fwd(a) == Status::kErrorInvalidShape);
+  a = good_forward<T>();
+  a.segment_stride = 999;
+  CHECK(fwd(a) == Status::kErrorInvalidShape);
+  a = good_forward<T>();
+  a.num_segments = INT64_MAX / 2;  // S * stride overflows
+  CHECK(fwd(a) == Status::kErrorInvalidSize);
+  a = good_forward<T>();
+  a.weights = bogus<float>(0x2002);
+  CHECK(fwd(a) == Status::kErrorMisalignedPointer);
+  if (sizeof(T) > 1) {
+    a = good_forward<T>();
+    a.W = bogus<T>(0x1001);
+    CHECK(fwd(a) == Status::kErrorMisalignedPointer);
+    a = good_forward<T>();
+    a.Wbar = bogus_mut<T>(0x3001);
+    CHECK(fwd(a) == Status::kErrorMisalignedPointer);
+  }
+}
+
+TEMPLATE_TEST_CASE("merge_forward workspace query and too-small workspace", "[launch][merge]", float, __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  auto a = good_forward<T>();
+  size_t bytes = 0;
+  REQUIRE(lory::merge_forward(a, nullptr, bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  CHECK(bytes > 0);  // never 0: a real allocation always follows the query
+  size_t small = bytes - 1;
+  CHECK(lory::merge_forward(a, bogus_ws(), small, nullptr) == Status::kErrorWorkspaceTooSmall);
+  // Invalid arguments win over the size query: nothing is reported for a call that cannot run.
+  a.experts = 0;
+  bytes = 123;
+  CHECK(lory::merge_forward(a, nullptr, bytes, nullptr) == Status::kErrorUnsupportedExpertCount);
+}
+
+TEST_CASE("merge_forward: forcing tensor cores where they cannot run is an error", "[launch][merge]") {
+  size_t bytes = 0;
+  auto f = good_forward<float>();
+  CHECK(lory::detail::merge_forward_on_path(f, nullptr, bytes, nullptr, lory::detail::MergePath::kTensorCore) ==
+        Status::kErrorInvalidArgument);
+  auto b = good_forward<__nv_bfloat16>();
+  b.experts = 65;
+  CHECK(lory::detail::merge_forward_on_path(b, nullptr, bytes, nullptr, lory::detail::MergePath::kTensorCore) ==
+        Status::kErrorInvalidArgument);
+  b.experts = 64;
+  CHECK(lory::detail::merge_forward_on_path(b, nullptr, bytes, nullptr, lory::detail::MergePath::kTensorCore) ==
+        Status::kSuccess);
+}
+
+TEMPLATE_TEST_CASE("merge_backward rejects every invalid argument before launching", "[launch][merge]", float,
+                   __half, __nv_bfloat16) {
+  using T = TestType;
+  REQUIRE(lory::merge_backward_can_implement(good_backward<T>()) == Status::kSuccess);
+  auto a = good_backward<T>();
+  a.num_segments = 0;
+  CHECK(bwd(a) == Status::kErrorInvalidSize);
+  a = good_backward<T>();
+  a.params = -5;
+  CHECK(bwd(a) == Status::kErrorInvalidSize);
+  a = good_backward<T>();
+  a.experts = 0;
+  CHECK(bwd(a) == Status::kErrorUnsupportedExpertCount);
+  a = good_backward<T>();
+  a.experts = lory::kMaxExperts + 1;
+  CHECK(bwd(a) == Status::kErrorUnsupportedExpertCount);
+  a = good_backward<T>();
+  a.G = nullptr;
+  CHECK(bwd(a) == Status::kErrorNullPointer);
+  a = good_backward<T>();
+  a.weights = nullptr;
+  CHECK(bwd(a) == Status::kErrorNullPointer);
+  a = good_backward<T>();
+  a.dW = nullptr;
+  a.d_weights = nullptr;
+  CHECK(bwd(a) == Status::kErrorNullPointer);
+  a = good_backward<T>();
+  a.W = nullptr;  // needed for d_weights
+  CHECK(bwd(a) == Status::kErrorNullPointer);
+  a = good_backward<T>();
+  a.grad_segment_stride = 999;
+  CHECK(bwd(a) == Status::kErrorInvalidShape);
+  a = good_backward<T>();
+  a.expert_stride = 999;
+  CHECK(bwd(a) == Status::kErrorInvalidShape);
+  a = good_backward<T>();
+  a.dW_expert_stride = 999;
+  CHECK(bwd(a) == Status::kErrorInvalidShape);
+  a = good_backward<T>();
+  a.num_segments = INT64_MAX / 2;
+  CHECK(bwd(a) == Status::kErrorInvalidSize);
+  a = good_backward<T>();
+  a.d_weights = bogus_mut<float>(0x5002);
+  CHECK(bwd(a) == Status::kErrorMisalignedPointer);
+  a = good_backward<T>();
+  a.weights = bogus<float>(0x3001);
+  CHECK(bwd(a) == Status::kErrorMisalignedPointer);
+  if (sizeof(T) > 1) {
+    a = good_backward<T>();
+    a.G = bogus<T>(0x1001);
+    CHECK(bwd(a) == Status::kErrorMisalignedPointer);
+    a = good_backward<T>();
+    a.dW = bogus_mut<T>(0x4001);
+    CHECK(bwd(a) == Status::kErrorMisalignedPointer);
+  }
+  // Skipped outputs need neither their pointer nor their stride.
+  a = good_backward<T>();
+  a.dW = nullptr;
+  a.dW_expert_stride = 0;
+  CHECK(lory::merge_backward_can_implement(a) == Status::kSuccess);
+  a = good_backward<T>();
+  a.d_weights = nullptr;
+  a.W = nullptr;
+  a.expert_stride = 0;
+  CHECK(lory::merge_backward_can_implement(a) == Status::kSuccess);
+}
+
+TEMPLATE_TEST_CASE("merge_backward workspace query", "[launch][merge]", float, __half, __nv_bfloat16) {
+  using T = TestType;
+  constexpr int64_t V = 16 / sizeof(T);
+  auto a = good_backward<T>();
+  a.params = a.grad_segment_stride = a.expert_stride = a.dW_expert_stride = 1000003;
+  // Deterministic: one [S, E] fp32 partial per persistent block (at most 512 blocks, one per P-tile).
+  const int64_t tiles = (a.params + 32 * V - 1) / (32 * V);
+  const size_t partials = size_t(std::min<int64_t>(tiles, 512)) * a.num_segments * a.experts * sizeof(float);
+  size_t bytes = 0;
+  REQUIRE(lory::merge_backward(a, nullptr, bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::align_up(partials));
+  size_t small = bytes - 1;
+  CHECK(lory::merge_backward(a, bogus_ws(), small, nullptr) == Status::kErrorWorkspaceTooSmall);
+
+  // A small P: one partial per P-tile.
+  auto s = a;
+  s.params = 3;
+  REQUIRE(lory::merge_backward(s, nullptr, bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::align_up(size_t(s.num_segments) * s.experts * sizeof(float)));
+
+  // Fast mode with a small S*E: the partial stays on chip and is added atomically.
+  a.deterministic = false;
+  REQUIRE(lory::merge_backward(a, nullptr, bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  // Fast mode with S*E past the on-chip partial: per-block partials again.
+  auto big = a;
+  big.num_segments = 1000;
+  big.experts = 64;
+  REQUIRE(lory::merge_backward(big, nullptr, bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::align_up(size_t(std::min<int64_t>(tiles, 512)) * 1000 * 64 * sizeof(float)));
+  // dW only: nothing to reduce.
+  auto dw_only = good_backward<T>();
+  dw_only.d_weights = nullptr;
+  REQUIRE(lory::merge_backward(dw_only, nullptr, bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  // Forcing tensor cores on the backward is refused (CUDA cores only).
+  CHECK(lory::detail::merge_backward_on_path(dw_only, nullptr, bytes, nullptr,
+                                             lory::detail::MergePath::kTensorCore) == Status::kErrorInvalidArgument);
+}
