@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""lory's PyTorch extension vs the plain PyTorch Lory layer (examples/torch/reference.py), bf16
+on CUDA, in one run: forward and forward+backward times (CUDA events, median) and peak memory
+(torch.cuda.max_memory_allocated above the inputs and parameters), printed as a markdown table.
+
+    python3 bench/compare_torch.py                       # paper shapes, B=8, L=4096
+    python3 bench/compare_torch.py --batch 2 --seq-len 1024 --iters 5   # a quick look
+
+Exits 0 with "skipped: no CUDA" on a machine without a GPU.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples", "torch"))
+
+SHAPES = [(1536, 4096, 32), (1024, 2816, 32)]  # (d, f, E): the paper's 1.5B / 0.3B models, 32 experts
+
+
+def time_ms(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--segment-len", type=int, default=256)
+    ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                    help="comma-separated dxfxE, default %(default)s")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--lory-budget-mb", type=int, default=1024,
+                    help="lory's workspace budget (0: one chunk of all segments)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA")
+        return 0
+
+    import lory_torch
+    import reference as ref
+
+    lory_torch.load()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev, dt = "cuda", torch.bfloat16
+    B, L, T = args.batch, args.seq_len, args.segment_len
+    budget = args.lory_budget_mb << 20
+    print(f"# lory vs plain PyTorch, bf16, B={B}, L={L}, T={T}, causal routing, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lory workspace budget {args.lory_budget_mb} MiB\n")
+    rows = []
+    for spec in args.shapes.split(","):
+        d, f, E = map(int, spec.split("x"))
+        torch.manual_seed(0)
+        layer = lory_torch.LoryMoEFFN(d, f, E, routing="causal", segment_len=T, device=dev, dtype=dt,
+                                      workspace_budget_bytes=budget)
+        x = torch.randn(B, L, d, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(B, L, d, device=dev, dtype=dt)
+        impls = {
+            "lory": lambda: layer(x),
+            "torch": lambda: ref.lory_ffn(x, layer.W_r, layer.W_g, layer.W_u, layer.W_d, "causal", T),
+        }
+        with torch.no_grad():
+            y_l, y_t = impls["lory"](), impls["torch"]()
+            err = ((y_l.float() - y_t.float()).norm() / y_t.float().norm()).item()
+            del y_l, y_t
+        res = {}
+        for name, fwd in impls.items():
+            def fwd_bwd(fwd=fwd):
+                torch.autograd.backward(fwd(), dy)
+            def fwd_only(fwd=fwd):
+                fwd()
+            for p in (x, *layer.parameters()):
+                p.grad = None
+            res[name] = (time_ms(fwd_only, args.warmup, args.iters), time_ms(fwd_bwd, args.warmup, args.iters),
+                         peak_extra_bytes(fwd_bwd) / 2**30)
+            for p in (x, *layer.parameters()):
+                p.grad = None
+            torch.cuda.empty_cache()
+        rows.append((d, f, E, res, err))
+        del layer, x, dy
+        torch.cuda.empty_cache()
+
+    print("| d | f | E | impl | fwd ms | fwd+bwd ms | peak extra GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for d, f, E, res, _ in rows:
+        for name in ("lory", "torch"):
+            fw, fb, mem = res[name]
+            print(f"| {d} | {f} | {E} | {name} | {fw:.2f} | {fb:.2f} | {mem:.2f} |")
+    print("\n| d | f | E | fwd speedup (torch/lory) | fwd+bwd speedup | peak memory ratio (torch/lory) | y rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    for d, f, E, res, err in rows:
+        (lf, lb, lm), (tf, tb, tm) = res["lory"], res["torch"]
+        print(f"| {d} | {f} | {E} | {tf / lf:.2f}x | {tb / lb:.2f}x | {tm / max(lm, 1e-9):.2f}x | {err:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

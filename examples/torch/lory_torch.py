@@ -1,0 +1,288 @@
+"""PyTorch integration of lory: the Lory MoE FFN layer as custom ops with autograd.
+
+The C++/CUDA extension (csrc/) is built on first use with torch.utils.cpp_extension.load
+(JIT) against the library's headers in <repo>/include:
+
+* a C++-only build (CPU ops: the library's CPU plan / CPU twin) when CUDA is not available or
+  LORY_TORCH_CPU_ONLY=1;
+* a CUDA build (CUDA ops via lory::MoeFfnCudaPlan, plus the CPU ops) otherwise, or when
+  LORY_TORCH_FORCE_CUDA_BUILD=1 (compiles the CUDA sources on a machine without a GPU).
+
+Ops (namespace torch.ops.lory):
+  moe_ffn_forward(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len,
+                  max_chunk_segments=0, workspace_budget_bytes=0) -> (y, hbar, probs, weights)
+  moe_ffn_backward(dy, x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode,
+                   segment_len, ...) -> (dx, dW_r, dW_g, dW_u, dW_d, d_weights)
+  prompt_route(x, W_r) -> weights [B, E]              (inference: one decision per sequence)
+  merge_experts(W_g, W_u, W_d, weights) -> Wbar_g, Wbar_u, Wbar_d   (the merged-FFN cache)
+  decode_step(x [B, d], Wbar_g, Wbar_u, Wbar_d) -> y [B, d]   (ATen composite for now)
+
+Layouts follow PyTorch's Linear convention: W_r [E, d], W_g, W_u [E, f, d], W_d [E, d, f];
+x [B, L, d]; routing weights [B, N, E] with N = ceil(L / segment_len). Routing tensors are
+float64 for float64 storage and float32 otherwise.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sys
+import sysconfig
+from typing import Optional
+
+import torch
+from torch import nn
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.abspath(os.path.join(_HERE, "..", ".."))
+MODES = ("causal", "prompt", "given")
+
+_loaded: Optional[str] = None  # "cpu" or "cuda" once the extension is loaded
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def cuda_build_wanted() -> bool:
+    """Whether load() builds the CUDA sources (see the module docstring)."""
+    if _env_on("LORY_TORCH_CPU_ONLY"):
+        return False
+    if _env_on("LORY_TORCH_FORCE_CUDA_BUILD"):
+        return True
+    return torch.cuda.is_available()
+
+
+def _cuda_fp16_include() -> list[str]:
+    """lory/dtype.hpp includes cuda_fp16.h and cuda_bf16.h even on the host: find them in the
+    CUDA toolkit or, failing that, in the nvidia-cuda-runtime wheel PyTorch depends on."""
+    from torch.utils import cpp_extension
+
+    roots = []
+    if cpp_extension.CUDA_HOME:
+        roots.append(os.path.join(cpp_extension.CUDA_HOME, "include"))
+    site = sysconfig.get_paths()["purelib"]
+    roots += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    roots += sorted(glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "include")))
+    for r in roots:
+        if os.path.exists(os.path.join(r, "cuda_bf16.h")):
+            return [r]
+    raise RuntimeError("lory_torch: cuda_fp16.h / cuda_bf16.h not found (install the CUDA toolkit "
+                       "or the nvidia-cuda-runtime wheel)")
+
+
+def load(verbose: bool = False) -> str:
+    """Builds (once, cached by torch's extension cache) and loads the extension; registers the
+    fake kernels and autograd formulas. Returns "cuda" or "cpu"."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_build_wanted()
+    csrc = os.path.join(_HERE, "csrc")
+    sources = [os.path.join(csrc, "lory_torch_ops.cpp")]
+    cflags = ["-O2", "-Wno-unused-parameter"]
+    if with_cuda:
+        sources.append(os.path.join(csrc, "lory_torch_cuda.cu"))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"  # compile-only builds: A100 and H100/H200
+    cuda_flags = [
+        "-O3", "--expt-relaxed-constexpr",
+        # PyTorch's default nvcc flags hide the half / bfloat16 operators the library's kernels use.
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+    ]
+    build_dir = os.environ.get("LORY_TORCH_BUILD_DIR")
+    if build_dir:
+        build_dir = os.path.join(build_dir, "cuda" if with_cuda else "cpu")
+        os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name="lory_torch_cuda" if with_cuda else "lory_torch_cpu",
+        sources=sources,
+        extra_include_paths=[os.path.join(_REPO, "include"), csrc] + ([] if with_cuda else _cuda_fp16_include()),
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags,
+        extra_ldflags=["-lcublas"] if with_cuda else [],
+        with_cuda=with_cuda,
+        is_python_module=False,
+        build_directory=build_dir,
+        verbose=verbose,
+    )
+    _register_python_parts()
+    _loaded = "cuda" if with_cuda else "cpu"
+    return _loaded
+
+
+# --------------------------------------------------------------------------- fake kernels, autograd
+
+def _routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _router_rows(mode: str, B: int, N: int) -> int:
+    return {"causal": B * N, "prompt": B, "given": 0}[mode]
+
+
+def _register_python_parts() -> None:
+    lib = "lory::"
+
+    @torch.library.register_fake(lib + "moe_ffn_forward")
+    def _fwd_fake(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk_segments=0,
+                  workspace_budget_bytes=0):
+        B, L, d = x.shape
+        E = W_g.shape[0]
+        N = (L + segment_len - 1) // segment_len
+        rows = _router_rows(mode, B, N)
+        r = _routing_dtype(x.dtype)
+        return (x.new_empty((B, L, d)), x.new_empty((rows, d), dtype=r), x.new_empty((rows, E), dtype=r),
+                x.new_empty((B, N, E), dtype=r))
+
+    @torch.library.register_fake(lib + "moe_ffn_backward")
+    def _bwd_fake(dy, x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode, segment_len,
+                  max_chunk_segments=0, workspace_budget_bytes=0):
+        dW_r = x.new_empty((0,)) if mode == "given" else torch.empty_like(W_r)
+        return (torch.empty_like(x), dW_r, torch.empty_like(W_g), torch.empty_like(W_u), torch.empty_like(W_d),
+                torch.empty_like(weights))
+
+    @torch.library.register_fake(lib + "prompt_route")
+    def _route_fake(x, W_r):
+        return x.new_empty((x.shape[0], W_r.shape[0]), dtype=_routing_dtype(x.dtype))
+
+    @torch.library.register_fake(lib + "merge_experts")
+    def _merge_fake(W_g, W_u, W_d, weights):
+        B = weights.shape[0]
+        _, f, d = W_g.shape
+        return W_g.new_empty((B, f, d)), W_g.new_empty((B, f, d)), W_g.new_empty((B, d, f))
+
+    def _setup(ctx, inputs, output):
+        x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk, budget = _full_inputs(inputs)
+        _, hbar, probs, weights = output
+        ctx.save_for_backward(x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights)
+        ctx.lory_args = (mode, segment_len, max_chunk, budget)
+        # hbar / probs / weights are saved state, not differentiable outputs.
+        ctx.mark_non_differentiable(hbar, probs, weights)
+
+    def _backward(ctx, dy, _dhbar, _dprobs, _dweights):
+        x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights = ctx.saved_tensors
+        mode, segment_len, max_chunk, budget = ctx.lory_args
+        dx, dW_r, dW_g, dW_u, dW_d, d_weights = torch.ops.lory.moe_ffn_backward(
+            dy.contiguous(), x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode, segment_len,
+            max_chunk, budget)
+        return (dx, None if mode == "given" else dW_r, dW_g, dW_u, dW_d,
+                d_weights if mode == "given" else None, None, None, None, None)
+
+    torch.library.register_autograd(lib + "moe_ffn_forward", _backward, setup_context=_setup)
+
+    def _merge_setup(ctx, inputs, output):
+        W_g, W_u, W_d, weights = inputs
+        ctx.save_for_backward(W_g, W_u, W_d, weights)
+
+    def _merge_backward(ctx, gg, gu, gd):
+        # The merge is linear: dW_i = sum_b w_bi G_b, dw_bi = <W_i, G_b> (ATen; rarely on a hot path).
+        W_g, W_u, W_d, weights = ctx.saved_tensors
+        w = weights.to(W_g.dtype)
+        grads, dw = [], torch.zeros_like(weights)
+        for W, G in ((W_g, gg), (W_u, gu), (W_d, gd)):
+            grads.append(torch.einsum("be,bij->eij", w, G))
+            dw = dw + torch.einsum("eij,bij->be", W, G).to(weights.dtype)
+        return grads[0], grads[1], grads[2], dw
+
+    torch.library.register_autograd(lib + "merge_experts", _merge_backward, setup_context=_merge_setup)
+
+
+def _full_inputs(inputs):
+    """inputs of moe_ffn_forward with the schema's defaults filled in."""
+    inputs = tuple(inputs)
+    defaults = (0, 0)
+    return inputs + defaults[len(inputs) - 8:]
+
+
+# --------------------------------------------------------------------------- functional API
+
+def moe_ffn(x: torch.Tensor, W_r: Optional[torch.Tensor], W_g: torch.Tensor, W_u: torch.Tensor,
+            W_d: torch.Tensor, mode: str = "causal", segment_len: int = 256,
+            routing_weights: Optional[torch.Tensor] = None, max_chunk_segments: int = 0,
+            workspace_budget_bytes: int = 0) -> torch.Tensor:
+    """The Lory layer on x [B, L, d] (differentiable w.r.t. x, the weights and, in "given" mode,
+    routing_weights [B, N, E])."""
+    load()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    y, _, _, _ = torch.ops.lory.moe_ffn_forward(x, W_r, W_g, W_u, W_d, routing_weights, mode, segment_len,
+                                                max_chunk_segments, workspace_budget_bytes)
+    return y
+
+
+def prompt_route(x: torch.Tensor, W_r: torch.Tensor) -> torch.Tensor:
+    load()
+    return torch.ops.lory.prompt_route(x, W_r)
+
+
+def merge_experts(W_g, W_u, W_d, weights):
+    load()
+    return torch.ops.lory.merge_experts(W_g, W_u, W_d, weights)
+
+
+def decode_step(x, Wg_bar, Wu_bar, Wd_bar):
+    load()
+    return torch.ops.lory.decode_step(x, Wg_bar, Wu_bar, Wd_bar)
+
+
+# --------------------------------------------------------------------------- module
+
+class LoryMoEFFN(nn.Module):
+    """Segment-level SwiGLU mixture of experts (Lory), a drop-in FFN on [B, L, d] input.
+
+    routing: "causal" (training: segment k uses the previous segment's router output, the first
+    segment its own with a stop-gradient), "prompt" (one decision per sequence from the mean of
+    all its tokens) or "given" (forward(x, routing_weights) with routing weights [B, N, E]).
+    Experts are initialised independently, like nn.Linear (kaiming-uniform bounds 1/sqrt(fan_in)).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, routing: str = "causal",
+                 segment_len: int = 256, device=None, dtype=None, max_chunk_segments: int = 0,
+                 workspace_budget_bytes: int = 0):
+        super().__init__()
+        if routing not in MODES:
+            raise ValueError(f"routing must be one of {MODES}, got {routing!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
+        self.routing, self.segment_len = routing, segment_len
+        self.max_chunk_segments, self.workspace_budget_bytes = max_chunk_segments, workspace_budget_bytes
+        self.W_r = None if routing == "given" else nn.Parameter(torch.empty(num_experts, d_model, **kw))
+        self.W_g = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
+        self.W_u = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
+        self.W_d = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # nn.Linear: kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per expert.
+        for W, fan_in in ((self.W_r, self.d_model), (self.W_g, self.d_model), (self.W_u, self.d_model),
+                          (self.W_d, self.d_ff)):
+            if W is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                W.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, "
+                f"routing={self.routing!r}, segment_len={self.segment_len}")
+
+    def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (routing_weights is not None) != (self.routing == "given"):
+            raise ValueError("routing_weights are passed exactly when routing == 'given'")
+        return moe_ffn(x, self.W_r, self.W_g, self.W_u, self.W_d, self.routing, self.segment_len,
+                       routing_weights, self.max_chunk_segments, self.workspace_budget_bytes)
+
+    # Inference with prompt-level routing: route once on the prompt, cache the merged FFN per
+    # sequence, then decode one token per sequence at the cost of a dense FFN.
+    @torch.no_grad()
+    def build_cache(self, prompt: torch.Tensor):
+        if self.W_r is None:
+            raise ValueError("build_cache needs a router (routing != 'given')")
+        return merge_experts(self.W_g, self.W_u, self.W_d, prompt_route(prompt, self.W_r))
+
+    @torch.no_grad()
+    def decode(self, x_t: torch.Tensor, cache) -> torch.Tensor:
+        return decode_step(x_t, *cache)

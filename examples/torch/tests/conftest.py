@@ -1,0 +1,39 @@
+"""pytest setup for the lory PyTorch extension tests: import path, output poisoning, seeds."""
+import os
+import random
+import sys
+import zlib
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # examples/torch: lory_torch, reference
+# Every op output is filled with NaN before the library writes it (see csrc/lory_torch_common.h),
+# so an element the library never wrote fails the NaN checks.
+os.environ.setdefault("LORY_TORCH_POISON", "1")
+
+import torch  # noqa: E402
+
+import lory_torch  # noqa: E402
+
+_SEED = int(os.environ.get("LORY_TEST_SEED", random.SystemRandom().randrange(1 << 31)))
+
+
+def pytest_report_header(config):
+    return [f"lory test seed: {_SEED} (set LORY_TEST_SEED to reproduce)",
+            f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"]
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """Builds / loads the extension once; returns "cpu" or "cuda" (which build was loaded)."""
+    return lory_torch.load()
+
+
+@pytest.fixture
+def gen(request):
+    """A CPU generator seeded from the session seed and the test's name (fresh data each run,
+    reproducible with LORY_TEST_SEED)."""
+    g = torch.Generator()
+    g.manual_seed(_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    return g

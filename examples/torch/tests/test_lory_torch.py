@@ -1,0 +1,265 @@
+"""The lory PyTorch extension on the CPU: outputs and every gradient against the plain PyTorch
+layer (reference.py) under autograd, gradcheck, opcheck, the inference ops and the module."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lory_torch
+import reference as ref
+from util import assert_close, make_layer, rand, reference_fn, run
+
+MODES = ["causal", "prompt", "given"]
+# (B, L, T, d, f, E): L not a multiple of T, L < T, one expert, d / f not multiples of 8,
+# one segment per sequence, and an even shape.
+SHAPES = [
+    (2, 37, 8, 5, 7, 3),
+    (3, 5, 8, 9, 3, 4),
+    (1, 16, 16, 4, 6, 1),
+    (2, 33, 4, 11, 13, 1),
+    (2, 24, 8, 8, 16, 2),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 3e-5}
+
+
+def lory_fn(**kw):
+    def fn(x, W_r, W_g, W_u, W_d, mode, T, gw):
+        return lory_torch.moe_ffn(x, W_r, W_g, W_u, W_d, mode, T, gw, **kw)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_T{}_d{}_f{}_E{}".format(*s))
+def test_layer_matches_reference(ext, gen, dtype, mode, shape):
+    p = make_layer(gen, *shape, mode=mode, dtype=dtype)
+    y, grads = run(lory_fn(), p)
+    # The reference in float64 from the same (rounded) inputs.
+    p64 = {k: (v.to(torch.float64) if torch.is_tensor(v) else v) for k, v in p.items()}
+    y_ref, grads_ref = run(reference_fn, p64)
+    assert y.dtype == dtype
+    assert_close("y", y, y_ref, TOL[dtype])
+    for name in grads_ref:
+        assert grads[name].dtype == p[name].dtype
+        assert_close("d" + name, grads[name], grads_ref[name], TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_saved_routing_tensors(ext, gen, mode):
+    B, L, T, d, f, E = 2, 21, 8, 6, 5, 3
+    p = make_layer(gen, B, L, T, d, f, E, mode=mode)
+    y, hbar, probs, weights = torch.ops.lory.moe_ffn_forward(p["x"], p["W_r"], p["W_g"], p["W_u"], p["W_d"],
+                                                            p["gw"], mode, T)
+    N = 3
+    assert weights.shape == (B, N, E)
+    if mode == "given":
+        assert hbar.shape == (0, d) and probs.shape == (0, E)
+        assert torch.equal(weights, p["gw"])
+        return
+    assert_close("weights", weights, ref.routing_weights(p["x"], p["W_r"], mode, T), 1e-12)
+    if mode == "causal":
+        assert_close("hbar", hbar, ref.segment_means(p["x"], T).reshape(B * N, d), 1e-12)
+        assert_close("probs[k]", probs.reshape(B, N, E)[:, :-1], weights[:, 1:], 1e-15)
+    else:
+        assert_close("hbar", hbar, p["x"].mean(dim=1), 1e-12)
+        assert_close("probs", probs, weights[:, 0], 1e-15)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_plan_matches_unchunked(ext, gen, mode, chunk):
+    """The float32 CPU plan cut into chunks of segments gives the one-chunk result."""
+    p = make_layer(gen, 2, 29, 4, 6, 9, 3, mode=mode, dtype=torch.float32)
+    y0, g0 = run(lory_fn(), p)
+    y1, g1 = run(lory_fn(max_chunk_segments=chunk), p)
+    assert_close("y", y1, y0, 1e-6)
+    for name in g0:
+        assert_close("d" + name, g1[name], g0[name], 1e-6)
+
+
+def test_workspace_budget_too_small_is_an_error(ext, gen):
+    p = make_layer(gen, 1, 8, 4, 4, 4, 2, mode="causal", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="workspace too small"):
+        lory_torch.moe_ffn(p["x"], p["W_r"], p["W_g"], p["W_u"], p["W_d"], "causal", 4, workspace_budget_bytes=64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(ext, gen, mode):
+    p = make_layer(gen, 2, 7, 3, 3, 4, 2, mode=mode)
+    names = ["x", "W_g", "W_u", "W_d"] + (["gw"] if mode == "given" else ["W_r"])
+    ins = [p[n].clone().requires_grad_(True) for n in names]
+
+    def fn(*args):
+        q = dict(zip(names, args))
+        y = lory_torch.moe_ffn(q["x"], q.get("W_r"), q["W_g"], q["W_u"], q["W_d"], mode, 3, q.get("gw"))
+        # Causal: the first segment's use of its own router output is stop-gradient by design, so
+        # finite differences of its outputs differ from the gradient. Later segments carry the
+        # router path (segment k uses p_{k-1}) and must match exactly.
+        return y[:, 3:] if mode == "causal" else y
+
+    assert torch.autograd.gradcheck(fn, ins, eps=1e-6, atol=1e-7, rtol=1e-5)
+    if mode == "causal":  # every output, w.r.t. the expert weights (routing does not depend on them)
+        def experts_only(W_g, W_u, W_d):
+            return lory_torch.moe_ffn(p["x"], p["W_r"], W_g, W_u, W_d, mode, 3)
+        assert torch.autograd.gradcheck(experts_only, ins[1:4], eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_causal_first_segment_is_stop_gradient(ext, gen):
+    """Gradients of the first segment's outputs reach the router only through nothing: dW_r = 0."""
+    p = make_layer(gen, 2, 12, 4, 5, 6, 3, mode="causal")
+    W_r = p["W_r"].clone().requires_grad_(True)
+    y = lory_torch.moe_ffn(p["x"], W_r, p["W_g"], p["W_u"], p["W_d"], "causal", 4)
+    (g_first,) = torch.autograd.grad(y[:, :4].sum(), W_r)
+    assert torch.count_nonzero(g_first).item() == 0
+    (g_second,) = torch.autograd.grad(lory_torch.moe_ffn(p["x"], W_r, p["W_g"], p["W_u"], p["W_d"], "causal", 4)
+                                      [:, 4:8].sum(), W_r)
+    assert g_second.abs().max().item() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_forward(ext, gen, mode):
+    p = make_layer(gen, 2, 9, 4, 5, 6, 3, mode=mode)
+    args = (p["x"].requires_grad_(True), p["W_r"], p["W_g"].requires_grad_(True), p["W_u"], p["W_d"],
+            p["gw"], mode, 4)
+    torch.library.opcheck(torch.ops.lory.moe_ffn_forward.default, args)
+
+
+def test_opcheck_inference_ops(ext, gen):
+    x, W_r = rand(gen, 3, 10, 6), rand(gen, 4, 6)
+    W_g, W_u, W_d = rand(gen, 4, 5, 6), rand(gen, 4, 5, 6), rand(gen, 4, 6, 5)
+    torch.library.opcheck(torch.ops.lory.prompt_route.default, (x, W_r))
+    w = torch.softmax(rand(gen, 3, 4), dim=-1)
+    torch.library.opcheck(torch.ops.lory.merge_experts.default, (W_g.requires_grad_(True), W_u, W_d, w))
+    torch.library.opcheck(torch.ops.lory.decode_step.default, (x[:, 0], W_g[:3], W_u[:3], W_d[:3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_inference_ops_match_reference(ext, gen, dtype):
+    B, L, d, f, E = 3, 11, 7, 5, 4
+    x, W_r = rand(gen, B, L, d, dtype=dtype), rand(gen, E, d, dtype=dtype)
+    W_g, W_u, W_d = rand(gen, E, f, d, dtype=dtype), rand(gen, E, f, d, dtype=dtype), rand(gen, E, d, f, dtype=dtype)
+    tol = TOL[dtype]
+    w = lory_torch.prompt_route(x, W_r)
+    assert w.shape == (B, E) and w.dtype == dtype
+    assert_close("prompt_route", w, torch.softmax(x.double().mean(1) @ W_r.double().t(), -1), tol)
+    cache = lory_torch.merge_experts(W_g, W_u, W_d, w)
+    cache_ref = ref.prompt_cache(x.double(), W_r.double(), W_g.double(), W_u.double(), W_d.double())
+    for name, got, want in zip(("Wg_bar", "Wu_bar", "Wd_bar"), cache, cache_ref):
+        assert_close(name, got, want, tol)
+    x_t = rand(gen, B, d, dtype=dtype)
+    assert_close("decode_step", lory_torch.decode_step(x_t, *cache), ref.decode(x_t.double(), cache_ref), tol)
+
+
+def test_decode_reproduces_prompt_routed_layer(ext, gen):
+    """Prompt-level routing + merged cache + decode steps = the layer in "prompt" mode, token by token."""
+    layer = lory_torch.LoryMoEFFN(6, 10, 3, routing="prompt", segment_len=4, dtype=torch.float64)
+    x = rand(gen, 2, 9, 6)
+    with torch.no_grad():
+        y = layer(x)
+    cache = layer.build_cache(x)
+    for t in range(x.shape[1]):
+        assert_close(f"token {t}", layer.decode(x[:, t], cache), y[:, t], 1e-12)
+
+
+def test_merge_experts_autograd(ext, gen):
+    W = [rand(gen, 3, 4, 5).requires_grad_(True), rand(gen, 3, 4, 5).requires_grad_(True),
+         rand(gen, 3, 5, 4).requires_grad_(True)]
+    w = torch.softmax(rand(gen, 2, 3), -1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: lory_torch.merge_experts(*a), (*W, w))
+
+
+def test_module_layout_and_init(ext):
+    torch.manual_seed(1)
+    d, f, E = 24, 40, 4
+    layer = lory_torch.LoryMoEFFN(d, f, E, dtype=torch.float64)
+    assert layer.W_r.shape == (E, d) and layer.W_g.shape == (E, f, d)
+    assert layer.W_u.shape == (E, f, d) and layer.W_d.shape == (E, d, f)
+    assert layer.segment_len == 256
+    for W, fan_in in ((layer.W_r, d), (layer.W_g, d), (layer.W_u, d), (layer.W_d, f)):
+        bound = 1.0 / math.sqrt(fan_in)
+        assert W.abs().max().item() <= bound
+        assert W.abs().max().item() > 0.8 * bound  # the whole range is used
+        # Experts differ (identical experts would make the router gradient vanish).
+        assert (W[0] - W[-1]).abs().max().item() > 0
+    assert lory_torch.LoryMoEFFN(d, f, E, routing="given").W_r is None
+    with pytest.raises(ValueError):
+        lory_torch.LoryMoEFFN(d, f, E, routing="topk")
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, d, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d, dtype=dtype))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _Block(torch.nn.Module):
+    """A LLaMA-style pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, d, heads, ffn, dtype):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = _RMSNorm(d, dtype), _RMSNorm(d, dtype)
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False, dtype=dtype)
+        self.proj = torch.nn.Linear(d, d, bias=False, dtype=dtype)
+        self.ffn = ffn
+
+    def forward(self, x):
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, d)
+        h = x + self.proj(a)
+        return h + self.ffn(self.norm2(h))
+
+
+class _ReferenceFFN(torch.nn.Module):
+    def __init__(self, lory_layer):
+        super().__init__()
+        self.inner = lory_layer
+
+    def forward(self, x):
+        m = self.inner
+        return ref.lory_ffn(x, m.W_r, m.W_g, m.W_u, m.W_d, m.routing, m.segment_len)
+
+
+def test_module_as_ffn_of_a_llama_block(ext, gen):
+    torch.manual_seed(2)
+    ffn = lory_torch.LoryMoEFFN(16, 28, 4, routing="causal", segment_len=8, dtype=torch.float64)
+    block = _Block(16, 2, ffn, torch.float64)
+    x = rand(gen, 2, 27, 16)
+    loss = block(x).square().sum()
+    grads = torch.autograd.grad(loss, list(block.parameters()))
+    block.ffn = _ReferenceFFN(ffn)
+    loss_ref = block(x).square().sum()
+    grads_ref = torch.autograd.grad(loss_ref, list(block.parameters()))
+    assert abs(loss.item() - loss_ref.item()) <= 1e-10 * abs(loss_ref.item())
+    names = [n for n, _ in block.named_parameters()]
+    for n, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(n, g, g_ref, 1e-10)
+
+
+def test_errors(ext, gen):
+    p = make_layer(gen, 2, 8, 4, 4, 6, 3, mode="causal")
+    args = (p["W_g"], p["W_u"], p["W_d"])
+    with pytest.raises(RuntimeError, match="float64 or float32"):
+        lory_torch.moe_ffn(p["x"].half(), p["W_r"].half(), *(a.half() for a in args))
+    with pytest.raises(RuntimeError, match="W_u has shape"):
+        lory_torch.moe_ffn(p["x"], p["W_r"], p["W_g"], p["W_u"][:, :-1], p["W_d"])
+    with pytest.raises(RuntimeError, match="dtype"):
+        lory_torch.moe_ffn(p["x"], p["W_r"].float(), *args)
+    with pytest.raises(RuntimeError, match="needs given_weights"):
+        lory_torch.moe_ffn(p["x"], None, *args, mode="given")
+    with pytest.raises(RuntimeError, match="needs the router weight"):
+        lory_torch.moe_ffn(p["x"], None, *args, mode="causal")
+    with pytest.raises(RuntimeError, match="given_weights has shape"):
+        lory_torch.moe_ffn(p["x"], None, *args, mode="given", segment_len=4,
+                           routing_weights=torch.full((2, 3, 3), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        lory_torch.moe_ffn(p["x"], p["W_r"], *args, mode="topk")
+    with pytest.raises(RuntimeError, match="routing mode"):
+        torch.ops.lory.moe_ffn_forward(p["x"], p["W_r"], *args, None, "topk", 4)
+    with pytest.raises(RuntimeError, match="segment_len"):
+        lory_torch.moe_ffn(p["x"], p["W_r"], *args, segment_len=0)
