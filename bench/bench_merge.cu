@@ -3,6 +3,7 @@
 //   merge_forward/...          lory::merge_forward
 //   merge_forward_cublas/...   [S x E] x [E x P] with cublasGemmEx (bf16, fp32 compute)
 //   merge_backward/...         lory::merge_backward (dW and d_weights, deterministic)
+//   merge_backward_tc/...      the same, tensor-core kernel forced (opt-in until verified on a GPU)
 //   merge_backward_cublas/...  two GEMMs: dW = weights^T G, d_weights = G W^T
 // Names share the suffix /bf16/d<d>_f<f>/E<E>/S<S> so a script can pair them.
 // P = 3 d f (the three FFN matrices merged as one [E, P] tensor); S = 16 segments x 8 or 32 sequences.
@@ -162,7 +163,7 @@ void bench_forward_cublas(benchmark::State& state, Shape s) {
   set_rate_counters(state, forward_bytes(s), 2.0 * s.S * s.E * s.P());
 }
 
-void bench_backward(benchmark::State& state, Shape s) {
+void bench_backward_on_path(benchmark::State& state, Shape s, lory::detail::MergePath path) {
   auto& B = buffers();
   B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
   Routing r(s.S, s.E);
@@ -179,19 +180,30 @@ void bench_backward(benchmark::State& state, Shape s) {
   a.dW_expert_stride = s.P();
   a.d_weights = B.d_weights;
   size_t bytes = 0;
-  if (lory::merge_backward(a, nullptr, bytes, nullptr) != lory::Status::kSuccess) {
+  if (lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, path) != lory::Status::kSuccess) {
     state.SkipWithError("merge_backward size query failed");
+    return;
+  }
+  if (path == lory::detail::MergePath::kTensorCore && !lory::detail::merge_backward_uses_tc(a, path)) {
+    state.SkipWithError("tensor-core backward not applicable");
     return;
   }
   Workspace ws(bytes);
   GpuTimer timer;
   lory::Status st = lory::Status::kSuccess;
   timer.run(state, [&](cudaStream_t stream) {
-    const lory::Status x = lory::merge_backward(a, ws.p, ws.bytes, stream);
+    const lory::Status x = lory::detail::merge_backward_on_path(a, ws.p, ws.bytes, stream, path);
     if (x != lory::Status::kSuccess) st = x;
   });
   if (st != lory::Status::kSuccess) state.SkipWithError(lory::status_string(st));
   set_rate_counters(state, backward_bytes(s), 4.0 * s.S * s.E * s.P());
+}
+
+void bench_backward(benchmark::State& state, Shape s) {
+  bench_backward_on_path(state, s, lory::detail::MergePath::kAuto);  // what lory::merge_backward runs
+}
+void bench_backward_tc(benchmark::State& state, Shape s) {
+  bench_backward_on_path(state, s, lory::detail::MergePath::kTensorCore);
 }
 
 void bench_backward_cublas(benchmark::State& state, Shape s) {
@@ -235,6 +247,8 @@ const bool registered = [] {
         benchmark::RegisterBenchmark(("merge_forward_cublas" + s.suffix()).c_str(), bench_forward_cublas, s)
             ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
         benchmark::RegisterBenchmark(("merge_backward" + s.suffix()).c_str(), bench_backward, s)
+            ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("merge_backward_tc" + s.suffix()).c_str(), bench_backward_tc, s)
             ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
         benchmark::RegisterBenchmark(("merge_backward_cublas" + s.suffix()).c_str(), bench_backward_cublas, s)
             ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -30,6 +30,17 @@
 //   reproducible. Fast mode: partials are atomically added into d_weights
 //   (last bits may vary run to run); when the partial does not fit in shared
 //   memory the fast mode falls back to the deterministic reduction.
+//   Two implementations of the per-chunk products:
+//     SIMT         fp32 FMAs on CUDA cores, any dtype, any E (the default);
+//     tensor core  mma.sync m16n8k16 (bf16 / fp16 storage, E <= 64, 16-byte
+//                  aligned views): dW with M = experts, K = segments (weights
+//                  as hi + lo operands), d_weights with M = segments,
+//                  K = params. Same workspace layout and reduction as SIMT.
+//   The tensor-core backward is UNVERIFIED ON HARDWARE (written without GPU
+//   access): it runs only when forced through detail::merge_backward_on_path
+//   (MergePath::kTensorCore), and becomes the default for the shapes it
+//   supports once the GPU tests (tests/gpu/test_merge.cu) and benchmarks
+//   (merge_backward_tc/... in bench/bench_merge.cu) have passed on a GPU.
 //
 // Paths: every pointer only needs its element alignment. 16-byte vector loads
 // and stores are used when the base pointers are 16-byte aligned and the
@@ -572,6 +583,258 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 #endif  // __CUDACC__
 
 // ---------------------------------------------------------------------------
+// Backward, tensor cores (bf16 / fp16 storage, E <= 64, 16-byte aligned views).
+// UNVERIFIED ON HARDWARE: written without GPU access; selected only when
+// forced (detail::merge_backward_on_path(..., MergePath::kTensorCore)) until
+// tests/gpu/test_merge.cu and bench/bench_merge.cu have passed on a GPU, then
+// it becomes the default for the shapes it supports.
+//
+// Block tile: 128 params x all experts (K padded to EP = 16 * kKSteps); the G
+// rows are staged 32 segments at a time, the next chunk travelling in
+// registers while the current one is computed. Per chunk:
+//   dW  [EP x 128] += e^T [EP x 32] . G [32 x 128]  (M = experts, N = params,
+//       K = segments). Warp w owns params 16w..16w+15 for all experts; the fp32
+//       accumulators stay in registers over all of S and are written once per tile.
+//       The routing weights enter as hi + lo 16-bit operands (two mmas).
+//   de  [32 x EP] = G [32 x 128] . W^T [128 x EP]   (M = segments, N = experts,
+//       K = params). Unit (m16, n8) u goes to warp u % 8, which runs the whole K
+//       of the tile: every (segment, expert) of the partial has one owner
+//       thread, so it is added without atomics and in a fixed order.
+// Padding: segments past S and params past P are zero in G and in the weights,
+// experts past E are zero in W and in the weights, so no 0 * garbage (NaN) is ever
+// summed into a stored value.
+// ---------------------------------------------------------------------------
+template <class T, int kKSteps>
+struct MergeBackwardTcConfig {
+  static constexpr int kTileN = 128;
+  static constexpr int kChunk = 32;  // segments per step (K of the dW product)
+  static constexpr int kEP = 16 * kKSteps;
+  static constexpr int kWarps = kMergeThreads / 32;
+  static constexpr int kWarpN = kTileN / kWarps;  // 16 params per warp for dW
+  static constexpr int kDeUnits = (kChunk / 16) * (kEP / 8);
+  static constexpr int kDeUnitsPerWarp = (kDeUnits + kWarps - 1) / kWarps;
+  // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
+  static constexpr int kRow = kTileN + 8;     // W tile and G chunk rows
+  static constexpr int kARow = kChunk + 8;    // transposed weights rows (hi and lo)
+  static constexpr int kStageRow = kWarpN + 4;  // fp32 staging of a warp's 16 x 16 dW block
+  static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;  // G vectors per thread per chunk
+  static constexpr int kAVals = kEP * kChunk / kMergeThreads;          // weights per thread per chunk
+  static constexpr size_t kWBytes = size_t(kEP) * kRow * sizeof(T);
+  static constexpr size_t kGBytes = size_t(kChunk) * kRow * sizeof(T);
+  static constexpr size_t kABytes = size_t(kEP) * kARow * sizeof(T);  // one of hi / lo
+  static constexpr size_t kStageBytes = size_t(kWarps) * 16 * kStageRow * sizeof(float);
+  static constexpr size_t kFixedBytes = kWBytes + kGBytes + 2 * kABytes + kStageBytes;
+  static size_t smem_bytes(int64_t S, int E, bool partial_in_smem) {
+    return kFixedBytes + (partial_in_smem ? size_t(S) * E * sizeof(float) : 0);
+  }
+  static_assert(kGVecs * kMergeThreads * 8 == kChunk * kTileN, "G chunk split evenly over the threads");
+  static_assert(kAVals * kMergeThreads == kEP * kChunk, "weights chunk split evenly over the threads");
+  static_assert(kFixedBytes % 16 == 0 && kWBytes % 16 == 0 && kGBytes % 16 == 0 && kABytes % 16 == 0,
+                "16-byte aligned shared-memory regions");
+};
+
+#if defined(__CUDACC__)
+template <class T, int kKSteps>
+// Two blocks per SM (<= 128 registers) up to E = 48; E = 64 needs more registers than that.
+LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Cfg = MergeBackwardTcConfig<T, kKSteps>;
+  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
+  constexpr int kRow = Cfg::kRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
+  constexpr int V = Vec16<T>::kSize;  // 8
+  constexpr int kRowVecs = kTileN / V;  // 16
+  extern __shared__ __align__(16) unsigned char merge_smem[];
+  T* w_s = reinterpret_cast<T*>(merge_smem);                                            // [kEP][kRow]
+  T* g_s = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                             // [kChunk][kRow]
+  T* a_hi = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes);             // [kEP][kARow]
+  T* a_lo = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes + Cfg::kABytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes + 2 * Cfg::kABytes) +
+                 warp * 16 * kStageRow;                                                 // [16][kStageRow]
+  const int E = p.E;
+  const int64_t SE = p.S * E;
+  float* part = !p.want_de ? nullptr
+                : p.partial_in_smem ? reinterpret_cast<float*>(merge_smem + Cfg::kFixedBytes)
+                                    : p.partials + blockIdx.x * SE;
+  const bool want_dw = p.dW != nullptr;
+  const int64_t chunks = (p.S + kChunk - 1) / kChunk;
+
+  if (p.want_de) {
+    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) part[i] = 0.f;
+  }
+
+  // One step's global loads into registers: the G chunk (rows past S are zero)
+  // and, for dW, the chunk's routing weights (zero past S and past E).
+  Vec16<T> g_pre[Cfg::kGVecs];
+  float a_pre[Cfg::kAVals];
+  auto fetch = [&](int64_t tile, int64_t chunk) {
+    const int64_t s0 = chunk * kChunk;
+#pragma unroll
+    for (int j = 0; j < Cfg::kGVecs; ++j) {
+      const int i = threadIdx.x + j * kMergeThreads;
+      const int64_t s = s0 + i / kRowVecs;
+      g_pre[j] = s < p.S ? load_row_vec<T, true>(p.G + s * p.g_stride, tile * kTileN + (i % kRowVecs) * V, p.P)
+                         : zero_vec16<T>();
+    }
+#pragma unroll
+    for (int j = 0; j < Cfg::kAVals; ++j) {
+      const int i = threadIdx.x + j * kMergeThreads;
+      const int e = i % kEP;
+      const int64_t s = s0 + i / kEP;
+      a_pre[j] = (want_dw && s < p.S && e < E) ? p.weights[s * E + e] : 0.f;
+    }
+  };
+  if (blockIdx.x < p.tiles) fetch(blockIdx.x, 0);
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t tile_col = tile * kTileN;
+    float acc[kKSteps][2][4];  // dW: [expert m-tile][param n-tile of this warp][fragment]
+#pragma unroll
+    for (int mt = 0; mt < kKSteps; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+    __syncthreads();  // the previous tile's readers are done with every buffer; partial zeroing visible
+    if (p.want_de) {
+      for (int i = threadIdx.x; i < kEP * kRowVecs; i += kMergeThreads) {
+        const int e = i / kRowVecs, v = i % kRowVecs;
+        *reinterpret_cast<Vec16<T>*>(w_s + e * kRow + v * V) =
+            e < E ? load_row_vec<T, true>(p.W + e * p.w_stride, tile_col + v * V, p.P) : zero_vec16<T>();
+      }
+    }
+
+#pragma unroll 1
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t s0 = chunk * kChunk;
+      if (chunk > 0) __syncthreads();  // the previous chunk's readers are done with g_s and a_hi / a_lo
+#pragma unroll
+      for (int j = 0; j < Cfg::kGVecs; ++j) {
+        const int i = threadIdx.x + j * kMergeThreads;
+        *reinterpret_cast<Vec16<T>*>(g_s + (i / kRowVecs) * kRow + (i % kRowVecs) * V) = g_pre[j];
+      }
+      if (want_dw) {
+#pragma unroll
+        for (int j = 0; j < Cfg::kAVals; ++j) {
+          const int i = threadIdx.x + j * kMergeThreads;
+          const int e = i % kEP, s = i / kEP;
+          split_hi_lo(a_pre[j], a_hi[e * kARow + s], a_lo[e * kARow + s]);
+        }
+      }
+      __syncthreads();
+      // The next step's loads fly while this chunk is computed.
+      if (chunk + 1 < chunks) {
+        fetch(tile, chunk + 1);
+      } else if (tile + gridDim.x < p.tiles) {
+        fetch(tile + gridDim.x, 0);
+      }
+
+      if (want_dw) {
+        const int q = lane / 8;
+#pragma unroll
+        for (int ks = 0; ks < kChunk / 16; ++ks) {
+          // B = G chunk [K = segments][N = params], row-major: transposed ldmatrix.
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, g_s + (ks * 16 + (q & 1) * 8 + lane % 8) * kRow + warp * Cfg::kWarpN + (q >> 1) * 8);
+          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+#pragma unroll
+          for (int mt = 0; mt < kKSteps; ++mt) {
+            // A = e^T [M = experts][K = segments], row-major.
+            uint32_t ah[4], al[4];
+            const int off = (mt * 16 + lane % 16) * kARow + ks * 16 + (lane / 16) * 8;
+            ldmatrix_x4(ah, a_hi + off);
+            ldmatrix_x4(al, a_lo + off);
+            mma_16816<T>(acc[mt][0], al, b0);
+            mma_16816<T>(acc[mt][0], ah, b0);
+            mma_16816<T>(acc[mt][1], al, b1);
+            mma_16816<T>(acc[mt][1], ah, b1);
+          }
+        }
+      }
+      if (p.want_de) {
+        const int q = lane / 8;
+#pragma unroll
+        for (int j = 0; j < Cfg::kDeUnitsPerWarp; ++j) {
+          const int u = warp + j * Cfg::kWarps;
+          const int mt = u % (kChunk / 16), nt = u / (kChunk / 16);
+          // Warp-uniform: skip units wholly past E or past the chunk's last segment.
+          if (u >= Cfg::kDeUnits || nt * 8 >= E || s0 + mt * 16 >= p.S) continue;
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int kk = 0; kk < kTileN / 16; kk += 2) {
+            // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
+            uint32_t rb[4];
+            ldmatrix_x4(rb, w_s + (nt * 8 + lane % 8) * kRow + kk * 16 + q * 8);
+            const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
+            // A = G chunk [M = segments][K = params], row-major.
+            uint32_t a0[4], a1[4];
+            ldmatrix_x4(a0, g_s + (mt * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+            ldmatrix_x4(a1, g_s + (mt * 16 + lane % 16) * kRow + (kk + 1) * 16 + (lane / 16) * 8);
+            mma_16816<T>(c, a0, b0);
+            mma_16816<T>(c, a1, b1);
+          }
+          // c0, c1: (segment g, experts 2t, 2t+1); c2, c3: segment g + 8. One owner per element.
+          const int e = nt * 8 + 2 * t;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t s = s0 + mt * 16 + g + 8 * h;
+            if (s < p.S) {
+              if (e < E) part[s * E + e] += c[2 * h];
+              if (e + 1 < E) part[s * E + e + 1] += c[2 * h + 1];
+            }
+          }
+        }
+      }
+    }
+
+    if (want_dw) {
+      // Per expert m-tile: fp32 accumulators -> this warp's staging block -> 16-byte rows
+      // (two lanes per expert row), adding the old dW in fp32 when accumulating.
+      const int row = lane / 2, half = lane % 2;
+      const int64_t col = tile_col + warp * Cfg::kWarpN + half * V;
+#pragma unroll
+      for (int mt = 0; mt < kKSteps; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          *reinterpret_cast<float2*>(stage + g * kStageRow + nt * 8 + 2 * t) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+          *reinterpret_cast<float2*>(stage + (g + 8) * kStageRow + nt * 8 + 2 * t) =
+              make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+        }
+        __syncwarp();
+        const int e = mt * 16 + row;
+        if (e < E && col < p.P) {
+          float f[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
+          T* dst = p.dW + e * p.dw_stride;
+          if (p.accumulate_dW) {
+            float old[V];
+            vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
+#pragma unroll
+            for (int v = 0; v < V; ++v) f[v] += old[v];
+          }
+          store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
+        }
+        __syncwarp();  // the staging block is rewritten by the next m-tile
+      }
+    }
+  }
+  if (p.want_de && p.partial_in_smem) {
+    __syncthreads();
+    if (p.d_weights_atomic) {
+      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, part[i]);
+    } else {
+      float* dst = p.partials + blockIdx.x * SE;
+      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = part[i];
+    }
+  }
+#endif
+}
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------
 // Host side: plans (shared by the size query and the launch), then launchers.
 // ---------------------------------------------------------------------------
 template <class T>
@@ -697,11 +960,12 @@ struct MergeBackwardPlan {
   size_t workspace_bytes = kMergeMinWorkspaceBytes;
 };
 
+// tensor_core: plan for merge_backward_tc_kernel (P-tiles of 128 params) instead of the SIMT kernel.
 template <class T>
-Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, MergeBackwardPlan& plan) {
+Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_core, MergeBackwardPlan& plan) {
   using Cfg = MergeBackwardSimtConfig<T>;
   plan.col_vecs = Cfg::col_vecs(a.experts);
-  const int64_t tile_width = int64_t(plan.col_vecs) * Cfg::kVec;
+  const int64_t tile_width = tensor_core ? int64_t(MergeBackwardTcConfig<T, 1>::kTileN) : int64_t(plan.col_vecs) * Cfg::kVec;
   plan.tiles = (a.params + tile_width - 1) / tile_width;
   plan.want_de = a.d_weights != nullptr;
   const int64_t SE = a.num_segments * a.experts;  // fits: validate() checked S * stride
@@ -789,17 +1053,76 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
   return check_launch();
 }
 
+template <class T, int kKSteps>
+Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
+                                cudaStream_t stream) {
+  auto kernel = merge_backward_tc_kernel<T, kKSteps>;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
+  // Persistent grid, a fixed function of the device (deterministic reduction order).
+  blocks = static_cast<int>(std::min<int64_t>(max_blocks, int64_t(sms) * per_sm));
+  kernel<<<blocks, kMergeThreads, smem, stream>>>(prm);
+  return check_launch();
+}
+
+template <class T>
+Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
+                         cudaStream_t stream) {
+  if constexpr (is_mma_b16<T>::value) {
+    switch ((prm.E + 15) / 16) {
+#define LORY_MERGE_BWD_TC_CASE(K)                                                                          \
+  case K:                                                                                                  \
+    return launch_merge_backward_tc<T, K>(                                                                 \
+        prm, max_blocks, MergeBackwardTcConfig<T, K>::smem_bytes(prm.S, prm.E, partial_in_smem), blocks, stream);
+      LORY_MERGE_BWD_TC_CASE(1)
+      LORY_MERGE_BWD_TC_CASE(2)
+      LORY_MERGE_BWD_TC_CASE(3)
+      LORY_MERGE_BWD_TC_CASE(4)
+#undef LORY_MERGE_BWD_TC_CASE
+      default: return Status::kErrorInvalidArgument;
+    }
+  } else {
+    return Status::kErrorInvalidArgument;
+  }
+}
+
+// Path choice of the backward. kAuto is the CUDA-core kernel for now: the
+// tensor-core kernel is unverified on hardware and runs only when forced; it
+// becomes kAuto's choice (16-bit storage, E <= 64, sm_80+) once the GPU tests
+// and benchmarks have passed. A forced tensor-core path on views that are not
+// 16-byte aligned (base or stride) runs on CUDA cores instead.
+template <class T>
+bool merge_backward_uses_tc(const MergeBackwardArgs<T, float>& a, MergePath path) {
+  if (path != MergePath::kTensorCore) return false;
+  return merge_vec_io(a.G, a.grad_segment_stride, a.G, a.grad_segment_stride) &&
+         (!a.d_weights || merge_vec_io(a.W, a.expert_stride, a.W, a.expert_stride)) &&
+         (!a.dW || merge_vec_io(a.dW, a.dW_expert_stride, a.dW, a.dW_expert_stride));
+}
+
 template <class T>
 Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
                               cudaStream_t stream, MergePath path) {
   LORY_RETURN_IF_ERROR(merge_backward_can_implement(a));
-  if (path == MergePath::kTensorCore) return Status::kErrorInvalidArgument;  // backward runs on CUDA cores only
+  if (path == MergePath::kTensorCore && !merge_tc_supports<T>(a.experts)) return Status::kErrorInvalidArgument;
+  const bool tc = merge_backward_uses_tc(a, path);
   MergeBackwardPlan plan;
-  LORY_RETURN_IF_ERROR(plan_merge_backward(a, plan));
+  LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
   bool size_query = false;
   LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, plan.workspace_bytes, size_query));
   if (size_query) return Status::kSuccess;
   if (plan.use_partials && !is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;
+  if (tc) {
+    int major = 0;
+    LORY_RETURN_IF_ERROR(device_compute_major(major));
+    if (major < 8) return Status::kErrorInvalidArgument;
+  }
 
   using Cfg = MergeBackwardSimtConfig<T>;
   MergeBackwardParams<T> prm{};
@@ -830,9 +1153,10 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
                    (!prm.W || merge_vec_io(prm.W, prm.w_stride, prm.W, prm.w_stride)) &&
                    (!prm.dW || merge_vec_io(prm.dW, prm.dw_stride, prm.dW, prm.dw_stride));
   const size_t smem = Cfg::smem_bytes(a.num_segments, a.experts, plan.col_vecs, plan.want_de, plan.partial_in_smem);
-  const int ept = Cfg::experts_per_thread(a.experts, plan.col_vecs);
+  const int ept = tc ? 0 : Cfg::experts_per_thread(a.experts, plan.col_vecs);
   int blocks = 0;
   Status st = Status::kErrorInvalidArgument;
+  if (tc) st = merge_backward_tc<T>(prm, plan.max_blocks, plan.partial_in_smem, blocks, stream);
 #define LORY_MERGE_BWD_CASE(EPT)                                                                    \
   case EPT:                                                                                          \
     st = vec ? launch_merge_backward_simt<T, true, EPT>(prm, plan.max_blocks, smem, blocks, stream)  \
@@ -869,7 +1193,8 @@ Status merge_forward(const MergeForwardArgs<T, float>& args, void* workspace, si
 }
 
 // dW (+)= weights^T x G and d_weights (+)= G x W^T in one pass over G. Workspace:
-// per-block d_weights partials (deterministic mode), else 16 bytes.
+// per-block d_weights partials (deterministic mode), else 16 bytes. Runs on CUDA
+// cores; the tensor-core kernel stays opt-in until verified on a GPU (see above).
 template <class T>
 Status merge_backward(const MergeBackwardArgs<T, float>& args, void* workspace, size_t& workspace_bytes,
                       cudaStream_t stream) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -158,9 +159,17 @@ struct BwdCase {
   int64_t S;
   int E;
   int64_t P;
-  int64_t pad;     // every stride = P + pad
+  int64_t pad;     // G's stride = P + pad; W's and dW's differ from it (see bwd_pads)
   int64_t offset;  // 1 = misaligned base pointers
 };
+
+// Extra pads of W and dW: three distinct strides (a mixed-up stride shows), all
+// multiples of 16 bytes when G's is, so that aligned cases reach the vector paths.
+inline void bwd_pads(const BwdCase& c, int64_t& w_pad, int64_t& dw_pad) {
+  const bool aligned = (c.P + c.pad) % 8 == 0;
+  w_pad = c.pad + (aligned ? 8 : 3);
+  dw_pad = c.pad + (aligned ? 16 : 1);
+}
 
 struct BwdMode {
   bool deterministic = true;
@@ -178,16 +187,20 @@ struct BwdResult {
   std::vector<float> de;
 };
 
+// `repeats` > 1 checks that the outputs are bitwise identical run to run.
 template <class T>
-BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, int repeats = 1) {
+BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, int repeats = 1) {
   const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
                           std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
-                          "/off" + std::to_string(c.offset) + "/" + m.name();
+                          "/off" + std::to_string(c.offset) + "/path" + std::to_string(static_cast<int>(path)) +
+                          "/" + m.name();
   INFO(tag);
   auto rng = make_rng(tag);
+  int64_t w_pad = 0, dw_pad = 0;
+  bwd_pads(c, w_pad, dw_pad);
   auto G = make_view<T>(c.S, c.P, c.pad, c.offset, rng, true);
-  auto W = make_view<T>(c.E, c.P, c.pad + 3, c.offset, rng, true);
-  auto dW = make_view<T>(c.E, c.P, c.pad + 1, c.offset, rng, m.accumulate_dW);
+  auto W = make_view<T>(c.E, c.P, w_pad, c.offset, rng, true);
+  auto dW = make_view<T>(c.E, c.P, dw_pad, c.offset, rng, m.accumulate_dW);
   auto weights = random_simplex_rows(c.S, c.E, rng);
   // d_weights [S, E] contiguous, followed by a poisoned guard.
   std::vector<float> de(static_cast<size_t>(c.S * c.E + kGuard), poison_value<float>());
@@ -211,14 +224,19 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, int repeats = 1) {
   a.d_weights = m.want_de ? dde.get() : nullptr;
   a.accumulate_d_weights = m.accumulate_de;
   a.deterministic = m.deterministic;
+  if (path == MergePath::kTensorCore) {
+    // Aligned views must really run the tensor-core kernel; misaligned ones fall back.
+    const bool aligned = c.offset == 0 && (c.P + c.pad) % 8 == 0;
+    CHECK(lory::detail::merge_backward_uses_tc(a, path) == aligned);
+  }
   size_t bytes = 0;
-  REQUIRE(lory::merge_backward(a, nullptr, bytes, nullptr) == Status::kSuccess);
+  REQUIRE(lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
   DeviceBytes ws(bytes);
   BwdResult<T> first;
   for (int rep = 0; rep < repeats; ++rep) {
     ddW.upload(dW.data);  // fresh initial values each repeat (accumulate modes)
     dde.upload(de);
-    REQUIRE(lory::merge_backward(a, ws.get(), bytes, nullptr) == Status::kSuccess);
+    REQUIRE(lory::detail::merge_backward_on_path(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
     LORY_TEST_SYNC();
     BwdResult<T> r;
     r.dW = ddW.download(dW.data.size());
@@ -268,13 +286,50 @@ const std::vector<BwdCase>& backward_cases() {
       {1, 1, 1, 0, 0},          // the smallest
       {5, 3, 1001, 0, 0},       // scalar path, P tail
       {17, 64, 777, 0, 0},      // E = 64
-      {40, 16, 4103, 5, 0},     // vector path (strides multiple of 8 for 16-bit) with a tail
+      {40, 16, 4103, 9, 0},     // vector path (strides multiple of 8) with a tail
       {9, 20, 1000, 8, 1},      // misaligned base pointers
       {33, 8, 300000, 0, 0},    // many P-tiles per persistent block; S not a multiple of the chunk
       {70, 256, 100, 0, 0},     // E = 256: S*E past the on-chip partial (workspace partials)
       {600, 32, 257, 7, 0},     // S*E past the on-chip partial with the paper's E
   };
   return cases;
+}
+
+// Tensor-core backward (16-bit storage, E <= 64): aligned views with every tail:
+// S not a multiple of the 32-segment chunk, E not a multiple of 16 (or of 8), P
+// not a multiple of the 128-param tile (nor of the 8-element vector).
+const std::vector<BwdCase>& backward_tc_cases() {
+  static const std::vector<BwdCase> cases = {
+      {1, 1, 8, 0, 0},          // the smallest aligned one
+      {45, 20, 1001, 7, 0},     // every tail at once
+      {17, 64, 4096, 0, 0},     // E = 64 (K = 4 x 16)
+      {100, 3, 2048, 0, 0},     // E = 3: one n8 unit of d_weights, mostly padding
+      {64, 48, 520, 0, 0},      // S a multiple of the chunk, E = 48
+      {33, 8, 300000, 0, 0},    // many P-tiles per persistent block
+      {600, 32, 257, 7, 0},     // S*E past the on-chip partial: workspace partials
+      {513, 33, 136, 0, 0},     // the same with E = 33 and a one-segment last chunk
+      {9, 20, 1000, 8, 1},      // misaligned: the forced path falls back to CUDA cores
+  };
+  return cases;
+}
+
+// The full mode matrix on some cases, the default mode on all of them.
+template <class T>
+void run_backward_modes(const std::vector<BwdCase>& cases, std::initializer_list<int> matrix, MergePath path) {
+  for (const auto& c : cases) run_backward<T>(c, BwdMode{}, path);
+  for (int ci : matrix) {
+    for (bool det : {true, false})
+      for (int outs = 0; outs < 3; ++outs)
+        for (bool acc : {false, true}) {
+          BwdMode m;
+          m.deterministic = det;
+          m.want_dW = outs != 2;
+          m.want_de = outs != 1;
+          m.accumulate_dW = acc;
+          m.accumulate_de = acc;
+          run_backward<T>(cases[ci], m, path);
+        }
+  }
 }
 
 }  // namespace
@@ -293,31 +348,32 @@ TEMPLATE_TEST_CASE("merge_forward (launcher's choice) matches the CPU twin", "[g
   for (const auto& c : forward_cases()) run_forward<TestType>(c, MergePath::kAuto);
 }
 
-TEMPLATE_TEST_CASE("merge_backward matches the CPU twin in every mode", "[gpu][merge]", float, __half, __nv_bfloat16) {
-  // The full mode matrix on a few shapes, the default mode on all of them.
-  const auto& cases = backward_cases();
-  for (const auto& c : cases) run_backward<TestType>(c, BwdMode{});
-  for (int ci : {1, 3, 4, 6}) {
-    for (bool det : {true, false})
-      for (int outs = 0; outs < 3; ++outs)
-        for (bool acc : {false, true}) {
-          BwdMode m;
-          m.deterministic = det;
-          m.want_dW = outs != 2;
-          m.want_de = outs != 1;
-          m.accumulate_dW = acc;
-          m.accumulate_de = acc;
-          run_backward<TestType>(cases[ci], m);
-        }
-  }
+TEMPLATE_TEST_CASE("merge_backward (CUDA cores) matches the CPU twin in every mode", "[gpu][merge]", float, __half,
+                   __nv_bfloat16) {
+  run_backward_modes<TestType>(backward_cases(), {1, 3, 4, 6}, MergePath::kSimt);
+}
+
+// The tensor-core backward was written without GPU access: this test is its first run.
+TEMPLATE_TEST_CASE("merge_backward (tensor cores) matches the CPU twin in every mode", "[gpu][merge]", __half,
+                   __nv_bfloat16) {
+  run_backward_modes<TestType>(backward_tc_cases(), {1, 3, 6, 8}, MergePath::kTensorCore);
+}
+
+TEMPLATE_TEST_CASE("merge_backward (launcher's choice) matches the CPU twin", "[gpu][merge]", float, __half,
+                   __nv_bfloat16) {
+  for (const auto& c : backward_cases()) run_backward<TestType>(c, BwdMode{}, MergePath::kAuto);
+  for (const auto& c : backward_tc_cases()) run_backward<TestType>(c, BwdMode{}, MergePath::kAuto);
 }
 
 TEMPLATE_TEST_CASE("merge_backward deterministic mode is bitwise reproducible", "[gpu][merge]", float,
                    __nv_bfloat16) {
   BwdMode m;
   m.accumulate_de = true;
-  run_backward<TestType>({33, 8, 300000, 0, 0}, m, 2);
-  run_backward<TestType>({600, 32, 257, 7, 0}, m, 2);
+  for (MergePath path : {MergePath::kSimt, MergePath::kTensorCore}) {
+    if (path == MergePath::kTensorCore && !lory::detail::merge_tc_supports<TestType>(8)) continue;
+    run_backward<TestType>({33, 8, 300000, 0, 0}, m, path, 2);
+    run_backward<TestType>({600, 32, 257, 7, 0}, m, path, 2);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -417,62 +473,67 @@ TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merg
     CHECK(count_nan(gap) == stride - P);
   }
 
-  // Backward: the forward's output buffer now holds G.
+  // Backward: the forward's output buffer now holds G. Both paths (E = 3, aligned views).
   DeviceBuffer<T>& G = out;
   fill_device_periodic(G.get(), S, P, stride, gpat, pg);
   DeviceBuffer<T> dW(static_cast<size_t>(E * stride));
   DeviceBuffer<float> de(static_cast<size_t>(S * E));
-  LORY_TEST_CUDA(cudaMemset(dW.get(), 0xff, E * stride * sizeof(T)));
-  lory::MergeBackwardArgs<T, float> b;
-  b.num_segments = S;
-  b.experts = E;
-  b.params = P;
-  b.G = G.get();
-  b.grad_segment_stride = stride;
-  b.W = W.get();
-  b.expert_stride = stride;
-  b.weights = dweights.get();
-  b.dW = dW.get();
-  b.dW_expert_stride = stride;
-  b.d_weights = de.get();
-  size_t bytes = 0;
-  REQUIRE(lory::merge_backward(b, nullptr, bytes, nullptr) == Status::kSuccess);
-  DeviceBytes ws(bytes);
-  REQUIRE(lory::merge_backward(b, ws.get(), bytes, nullptr) == Status::kSuccess);
-  LORY_TEST_SYNC();
-  for (int64_t c0 : windows) {
-    auto got = download_window(dW.get(), E, stride, c0, n);
-    auto Gwin = periodic_window(gpat, pg, S, c0, n);
-    std::vector<T> want(got.size());
-    lory::MergeBackwardArgs<T, float> h;
-    h.num_segments = S;
-    h.experts = E;
-    h.params = n;
-    h.G = Gwin.data();
-    h.grad_segment_stride = n;
-    h.weights = weights.data();
-    h.dW = want.data();
-    h.dW_expert_stride = n;
-    REQUIRE(lory::reference::merge_backward<double>(h) == Status::kSuccess);
-    INFO("dW window at column " << c0);
-    CHECK(count_nan(got) == 0);
-    CHECK(rel_error(got, want) <= tolerance<T>());
-  }
-  // d_weights[s][e] = sum_j gpat[s][j % pg] * wpat[e][j % pw]: whole periods of pg * pw, then the rest.
-  const int64_t L = int64_t(pg) * pw, full = P / L, rest = P % L;
-  std::vector<double> want_de(S * E);
-  for (int64_t s = 0; s < S; ++s)
-    for (int e = 0; e < E; ++e) {
-      double cycle = 0, tail = 0;
-      for (int64_t j = 0; j < L; ++j) {
-        const double prod = lory::to_double(gpat[s * pg + j % pg]) * lory::to_double(wpat[e * pw + j % pw]);
-        cycle += prod;
-        if (j < rest) tail += prod;
-      }
-      want_de[s * E + e] = cycle * full + tail;
+  for (MergePath path : {MergePath::kSimt, MergePath::kTensorCore}) {
+    INFO("backward path " << static_cast<int>(path));
+    LORY_TEST_CUDA(cudaMemset(dW.get(), 0xff, E * stride * sizeof(T)));
+    LORY_TEST_CUDA(cudaMemset(de.get(), 0xff, S * E * sizeof(float)));
+    lory::MergeBackwardArgs<T, float> b;
+    b.num_segments = S;
+    b.experts = E;
+    b.params = P;
+    b.G = G.get();
+    b.grad_segment_stride = stride;
+    b.W = W.get();
+    b.expert_stride = stride;
+    b.weights = dweights.get();
+    b.dW = dW.get();
+    b.dW_expert_stride = stride;
+    b.d_weights = de.get();
+    CHECK(lory::detail::merge_backward_uses_tc(b, path) == (path == MergePath::kTensorCore));
+    size_t bytes = 0;
+    REQUIRE(lory::detail::merge_backward_on_path(b, nullptr, bytes, nullptr, path) == Status::kSuccess);
+    DeviceBytes ws(bytes);
+    REQUIRE(lory::detail::merge_backward_on_path(b, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+    LORY_TEST_SYNC();
+    for (int64_t c0 : windows) {
+      auto got = download_window(dW.get(), E, stride, c0, n);
+      auto Gwin = periodic_window(gpat, pg, S, c0, n);
+      std::vector<T> want(got.size());
+      lory::MergeBackwardArgs<T, float> h;
+      h.num_segments = S;
+      h.experts = E;
+      h.params = n;
+      h.G = Gwin.data();
+      h.grad_segment_stride = n;
+      h.weights = weights.data();
+      h.dW = want.data();
+      h.dW_expert_stride = n;
+      REQUIRE(lory::reference::merge_backward<double>(h) == Status::kSuccess);
+      INFO("dW window at column " << c0);
+      CHECK(count_nan(got) == 0);
+      CHECK(rel_error(got, want) <= tolerance<T>());
     }
-  auto got_de = de.download();
-  INFO("d_weights over 1.1e9 columns");
-  CHECK(count_nan(got_de) == 0);
-  CHECK(rel_error(got_de, want_de) <= 1e-3);
+    // d_weights[s][e] = sum_j gpat[s][j % pg] * wpat[e][j % pw]: whole periods of pg * pw, then the rest.
+    const int64_t L = int64_t(pg) * pw, full = P / L, rest = P % L;
+    std::vector<double> want_de(S * E);
+    for (int64_t s = 0; s < S; ++s)
+      for (int e = 0; e < E; ++e) {
+        double cycle = 0, tail = 0;
+        for (int64_t j = 0; j < L; ++j) {
+          const double prod = lory::to_double(gpat[s * pg + j % pg]) * lory::to_double(wpat[e * pw + j % pw]);
+          cycle += prod;
+          if (j < rest) tail += prod;
+        }
+        want_de[s * E + e] = cycle * full + tail;
+      }
+    auto got_de = de.download();
+    INFO("d_weights over 1.1e9 columns");
+    CHECK(count_nan(got_de) == 0);
+    CHECK(rel_error(got_de, want_de) <= 1e-3);
+  }
 }

@@ -251,7 +251,80 @@ TEMPLATE_TEST_CASE("merge_backward workspace query", "[launch][merge]", float, _
   dw_only.d_weights = nullptr;
   REQUIRE(lory::merge_backward(dw_only, nullptr, bytes, nullptr) == Status::kSuccess);
   CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
-  // Forcing tensor cores on the backward is refused (CUDA cores only).
-  CHECK(lory::detail::merge_backward_on_path(dw_only, nullptr, bytes, nullptr,
-                                             lory::detail::MergePath::kTensorCore) == Status::kErrorInvalidArgument);
+}
+
+TEST_CASE("merge_backward: forcing tensor cores where they cannot run is an error", "[launch][merge]") {
+  using lory::detail::MergePath;
+  size_t bytes = 0;
+  auto f = good_backward<float>();  // fp32 storage: CUDA cores only
+  CHECK(lory::detail::merge_backward_on_path(f, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+        Status::kErrorInvalidArgument);
+  auto b = good_backward<__nv_bfloat16>();
+  b.experts = 65;  // past the tensor-core kernel's 64
+  CHECK(lory::detail::merge_backward_on_path(b, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+        Status::kErrorInvalidArgument);
+  // Validation still comes first.
+  b = good_backward<__nv_bfloat16>();
+  b.G = nullptr;
+  CHECK(lory::detail::merge_backward_on_path(b, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+        Status::kErrorNullPointer);
+}
+
+TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query", "[launch][merge]", __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  using lory::detail::MergePath;
+  auto a = good_backward<T>();  // 16-byte aligned bases
+  a.params = 100003;
+  a.grad_segment_stride = a.expert_stride = a.dW_expert_stride = 100008;  // multiples of 8 elements
+  // The default stays on CUDA cores until the tensor-core kernel is verified on a GPU.
+  CHECK_FALSE(lory::detail::merge_backward_uses_tc(a, MergePath::kAuto));
+  CHECK_FALSE(lory::detail::merge_backward_uses_tc(a, MergePath::kSimt));
+  REQUIRE(lory::detail::merge_backward_uses_tc(a, MergePath::kTensorCore));
+  // Deterministic: one [S, E] partial per persistent block, one block per 128-param tile at most.
+  const int64_t tiles = (a.params + 127) / 128;
+  size_t bytes = 0;
+  REQUIRE(lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+          Status::kSuccess);
+  CHECK(bytes == lory::detail::align_up(size_t(std::min<int64_t>(tiles, 512)) * 5 * 8 * sizeof(float)));
+  size_t small = bytes - 1;
+  CHECK(lory::detail::merge_backward_on_path(a, bogus_ws(), small, nullptr, MergePath::kTensorCore) ==
+        Status::kErrorWorkspaceTooSmall);
+  // Few params: one partial per tile.
+  auto s = a;
+  s.params = 200;  // two tiles
+  REQUIRE(lory::detail::merge_backward_on_path(s, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+          Status::kSuccess);
+  CHECK(bytes == lory::detail::align_up(size_t(2) * 5 * 8 * sizeof(float)));
+  // Fast mode with a small S*E, and dW only: no partials.
+  auto fast = a;
+  fast.deterministic = false;
+  REQUIRE(lory::detail::merge_backward_on_path(fast, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+          Status::kSuccess);
+  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  auto dw_only = a;
+  dw_only.d_weights = nullptr;
+  CHECK(lory::detail::merge_backward_uses_tc(dw_only, MergePath::kTensorCore));
+  REQUIRE(lory::detail::merge_backward_on_path(dw_only, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+          Status::kSuccess);
+  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  // Every view has to be 16-byte aligned (base and stride), else the CUDA-core kernel runs.
+  for (int which = 0; which < 4; ++which) {
+    auto m = a;
+    if (which == 0) m.grad_segment_stride += 1;
+    if (which == 1) m.expert_stride += 4;
+    if (which == 2) m.dW = bogus_mut<T>(0x4002);
+    if (which == 3) m.W = bogus<T>(0x2008);
+    INFO("misaligned view " << which);
+    CHECK_FALSE(lory::detail::merge_backward_uses_tc(m, MergePath::kTensorCore));
+    size_t forced = 0, simt = 0;
+    REQUIRE(lory::detail::merge_backward_on_path(m, nullptr, forced, nullptr, MergePath::kTensorCore) ==
+            Status::kSuccess);
+    REQUIRE(lory::detail::merge_backward_on_path(m, nullptr, simt, nullptr, MergePath::kSimt) == Status::kSuccess);
+    CHECK(forced == simt);
+  }
+  // W is not read without d_weights, so its alignment does not matter then.
+  auto dw_misaligned_w = dw_only;
+  dw_misaligned_w.W = bogus<T>(0x2002);
+  CHECK(lory::detail::merge_backward_uses_tc(dw_misaligned_w, MergePath::kTensorCore));
 }
