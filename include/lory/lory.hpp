@@ -3,10 +3,12 @@
 #pragma once
 #include "lory/config.hpp"
 #include "lory/dtype.hpp"
+#include "lory/inference.hpp"
 #include "lory/math.hpp"
 #include "lory/merge.hpp"
 #include "lory/moe_ffn.hpp"
 #include "lory/moe_ffn_plan.hpp"
+#include "lory/reference/inference.hpp"
 #include "lory/reference/merge.hpp"
 #include "lory/reference/moe_ffn.hpp"
 #include "lory/reference/moe_ffn_backend.hpp"
