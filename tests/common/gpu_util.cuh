@@ -1,5 +1,6 @@
 // GPU test helpers: device detection, checked CUDA calls, RAII device buffers.
 #pragma once
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -62,5 +63,20 @@ class DeviceBuffer {
 
 // A byte buffer for caller-owned workspaces.
 using DeviceBytes = DeviceBuffer<unsigned char>;
+
+// A non-blocking stream and a cuBLAS handle bound to it, for the primitives that take both.
+struct GpuContext {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t handle = nullptr;
+  GpuContext() {
+    LORY_TEST_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasSetStream(handle, stream) == CUBLAS_STATUS_SUCCESS);
+  }
+  ~GpuContext() {
+    cublasDestroy(handle);
+    cudaStreamDestroy(stream);
+  }
+};
 
 }  // namespace lory_test

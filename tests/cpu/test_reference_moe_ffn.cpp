@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/catch.hpp"
+#include "common/moe_ffn_fixture.hpp"
 #include "common/test_util.hpp"
 #include "lory/reference/moe_ffn.hpp"
 
@@ -35,16 +36,8 @@ struct Layer {
   int64_t rows() const { return mode == RoutingMode::kPromptLevel ? c.B : S(); }
 
   lory::MoeFfnParams<T, R> params() const {
-    lory::MoeFfnParams<T, R> p;
-    p.layout = layout();
-    p.shape = {c.d, c.f, c.E};
-    p.mode = mode;
-    p.W_r = W_r.data();
-    p.bias = c.bias ? bias.data() : nullptr;
-    p.given_weights = given.data();
-    p.W_g = W_g.data();
-    p.W_u = W_u.data();
-    p.W_d = W_d.data();
+    lory::MoeFfnParams<T, R> p = lory_test::layer_params<T, R>(layout(), {c.d, c.f, c.E}, mode, *this);
+    if (!c.bias) p.bias = nullptr;  // the values stay: the gradient tests switch the bias on
     return p;
   }
   lory::MoeFfnForwardArgs<T, R> forward_args() {
@@ -52,14 +45,7 @@ struct Layer {
     hbar.resize(rows() * c.d);
     probs.resize(rows() * c.E);
     weights.resize(S() * c.E);
-    lory::MoeFfnForwardArgs<T, R> a;
-    a.p = params();
-    a.x = x.data();
-    a.y = y.data();
-    a.hbar = hbar.data();
-    a.probs = probs.data();
-    a.weights = weights.data();
-    return a;
+    return lory_test::forward_args(params(), x.data(), *this);
   }
   template <class Acc = double> Status forward() { return lory::reference::moe_ffn_forward<Acc>(forward_args()); }
 
@@ -71,22 +57,7 @@ struct Layer {
     dW_d.resize(W_d.size());
     d_bias.resize(c.E);
     d_weights.resize(S() * c.E);
-    lory::MoeFfnBackwardArgs<T, R> b;
-    b.p = params();
-    b.x = x.data();
-    b.dy = dy.data();
-    b.hbar = hbar.data();
-    b.probs = probs.data();
-    b.weights = weights.data();
-    b.dx = dx.data();
-    b.dW_r = dW_r.data();
-    b.d_bias = d_bias.data();
-    b.dW_g = dW_g.data();
-    b.dW_u = dW_u.data();
-    b.dW_d = dW_d.data();
-    b.accumulate = accumulate;
-    b.d_weights = d_weights.data();
-    return b;
+    return lory_test::backward_args(params(), x.data(), dy.data(), *this, accumulate);
   }
   template <class Acc = double> Status backward(bool accumulate = false) {
     return lory::reference::moe_ffn_backward<Acc>(backward_args(accumulate));

@@ -20,20 +20,7 @@ using lory::DecodeMethod;
 using lory::FfnShape;
 using lory::Status;
 using lory_test::DeviceBuffer;
-
-struct GpuContext {
-  cudaStream_t stream = nullptr;
-  cublasHandle_t handle = nullptr;
-  GpuContext() {
-    LORY_TEST_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
-    REQUIRE(cublasSetStream(handle, stream) == CUBLAS_STATUS_SUCCESS);
-  }
-  ~GpuContext() {
-    cublasDestroy(handle);
-    cudaStreamDestroy(stream);
-  }
-};
+using lory_test::GpuContext;
 
 struct Case {
   int64_t B, L;

@@ -5,15 +5,13 @@
 #include <vector>
 
 #include "common/catch.hpp"
+#include "common/moe_ffn_fixture.hpp"
+#include "common/test_util.hpp"
 #include "lory/moe_ffn.cuh"
 
 namespace {
 
-using lory::FfnShape;
-using lory::MoeFfnOptions;
-using lory::RoutingMode;
-using lory::SegmentLayout;
-using lory::Status;
+using namespace lory_test;  // the MoE FFN fixture and the lory names it uses
 
 template <class T>
 void check_workspace_queries(const SegmentLayout& lay, const FfnShape& sh, RoutingMode mode) {
@@ -43,7 +41,7 @@ void check_workspace_queries(const SegmentLayout& lay, const FfnShape& sh, Routi
 }  // namespace
 
 TEST_CASE("CUDA MoE FFN plan: workspace queries without a GPU", "[launch][plan]") {
-  for (RoutingMode mode : {RoutingMode::kCausalSegment, RoutingMode::kPromptLevel, RoutingMode::kGivenWeights}) {
+  for (RoutingMode mode : kAllRoutingModes) {
     check_workspace_queries<float>({2, 21, 8}, {11, 13, 3}, mode);
     check_workspace_queries<__half>({3, 5, 8}, {16, 24, 1}, mode);
     check_workspace_queries<__nv_bfloat16>({4, 64, 16}, {64, 96, 32}, mode);
@@ -69,6 +67,7 @@ TEST_CASE("CUDA MoE FFN plan: paper shapes fit a workspace budget", "[launch][pl
 }
 
 TEST_CASE("CUDA MoE FFN plan rejects bad arguments before any launch", "[launch][plan]") {
+  auto rng = lory_test::make_rng("moe_launch_errors");
   using Plan = lory::MoeFfnCudaPlan<__nv_bfloat16>;
   const SegmentLayout lay{2, 21, 8};
   const FfnShape sh{16, 24, 4};
@@ -86,20 +85,9 @@ TEST_CASE("CUDA MoE FFN plan rejects bad arguments before any launch", "[launch]
   // since every call below fails validation before touching memory.
   const Plan plan(lay, sh, RoutingMode::kCausalSegment);
   REQUIRE(plan.can_implement() == Status::kSuccess);
-  const int64_t tokens = lay.num_tokens(), S = lay.num_segments(), E = sh.experts;
-  std::vector<__nv_bfloat16> x(tokens * sh.d), y(tokens * sh.d), Wr(E * sh.d), W(E * sh.f * sh.d);
-  std::vector<float> rows(S * sh.d), w(S * E);
-  lory::MoeFfnForwardArgs<__nv_bfloat16, float> f;
-  f.p.layout = lay;
-  f.p.shape = sh;
-  f.p.mode = RoutingMode::kCausalSegment;
-  f.p.W_r = Wr.data();
-  f.p.W_g = f.p.W_u = f.p.W_d = W.data();
-  f.x = x.data();
-  f.y = y.data();
-  f.hbar = rows.data();
-  f.probs = w.data();
-  f.weights = w.data();
+  const auto P = random_layer<__nv_bfloat16>(lay, sh, RoutingMode::kCausalSegment, false, rng);
+  auto out = new_outputs<__nv_bfloat16, float>(P);
+  const auto f = forward_args(P.params(), P.x.data(), out);
   std::vector<unsigned char> ws(plan.workspace_size());
   const lory::MoeFfnCudaBackend::Stream no_handle{};
 
@@ -114,16 +102,7 @@ TEST_CASE("CUDA MoE FFN plan rejects bad arguments before any launch", "[launch]
   g.p.mode = RoutingMode::kPromptLevel;
   REQUIRE(plan.forward(g, ws.data(), ws.size(), no_handle) == Status::kErrorInvalidArgument);
 
-  lory::MoeFfnBackwardArgs<__nv_bfloat16, float> b;
-  b.p = f.p;
-  b.x = x.data();
-  b.dy = x.data();
-  b.hbar = rows.data();
-  b.probs = w.data();
-  b.weights = w.data();
-  b.dx = y.data();
-  b.dW_r = Wr.data();
-  b.dW_g = b.dW_u = b.dW_d = W.data();
+  const auto b = backward_args(f.p, P.x.data(), P.dy.data(), out, false);
   REQUIRE(plan.backward(b, ws.data(), ws.size(), no_handle) == Status::kErrorNullPointer);
   auto c = b;
   c.dW_r = nullptr;  // the routed modes need it

@@ -1,5 +1,6 @@
-// lory PyTorch extension: argument checks and helpers shared by the CPU ops
-// (lory_torch_ops.cpp) and the CUDA ops (lory_torch_cuda.cu).
+// lory PyTorch extension: argument checks, output allocation and the filling of
+// the library's argument structs, shared by the CPU ops (lory_torch_ops.cpp)
+// and the CUDA ops (lory_torch_cuda.cu), which differ only in what they run.
 //
 // Tensor layouts seen from Python (row-major, contiguous after the checks):
 //   x, y, dx [B, L, d]; W_r [E, d]; W_g, W_u [E, f, d]; W_d [E, d, f];
@@ -10,12 +11,17 @@
 #include <ATen/ATen.h>
 #include <optional>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <tuple>
 
+#include "lory/merge.hpp"
 #include "lory/moe_ffn.hpp"
+#include "lory/moe_ffn_plan.hpp"
+#include "lory/router.hpp"
 #include "lory/shapes.hpp"
 #include "lory/status.hpp"
 
@@ -28,8 +34,9 @@ inline lory::RoutingMode parse_mode(const std::string& mode) {
   TORCH_CHECK(false, "lory: routing mode must be \"causal\", \"prompt\" or \"given\", got \"", mode, "\"");
 }
 
-inline void check_status(lory::Status s, const char* what) {
-  TORCH_CHECK(s == lory::Status::kSuccess, "lory: ", what, " failed: ", lory::status_string(s));
+template <class... What>
+void check_status(lory::Status s, const What&... what) {
+  TORCH_CHECK(s == lory::Status::kSuccess, "lory: ", what..., " failed: ", lory::status_string(s));
 }
 
 inline at::ScalarType routing_dtype(at::ScalarType storage) {
@@ -140,6 +147,198 @@ inline lory::MoeFfnOptions plan_options(int64_t max_chunk_segments, int64_t work
   return o;
 }
 
+// Data of a tensor as the library's element type P (ATen's and the library's
+// types have the same bits: at::Half / __half, at::BFloat16 / __nv_bfloat16),
+// null for an undefined or empty tensor. The dtype was checked with the shapes.
+template <class P>
+P* data_or_null(const at::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  TORCH_INTERNAL_ASSERT(t.element_size() == static_cast<int64_t>(sizeof(P)), "lory: element size mismatch");
+  return static_cast<P*>(t.data_ptr());
+}
+
+// A byte workspace on the device of `like` (never empty, so never a null pointer).
+inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
+}
+
+// The layer's tensors, contiguous; those the routing mode does not use stay
+// undefined (null pointers for the library).
+struct LayerTensors {
+  at::Tensor x, W_r, W_g, W_u, W_d, given;  // both passes
+  at::Tensor dy, hbar, probs, weights;      // backward only
+};
+
+inline LayerTensors contiguous_inputs(const LayerCall& c, const at::Tensor& x, const std::optional<at::Tensor>& W_r,
+                                      const at::Tensor& W_g, const at::Tensor& W_u, const at::Tensor& W_d,
+                                      const std::optional<at::Tensor>& given) {
+  const bool given_mode = c.mode == lory::RoutingMode::kGivenWeights;
+  LayerTensors t;
+  t.x = x.contiguous();
+  t.W_g = W_g.contiguous();
+  t.W_u = W_u.contiguous();
+  t.W_d = W_d.contiguous();
+  if (given_mode) t.given = given->contiguous();
+  else t.W_r = W_r->contiguous();
+  return t;
+}
+
+inline LayerTensors contiguous_backward_inputs(const LayerCall& c, const at::Tensor& dy, const at::Tensor& x,
+                                               const std::optional<at::Tensor>& W_r, const at::Tensor& W_g,
+                                               const at::Tensor& W_u, const at::Tensor& W_d,
+                                               const std::optional<at::Tensor>& given, const at::Tensor& hbar,
+                                               const at::Tensor& probs, const at::Tensor& weights) {
+  LayerTensors t = contiguous_inputs(c, x, W_r, W_g, W_u, W_d, given);
+  t.dy = dy.contiguous();
+  t.weights = weights.contiguous();
+  if (c.mode != lory::RoutingMode::kGivenWeights) {
+    t.hbar = hbar.contiguous();
+    t.probs = probs.contiguous();
+  }
+  return t;
+}
+
+// The backward's own checks: dy like x, the saved routing tensors as the forward made them.
+inline void check_backward_inputs(const LayerCall& c, const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor& hbar, const at::Tensor& probs, const at::Tensor& weights) {
+  check_same(dy, x, c.storage, "dy");
+  check_shape(dy, x.sizes(), "dy");
+  check_saved(c, x, hbar, probs, weights);
+}
+
+struct ForwardOutputs {
+  at::Tensor y, hbar, probs, weights;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const { return {y, hbar, probs, weights}; }
+};
+
+inline ForwardOutputs new_forward_outputs(const LayerCall& c, const at::Tensor& x) {
+  const auto ropt = x.options().dtype(c.routing);
+  return {new_output({c.B, c.L, c.d}, x.options()), new_output({c.router_rows(), c.d}, ropt),
+          new_output({c.router_rows(), c.E}, ropt), new_output({c.B, c.N, c.E}, ropt)};
+}
+
+struct BackwardOutputs {
+  at::Tensor dx, dW_r, dW_g, dW_u, dW_d, d_weights;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {dx, dW_r, dW_g, dW_u, dW_d, d_weights};
+  }
+};
+
+// dW_r is empty in given mode (no router).
+inline BackwardOutputs new_backward_outputs(const LayerCall& c, const at::Tensor& x) {
+  const bool given_mode = c.mode == lory::RoutingMode::kGivenWeights;
+  BackwardOutputs o;
+  o.dx = new_output({c.B, c.L, c.d}, x.options());
+  o.dW_r = given_mode ? at::empty({0}, x.options()) : new_output({c.E, c.d}, x.options());
+  o.dW_g = new_output({c.E, c.f, c.d}, x.options());
+  o.dW_u = new_output({c.E, c.f, c.d}, x.options());
+  o.dW_d = new_output({c.E, c.d, c.f}, x.options());
+  o.d_weights = new_output({c.B, c.N, c.E}, x.options().dtype(c.routing));
+  return o;
+}
+
+// The library's arguments over those tensors: T = storage, R = routing type.
+template <class T, class R>
+lory::MoeFfnParams<T, R> layer_params(const LayerCall& c, const LayerTensors& in) {
+  lory::MoeFfnParams<T, R> p;
+  p.layout = c.layout;
+  p.shape = c.shape;
+  p.mode = c.mode;
+  p.W_r = data_or_null<const T>(in.W_r);
+  p.given_weights = data_or_null<const R>(in.given);
+  p.W_g = data_or_null<const T>(in.W_g);
+  p.W_u = data_or_null<const T>(in.W_u);
+  p.W_d = data_or_null<const T>(in.W_d);
+  return p;
+}
+
+// layer_args: the forward's or the backward's arguments, chosen by the outputs.
+template <class T, class R>
+lory::MoeFfnForwardArgs<T, R> layer_args(const LayerCall& c, const LayerTensors& in, const ForwardOutputs& out) {
+  lory::MoeFfnForwardArgs<T, R> a;
+  a.p = layer_params<T, R>(c, in);
+  a.x = data_or_null<const T>(in.x);
+  a.y = data_or_null<T>(out.y);
+  a.hbar = data_or_null<R>(out.hbar);
+  a.probs = data_or_null<R>(out.probs);
+  a.weights = data_or_null<R>(out.weights);
+  return a;
+}
+
+template <class T, class R>
+lory::MoeFfnBackwardArgs<T, R> layer_args(const LayerCall& c, const LayerTensors& in, const BackwardOutputs& out) {
+  lory::MoeFfnBackwardArgs<T, R> a;
+  a.p = layer_params<T, R>(c, in);
+  a.x = data_or_null<const T>(in.x);
+  a.dy = data_or_null<const T>(in.dy);
+  a.hbar = data_or_null<const R>(in.hbar);
+  a.probs = data_or_null<const R>(in.probs);
+  a.weights = data_or_null<const R>(in.weights);
+  a.dx = data_or_null<T>(out.dx);
+  a.dW_r = data_or_null<T>(out.dW_r);
+  a.dW_g = data_or_null<T>(out.dW_g);
+  a.dW_u = data_or_null<T>(out.dW_u);
+  a.dW_d = data_or_null<T>(out.dW_d);
+  a.d_weights = data_or_null<R>(out.d_weights);
+  return a;
+}
+
+// A plan's forward or backward (chosen by the arguments) with its workspace
+// allocated on the device of `like`; `what` names the call in errors.
+template <class T, class Backend>
+lory::Status plan_call(const lory::MoeFfnPlan<T, Backend>& plan, const lory::MoeFfnForwardArgs<T, float>& a,
+                       void* ws, size_t bytes, typename Backend::Stream stream) {
+  return plan.forward(a, ws, bytes, stream);
+}
+template <class T, class Backend>
+lory::Status plan_call(const lory::MoeFfnPlan<T, Backend>& plan, const lory::MoeFfnBackwardArgs<T, float>& a,
+                       void* ws, size_t bytes, typename Backend::Stream stream) {
+  return plan.backward(a, ws, bytes, stream);
+}
+template <class Plan, class Args, class Stream, class... What>
+void run_plan(const Plan& plan, const Args& a, const at::Tensor& like, const Stream& stream, const What&... what) {
+  check_status(plan.can_implement(), what..., " can_implement");
+  at::Tensor ws = workspace(plan.workspace_size(), like);
+  check_status(plan_call(plan, a, ws.data_ptr(), plan.workspace_size(), stream), what...);
+}
+
+// The layer ops, written once for both devices. Device supplies what differs:
+//   static void check_storage(at::ScalarType, const char* op);  // storage dtypes it runs
+//   struct Guard { explicit Guard(c10::Device); };              // makes the tensors' device current
+//   template <class Out>  // ForwardOutputs: the forward; BackwardOutputs: the backward
+//   static void run(const LayerCall&, const LayerTensors&, const Out&, const lory::MoeFfnOptions&, const char* op);
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_op(
+    const at::Tensor& x, const std::optional<at::Tensor>& W_r, const at::Tensor& W_g, const at::Tensor& W_u,
+    const at::Tensor& W_d, const std::optional<at::Tensor>& given, std::string mode, int64_t segment_len,
+    int64_t max_chunk_segments, int64_t workspace_budget_bytes) {
+  const LayerCall c = check_layer(x, W_r, W_g, W_u, W_d, given, mode, segment_len);
+  Device::check_storage(c.storage, "moe_ffn_forward");
+  const lory::MoeFfnOptions opt = plan_options(max_chunk_segments, workspace_budget_bytes);
+  const typename Device::Guard guard(x.device());
+  const LayerTensors in = contiguous_inputs(c, x, W_r, W_g, W_u, W_d, given);
+  const ForwardOutputs out = new_forward_outputs(c, in.x);
+  Device::run(c, in, out, opt, "moe_ffn_forward");
+  return out.as_tuple();
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_op(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& W_r, const at::Tensor& W_g,
+    const at::Tensor& W_u, const at::Tensor& W_d, const std::optional<at::Tensor>& given, const at::Tensor& hbar,
+    const at::Tensor& probs, const at::Tensor& weights, std::string mode, int64_t segment_len,
+    int64_t max_chunk_segments, int64_t workspace_budget_bytes) {
+  const LayerCall c = check_layer(x, W_r, W_g, W_u, W_d, given, mode, segment_len);
+  Device::check_storage(c.storage, "moe_ffn_backward");
+  check_backward_inputs(c, dy, x, hbar, probs, weights);
+  const lory::MoeFfnOptions opt = plan_options(max_chunk_segments, workspace_budget_bytes);
+  const typename Device::Guard guard(x.device());
+  const LayerTensors in = contiguous_backward_inputs(c, dy, x, W_r, W_g, W_u, W_d, given, hbar, probs, weights);
+  const BackwardOutputs out = new_backward_outputs(c, in.x);
+  Device::run(c, in, out, opt, "moe_ffn_backward");
+  return out.as_tuple();
+}
+
 // Shapes of the inference ops.
 inline void check_prompt_route(const at::Tensor& x, const at::Tensor& W_r) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0,
@@ -162,6 +361,57 @@ inline void check_merge_experts(const at::Tensor& W_g, const at::Tensor& W_u, co
   check_same(weights, W_g, routing_dtype(W_g.scalar_type()), "weights");
   TORCH_CHECK(weights.dim() == 2 && weights.size(1) == E && weights.size(0) > 0,
               "lory: merge_experts needs weights [B, E] with E = ", E, ", got ", weights.sizes());
+}
+
+// prompt_route: one routing decision per sequence (the router over one
+// segment of length L). hbar and probs are scratch; weights [B, E] is returned.
+struct PromptRouteTensors {
+  at::Tensor hbar, probs, weights;
+};
+
+inline PromptRouteTensors new_prompt_route_outputs(const at::Tensor& x, const at::Tensor& W_r) {
+  const int64_t B = x.size(0), d = x.size(2), E = W_r.size(0);
+  const auto ropt = x.options().dtype(routing_dtype(x.scalar_type()));
+  return {at::empty({B, d}, ropt), at::empty({B, E}, ropt), new_output({B, E}, ropt)};
+}
+
+template <class T, class R>
+lory::RouterForwardArgs<T, R> prompt_route_args(const at::Tensor& x, const at::Tensor& W_r,
+                                                const PromptRouteTensors& out) {
+  lory::RouterForwardArgs<T, R> r;
+  r.layout = lory::SegmentLayout{x.size(0), x.size(1), x.size(1)};  // one segment per sequence: weights [S = B, E]
+  r.d = x.size(2);
+  r.experts = static_cast<int>(W_r.size(0));
+  r.mode = lory::RoutingMode::kPromptLevel;
+  r.x = data_or_null<const T>(x);
+  r.W_r = data_or_null<const T>(W_r);
+  r.hbar = data_or_null<R>(out.hbar);
+  r.probs = data_or_null<R>(out.probs);
+  r.weights = data_or_null<R>(out.weights);
+  return r;
+}
+
+// merge_experts: the merged W_g, W_u, W_d of each of the B rows of weights.
+inline std::array<at::Tensor, 3> new_merged_outputs(const at::Tensor& W_g, const at::Tensor& weights) {
+  const int64_t B = weights.size(0), f = W_g.size(1), d = W_g.size(2);
+  return {new_output({B, f, d}, W_g.options()), new_output({B, f, d}, W_g.options()),
+          new_output({B, d, f}, W_g.options())};
+}
+
+// Wbar [B, P] = weights [B, E] @ W [E, P], W and weights contiguous.
+template <class T, class R>
+lory::MergeForwardArgs<T, R> merge_args(const at::Tensor& W, const at::Tensor& weights, const at::Tensor& Wbar) {
+  const int64_t P = W.numel() / W.size(0);
+  lory::MergeForwardArgs<T, R> m;
+  m.num_segments = weights.size(0);
+  m.experts = static_cast<int>(W.size(0));
+  m.params = P;
+  m.W = data_or_null<const T>(W);
+  m.expert_stride = P;
+  m.weights = data_or_null<const R>(weights);
+  m.Wbar = data_or_null<T>(Wbar);
+  m.segment_stride = P;
+  return m;
 }
 
 }  // namespace lory_torch
