@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lory/dtype.hpp"
+#include "lory/status.hpp"
 
 namespace lory_bench {
 
@@ -27,6 +28,43 @@ namespace lory_bench {
       std::abort();                                                                   \
     }                                                                                 \
   } while (0)
+
+// Status checks in benchmarks: a failing library call aborts the run with its message.
+#define LORY_BENCH_OK(expr)                                                                         \
+  do {                                                                                              \
+    const LORY_NS_QUALIFIER::Status s_ = (expr);                                                    \
+    if (s_ != LORY_NS_QUALIFIER::Status::kSuccess) {                                                \
+      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #expr, LORY_NS_QUALIFIER::status_string(s_)); \
+      std::abort();                                                                                 \
+    }                                                                                               \
+  } while (0)
+
+// Uniform values in [-scale, scale) from a counter hash (splitmix64) of the index, filled on the
+// device: gigabytes of non-zero data without a host RNG dominating the run.
+template <class T>
+__global__ void fill_uniform_kernel(T* p, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    p[i] = lory::from_float<T>((static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f) * scale);
+  }
+}
+template <class T>
+void fill_uniform_device(T* p, size_t n, uint64_t seed, float scale = 1.f) {
+  fill_uniform_kernel<T><<<2048, 256>>>(p, n, seed, scale);
+  LORY_BENCH_CUDA(cudaGetLastError());
+  LORY_BENCH_CUDA(cudaDeviceSynchronize());
+}
+// cudaMalloc + fill_uniform_device.
+template <class T>
+T* device_random(size_t n, uint64_t seed, float scale = 1.f) {
+  T* p = nullptr;
+  LORY_BENCH_CUDA(cudaMalloc(&p, n * sizeof(T)));
+  fill_uniform_device(p, n, seed, scale);
+  return p;
+}
 
 struct Peaks {
   double copy_bytes_per_s = 0;   // bytes read + written per second, device-to-device copy

@@ -20,41 +20,14 @@ namespace {
 
 using lory::DecodeMethod;
 using T = __nv_bfloat16;
+using lory_bench::device_random;
 using lory_bench::GpuTimer;
 
 constexpr int64_t kD = 1536, kF = 4096;
 constexpr int kExperts = 32;
 constexpr int64_t kMaxBatch = 256;
 
-#define LORY_INFERENCE_OK(expr)                                                                      \
-  do {                                                                                              \
-    const lory::Status s_ = (expr);                                                                 \
-    if (s_ != lory::Status::kSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #expr, lory::status_string(s_)); \
-      std::abort();                                                                                 \
-    }                                                                                               \
-  } while (0)
 
-// Uniform values in [-scale, scale) from a counter hash, filled on the device
-// (gigabytes of non-zero data without a host RNG).
-__global__ void inference_fill_kernel(T* p, size_t n, uint64_t seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = lory::from_float<T>((static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f) * scale);
-  }
-}
-
-T* device_random(size_t n, uint64_t seed, float scale) {
-  T* p = nullptr;
-  LORY_BENCH_CUDA(cudaMalloc(&p, n * sizeof(T)));
-  inference_fill_kernel<<<2048, 256>>>(p, n, seed, scale);
-  LORY_BENCH_CUDA(cudaGetLastError());
-  LORY_BENCH_CUDA(cudaDeviceSynchronize());
-  return p;
-}
 
 // Allocated once on first use, kept for the whole run.
 struct Model {
@@ -64,12 +37,12 @@ struct Model {
   Model() {
     const lory::FfnShape sh{kD, kF, kExperts};
     const size_t fd = size_t(kD) * kF;
-    W_g = device_random(kExperts * fd, 1, 0.05f);
-    W_u = device_random(kExperts * fd, 2, 0.05f);
-    W_d = device_random(kExperts * fd, 3, 0.03f);
-    cache = device_random(static_cast<size_t>(lory::merged_cache_elements(kMaxBatch, sh)), 4, 0.05f);
-    x = device_random(kMaxBatch * kD, 5, 1.f);
-    y = device_random(kMaxBatch * kD, 6, 1.f);
+    W_g = device_random<T>(kExperts * fd, 1, 0.05f);
+    W_u = device_random<T>(kExperts * fd, 2, 0.05f);
+    W_d = device_random<T>(kExperts * fd, 3, 0.03f);
+    cache = device_random<T>(static_cast<size_t>(lory::merged_cache_elements(kMaxBatch, sh)), 4, 0.05f);
+    x = device_random<T>(kMaxBatch * kD, 5, 1.f);
+    y = device_random<T>(kMaxBatch * kD, 6, 1.f);
     probs = lory_bench::random_routing_weights(kMaxBatch, kExperts, 7);
     if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) std::abort();
   }
@@ -94,13 +67,13 @@ void bench_decode(benchmark::State& state, DecodeMethod method, int64_t B) {
   a.W_u = M.W_u;
   a.W_d = M.W_d;
   size_t bytes = 0;
-  LORY_INFERENCE_OK(lory::decode_step(a, nullptr, bytes, nullptr, nullptr));
+  LORY_BENCH_OK(lory::decode_step(a, nullptr, bytes, nullptr, nullptr));
   void* ws = nullptr;
   LORY_BENCH_CUDA(cudaMalloc(&ws, bytes));
 
   GpuTimer timer;
   if (cublasSetStream(M.handle, timer.stream()) != CUBLAS_STATUS_SUCCESS) std::abort();
-  timer.run(state, [&](cudaStream_t s) { LORY_INFERENCE_OK(lory::decode_step(a, ws, bytes, M.handle, s)); });
+  timer.run(state, [&](cudaStream_t s) { LORY_BENCH_OK(lory::decode_step(a, ws, bytes, M.handle, s)); });
   LORY_BENCH_CUDA(cudaStreamSynchronize(timer.stream()));
   LORY_BENCH_CUDA(cudaFree(ws));
 

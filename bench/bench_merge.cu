@@ -22,17 +22,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// Device-side random fill (host generation of ~20 GB would dominate the run).
-__global__ void fill_random_bf16(bf16* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    x ^= x >> 31;
-    x *= 0xBF58476D1CE4E5B9ull;
-    x ^= x >> 29;
-    const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    p[i] = __float2bfloat16_rn(2.f * u - 1.f);
-  }
-}
 __global__ void float_to_bf16(const float* in, bf16* out, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16_rn(in[i]);
@@ -50,8 +39,7 @@ struct Buffers {
       if (need <= have) return;
       if (p) LORY_BENCH_CUDA(cudaFree(p));
       LORY_BENCH_CUDA(cudaMalloc(&p, need * sizeof(bf16)));
-      fill_random_bf16<<<4096, 256>>>(p, need, seed);
-      LORY_BENCH_CUDA(cudaGetLastError());
+      fill_uniform_device(p, need, seed);
       have = need;
     };
     grow(big, big_n, big_need, 11);

@@ -27,30 +27,9 @@ using lory::Status;
 using T = __nv_bfloat16;
 
 #define LORY_COMMA ,
-#define LORY_BENCH_OK(expr)                                                                   \
-  do {                                                                                        \
-    const lory::Status s_ = (expr);                                                           \
-    if (s_ != lory::Status::kSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #expr, lory::status_string(s_)); \
-      std::abort();                                                                           \
-    }                                                                                         \
-  } while (0)
 
 constexpr int64_t kBatch = 8, kSeqLen = 4096, kSegLen = 256;
 
-// Pseudo-random values in [-scale, scale] from a hash of the index: gigabytes
-// of non-zero data without generating them on the host.
-template <class V>
-__global__ void fill_random_kernel(V* p, size_t n, uint64_t seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    h ^= h >> 31;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 29;
-    const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    p[i] = lory::from_float<V>((2.f * u - 1.f) * scale);
-  }
-}
 
 // A device buffer that only grows; kept across benchmarks (one allocation per
 // role for the whole run) and filled with random values when (re)allocated
@@ -65,9 +44,7 @@ struct Grow {
       LORY_BENCH_CUDA(cudaMalloc(&p, want * sizeof(V)));
       n = want;
       if (scale != 0.f) {
-        fill_random_kernel<V><<<1024, 256>>>(p, n, seed, scale);
-        LORY_BENCH_CUDA(cudaGetLastError());
-        LORY_BENCH_CUDA(cudaDeviceSynchronize());
+        fill_uniform_device<V>(p, n, seed, scale);
       }
     }
     return p;

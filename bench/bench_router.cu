@@ -14,33 +14,13 @@
 namespace {
 
 using bf16 = __nv_bfloat16;
+using lory_bench::device_random;
 using lory_bench::GpuTimer;
 using lory_bench::set_rate_counters;
 
 constexpr int64_t kSeqLen = 4096, kSegmentLen = 256;
 constexpr int64_t kSwigluTokens = 32768, kSwigluF = 4096;
 
-// Large random buffers are filled on the device (a host RNG over 10^8 values
-// would dominate the run): uniform in [-1, 1) from a counter hash.
-template <class T>
-__global__ void fill_uniform_kernel(T* p, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = lory::from_float<T>(static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f);
-  }
-}
-
-template <class T>
-T* device_random(int64_t n, uint64_t seed) {
-  T* p = nullptr;
-  LORY_BENCH_CUDA(cudaMalloc(&p, n * sizeof(T)));
-  fill_uniform_kernel<T><<<1024, 256>>>(p, n, seed);
-  LORY_BENCH_CUDA(cudaGetLastError());
-  return p;
-}
 
 template <class T>
 T* device_alloc(int64_t n) {

@@ -1034,10 +1034,12 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
                                        smem_of, stream);
 }
 
-template <class T, bool kVecIO, int kEPT>
-Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
-                                  cudaStream_t stream) {
-  auto kernel = merge_backward_simt_kernel<T, kVecIO, kEPT>;
+// Launches one of the backward kernels on a persistent grid: as many blocks as fit on the device
+// at once (at most max_blocks), a fixed function of the device, so the deterministic reduction
+// adds the per-block partials in the same order every run. blocks receives the grid size.
+template <class Params>
+Status launch_merge_backward_persistent(void (*kernel)(Params), const Params& prm, int max_blocks, size_t smem,
+                                        int& blocks, cudaStream_t stream) {
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
     return Status::kErrorCudaLaunch;
@@ -1047,29 +1049,22 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
     return Status::kErrorCudaLaunch;
   if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
-  // Persistent grid: a fixed function of the device, so deterministic mode reduces in the same order every run.
   blocks = static_cast<int>(std::min<int64_t>(max_blocks, int64_t(sms) * per_sm));
   kernel<<<blocks, kMergeThreads, smem, stream>>>(prm);
   return check_launch();
 }
 
+template <class T, bool kVecIO, int kEPT>
+Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
+                                  cudaStream_t stream) {
+  return launch_merge_backward_persistent(merge_backward_simt_kernel<T, kVecIO, kEPT>, prm, max_blocks, smem, blocks,
+                                          stream);
+}
+
 template <class T, int kKSteps>
 Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
                                 cudaStream_t stream) {
-  auto kernel = merge_backward_tc_kernel<T, kKSteps>;
-  if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  int dev = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
-  // Persistent grid, a fixed function of the device (deterministic reduction order).
-  blocks = static_cast<int>(std::min<int64_t>(max_blocks, int64_t(sms) * per_sm));
-  kernel<<<blocks, kMergeThreads, smem, stream>>>(prm);
-  return check_launch();
+  return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps>, prm, max_blocks, smem, blocks, stream);
 }
 
 template <class T>

@@ -183,10 +183,7 @@ class MoeFfnPlan {
   Status forward(const MoeFfnForwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(status_);
     LORY_RETURN_IF_ERROR(validate(a));
-    LORY_RETURN_IF_ERROR(check_matches(a.p));
-    LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
-    if (!workspace) return Status::kErrorNullPointer;
-    if (workspace_bytes < workspace_bytes_) return Status::kErrorWorkspaceTooSmall;
+    LORY_RETURN_IF_ERROR(check_call(a.p, workspace, workspace_bytes, stream));
     const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
     const int E = shape_.experts;
 
@@ -225,10 +222,7 @@ class MoeFfnPlan {
   Status backward(const MoeFfnBackwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(status_);
     LORY_RETURN_IF_ERROR(validate(a));
-    LORY_RETURN_IF_ERROR(check_matches(a.p));
-    LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
-    if (!workspace) return Status::kErrorNullPointer;
-    if (workspace_bytes < workspace_bytes_) return Status::kErrorWorkspaceTooSmall;
+    LORY_RETURN_IF_ERROR(check_call(a.p, workspace, workspace_bytes, stream));
     const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
     const int E = shape_.experts;
     const int64_t d = shape_.d, f = shape_.f, fd = f * d;
@@ -451,6 +445,16 @@ class MoeFfnPlan {
     sb.da = shape_only_pointer<T>(); sb.da_stride = f;
     sb.du = shape_only_pointer<T>(); sb.du_stride = f;
     LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template swiglu_backward<T>(sb, nullptr, b, stream); }));
+    return Status::kSuccess;
+  }
+
+  // Checks shared by forward() and backward() once their arguments are valid: the arguments
+  // match the plan's shapes, the stream suits the backend, the workspace is there and large enough.
+  Status check_call(const MoeFfnParams<T, float>& p, void* workspace, size_t workspace_bytes, Stream stream) const {
+    LORY_RETURN_IF_ERROR(check_matches(p));
+    LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
+    if (!workspace) return Status::kErrorNullPointer;
+    if (workspace_bytes < workspace_bytes_) return Status::kErrorWorkspaceTooSmall;
     return Status::kSuccess;
   }
 
