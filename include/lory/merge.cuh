@@ -881,17 +881,10 @@ Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t ti
   int64_t slices = 1;
   merge_forward_slices(prm.S, prm.tiles, rows_per_pass, max_rows, prm.segs_per_slice, slices);
   const size_t smem = smem_of(prm.segs_per_slice);
-  if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  int dev = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  if (per_sm < 1) return Status::kErrorInvalidArgument;
+  int64_t on_device = 0;
+  LORY_RETURN_IF_ERROR(max_resident_blocks(kernel, kMergeThreads, smem, on_device));
   // Persistent over P-tiles: each block loads its slice's weights once and loops over tiles.
-  const int64_t resident = std::max<int64_t>(1, int64_t(sms) * per_sm / slices);
+  const int64_t resident = std::max<int64_t>(1, on_device / slices);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(prm.tiles, resident)), static_cast<unsigned>(slices));
   kernel<<<grid, kMergeThreads, smem, stream>>>(prm);
   return check_launch();
@@ -1040,16 +1033,9 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
 template <class Params>
 Status launch_merge_backward_persistent(void (*kernel)(Params), const Params& prm, int max_blocks, size_t smem,
                                         int& blocks, cudaStream_t stream) {
-  if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  int dev = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMergeThreads, smem) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
-  blocks = static_cast<int>(std::min<int64_t>(max_blocks, int64_t(sms) * per_sm));
+  int64_t on_device = 0;
+  LORY_RETURN_IF_ERROR(max_resident_blocks(kernel, kMergeThreads, smem, on_device));
+  blocks = static_cast<int>(std::min<int64_t>(max_blocks, on_device));
   kernel<<<blocks, kMergeThreads, smem, stream>>>(prm);
   return check_launch();
 }

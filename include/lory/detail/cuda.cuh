@@ -54,6 +54,24 @@ LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16_stream(const T* p) {
   return r;
 }
 
+// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB, and
+// reports how many of its blocks (threads each, smem bytes of dynamic shared memory) the device
+// holds at once: the size of a persistent grid. A kernel that does not fit at all is an error.
+template <class Kernel>
+inline Status max_resident_blocks(Kernel kernel, int threads, size_t smem, int64_t& resident) {
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
+  resident = int64_t(sms) * per_sm;
+  return Status::kSuccess;
+}
+
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // The GPU storage dtypes.
