@@ -7,6 +7,7 @@
 //   percent counter refers to these measured numbers, not to a datasheet.
 #pragma once
 #include <benchmark/benchmark.h>
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -64,6 +65,18 @@ T* device_random(size_t n, uint64_t seed, float scale = 1.f) {
   LORY_BENCH_CUDA(cudaMalloc(&p, n * sizeof(T)));
   fill_uniform_device(p, n, seed, scale);
   return p;
+}
+
+// One cuBLAS handle for the whole run (created on first use), bound to the given stream: the
+// in-run baselines and the primitives that take a handle use it on each benchmark's own stream.
+inline cublasHandle_t cublas_handle_on(cudaStream_t stream) {
+  static cublasHandle_t h = [] {
+    cublasHandle_t c = nullptr;
+    if (cublasCreate(&c) != CUBLAS_STATUS_SUCCESS) std::abort();
+    return c;
+  }();
+  if (cublasSetStream(h, stream) != CUBLAS_STATUS_SUCCESS) std::abort();
+  return h;
 }
 
 struct Peaks {

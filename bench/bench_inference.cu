@@ -33,7 +33,6 @@ constexpr int64_t kMaxBatch = 256;
 struct Model {
   T *W_g = nullptr, *W_u = nullptr, *W_d = nullptr, *cache = nullptr, *x = nullptr, *y = nullptr;
   float* probs = nullptr;
-  cublasHandle_t handle = nullptr;
   Model() {
     const lory::FfnShape sh{kD, kF, kExperts};
     const size_t fd = size_t(kD) * kF;
@@ -44,7 +43,6 @@ struct Model {
     x = device_random<T>(kMaxBatch * kD, 5, 1.f);
     y = device_random<T>(kMaxBatch * kD, 6, 1.f);
     probs = lory_bench::random_routing_weights(kMaxBatch, kExperts, 7);
-    if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) std::abort();
   }
 };
 Model& model() {
@@ -72,8 +70,8 @@ void bench_decode(benchmark::State& state, DecodeMethod method, int64_t B) {
   LORY_BENCH_CUDA(cudaMalloc(&ws, bytes));
 
   GpuTimer timer;
-  if (cublasSetStream(M.handle, timer.stream()) != CUBLAS_STATUS_SUCCESS) std::abort();
-  timer.run(state, [&](cudaStream_t s) { LORY_BENCH_OK(lory::decode_step(a, ws, bytes, M.handle, s)); });
+  const cublasHandle_t handle = lory_bench::cublas_handle_on(timer.stream());
+  timer.run(state, [&](cudaStream_t s) { LORY_BENCH_OK(lory::decode_step(a, ws, bytes, handle, s)); });
   LORY_BENCH_CUDA(cudaStreamSynchronize(timer.stream()));
   LORY_BENCH_CUDA(cudaFree(ws));
 

@@ -130,13 +130,8 @@ void bench_forward_cublas(benchmark::State& state, Shape s) {
   auto& B = buffers();
   B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
   Routing r(s.S, s.E);
-  cublasHandle_t h;
-  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-    state.SkipWithError("cublasCreate failed");
-    return;
-  }
   GpuTimer timer;
-  cublasSetStream(h, timer.stream());
+  const cublasHandle_t h = cublas_handle_on(timer.stream());
   const float alpha = 1.f, beta = 0.f;
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
   // Row-major Wbar[S, P] = w[S, E] W[E, P]  <=>  column-major Wbar^T[P, S] = W^T[P, E] w^T[E, S].
@@ -146,7 +141,6 @@ void bench_forward_cublas(benchmark::State& state, Shape s) {
                                           CUDA_R_16BF, int(s.P()), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (x != CUBLAS_STATUS_SUCCESS) st = x;
   });
-  cublasDestroy(h);
   if (st != CUBLAS_STATUS_SUCCESS) state.SkipWithError("cublasGemmEx failed");
   set_rate_counters(state, forward_bytes(s), 2.0 * s.S * s.E * s.P());
 }
@@ -198,13 +192,8 @@ void bench_backward_cublas(benchmark::State& state, Shape s) {
   auto& B = buffers();
   B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
   Routing r(s.S, s.E);
-  cublasHandle_t h;
-  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-    state.SkipWithError("cublasCreate failed");
-    return;
-  }
   GpuTimer timer;
-  cublasSetStream(h, timer.stream());
+  const cublasHandle_t h = cublas_handle_on(timer.stream());
   const float alpha = 1.f, beta = 0.f;
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
   const int P = int(s.P()), S = int(s.S), E = s.E;
@@ -219,7 +208,6 @@ void bench_backward_cublas(benchmark::State& state, Shape s) {
                      &beta, B.d_weights, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (x != CUBLAS_STATUS_SUCCESS) st = x;
   });
-  cublasDestroy(h);
   if (st != CUBLAS_STATUS_SUCCESS) state.SkipWithError("cublasGemmEx failed");
   set_rate_counters(state, backward_bytes(s), 4.0 * s.S * s.E * s.P());
 }

@@ -61,16 +61,6 @@ Buffers& buffers() {
   return b;
 }
 
-cublasHandle_t handle_for(cudaStream_t stream) {
-  static cublasHandle_t h = [] {
-    cublasHandle_t c = nullptr;
-    if (cublasCreate(&c) != CUBLAS_STATUS_SUCCESS) std::abort();
-    return c;
-  }();
-  if (cublasSetStream(h, stream) != CUBLAS_STATUS_SUCCESS) std::abort();
-  return h;
-}
-
 enum class Pass { kFwd, kBwd, kFwdBwd };
 const char* pass_name(Pass p) { return p == Pass::kFwd ? "fwd" : p == Pass::kBwd ? "bwd" : "fwdbwd"; }
 
@@ -170,7 +160,7 @@ void bench_lory(benchmark::State& state, Pass pass, Config c) {
   void* ws = B.workspace.get(plan.workspace_size(), 27, 0.f);
 
   GpuTimer timer;
-  const lory::MoeFfnCudaBackend::Stream ctx{timer.stream(), handle_for(timer.stream())};
+  const lory::MoeFfnCudaBackend::Stream ctx{timer.stream(), cublas_handle_on(timer.stream())};
   if (pass == Pass::kBwd) LORY_BENCH_OK(plan.forward(f, ws, plan.workspace_size(), ctx));  // routing for the backward
   timer.run(state, [&](cudaStream_t) {
     if (pass != Pass::kBwd) LORY_BENCH_OK(plan.forward(f, ws, plan.workspace_size(), ctx));
@@ -228,7 +218,7 @@ void bench_dense(benchmark::State& state, Pass pass, Config c) {
   T* du = B.act_du.get(tokens * fdim, 35);
 
   GpuTimer timer;
-  const lory::MoeFfnCudaBackend::Stream ctx{timer.stream(), handle_for(timer.stream())};
+  const lory::MoeFfnCudaBackend::Stream ctx{timer.stream(), cublas_handle_on(timer.stream())};
   auto gemm = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm,
                   int64_t ldb, T* C, float beta) {
     lory::StridedBatchedGemm<T> g;
