@@ -72,7 +72,7 @@ print_plan() {
   echo "  1. nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader"
   echo "  2. cmake ${CMAKE_ARGS[*]} [-DLORY_BUILD_BENCHMARKS=OFF with --quick or an incompatible libbenchmark]"
   printf '     %-56s (timeout: what the budget leaves)\n' "ninja -C $BUILD_DIR -j$NPROC -k 0"
-  printf '  3. %-56s (timeout %ss)\n' "ctest --test-dir $BUILD_DIR --output-on-failure -j4" "$CAP_CTEST"
+  printf '  3. %-56s (timeout %ss)\n' "ctest --test-dir $BUILD_DIR --output-on-failure -j4 -LE emu" "$CAP_CTEST"
   for t in "${TEST_EXES[@]}"; do
     printf '     %-56s (timeout %ss)\n' "$BUILD_DIR/tests/$t --durations yes" "$CAP_DIRECT"
   done
@@ -253,9 +253,9 @@ fi
 
 # 3. tests: CTest (every test case its own test), then each executable directly
 if [[ -f $BUILD_DIR/CTestTestfile.cmake ]]; then
-  say "ctest -j4"
+  say "ctest -j4 -LE emu (the CPU emulator's tests ran in CI already)"
   t=$(capf "$CAP_CTEST" $((QUICK ? 20 : 100)) 30)
-  run_logged "$TESTS_LOG" "$t" ctest --test-dir "$BUILD_DIR" --output-on-failure -j4
+  run_logged "$TESTS_LOG" "$t" ctest --test-dir "$BUILD_DIR" --output-on-failure -j4 -LE emu
   ctest_rc=$RC
   # Result lines look like " 12/40 Test #12: cpu: softmax ...   Passed    0.01 sec".
   results=$(grep -E '^ *[0-9]+/[0-9]+ +Test +#[0-9]+:' "$TESTS_LOG" || true)

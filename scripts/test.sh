@@ -26,5 +26,6 @@ failed=$(grep -oE '[0-9]+ tests failed out of' build/ctest.log | grep -oE '^[0-9
 skipped=$(grep -c '(Skipped)' build/ctest.log || true)
 passed=$((total - failed - skipped))
 [ "$total" -gt 0 ] || { echo "no tests ran"; exit 1; }
-echo "tests: $passed passed, $failed failed, $skipped skipped" | tee build/tests-summary.txt
+emulated=$(grep -cE 'Test +#[0-9]+: emu[^ ]*:.* Passed' build/ctest.log || true)
+echo "tests: $passed passed, $failed failed, $skipped skipped ($emulated of the passed are GPU tests run under the CPU emulator of the kernels, not on a GPU)" | tee build/tests-summary.txt
 exit $rc

@@ -83,7 +83,7 @@ constexpr int64_t kMergeBackwardSmemPartial = 16384;  // floats (64 KiB)
 // ---------------------------------------------------------------------------
 // Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
 // ---------------------------------------------------------------------------
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 
 template <class T>
 LORY_DEVICE LORY_FORCEINLINE Vec16<T> zero_vec16() {
@@ -130,7 +130,7 @@ LORY_DEVICE LORY_FORCEINLINE Vec16<T> float_to_vec(const float (&f)[Vec16<T>::kS
   return r;
 }
 
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 // ---------------------------------------------------------------------------
 // Forward, SIMT: thread (c, g) owns one 16-byte column vector c of the tile and
@@ -177,14 +177,14 @@ struct MergeForwardSimtConfig {
   }
 };
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 // kWeightsSmem: the slice's weights in shared memory (else read through L1,
 // for large E where a pass's rows of weights would not fit).
 template <class T, bool kVecIO, bool kWeightsSmem>
 LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(const MergeForwardParams<T> p) {
   using Cfg = MergeForwardSimtConfig<T>;
   constexpr int V = Cfg::kVec, kSegs = Cfg::kSegs, kPre = Cfg::kPrefetch;
-  extern __shared__ __align__(16) unsigned char merge_smem[];
+  LORY_DYNAMIC_SMEM(merge_smem);
   const int cg = p.col_vecs, E = p.E, wrow = kWeightsSmem ? p.E + 1 : p.E;
   Vec16<T>* w_tile = reinterpret_cast<Vec16<T>*>(merge_smem);                     // [E][cg]
   float* w_all = reinterpret_cast<float*>(merge_smem + Cfg::w_tile_bytes(E, cg));  // [slice rows][E + 1]
@@ -206,23 +206,24 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
     const int e = i / cg, cc = i % cg;
     return load_row_vec<T, kVecIO>(p.W + e * p.w_stride, tile * cg * V + cc * V, p.P);
   };
+  const int tid = static_cast<int>(threadIdx.x);
   Vec16<T> pre[kPre];
 #pragma unroll
   for (int j = 0; j < kPre; ++j)
-    if (threadIdx.x + j * kMergeThreads < E * cg && blockIdx.x < p.tiles) pre[j] = load_w(blockIdx.x, threadIdx.x + j * kMergeThreads);
+    if (tid + j * kMergeThreads < E * cg && blockIdx.x < p.tiles) pre[j] = load_w(blockIdx.x, tid + j * kMergeThreads);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     __syncthreads();  // the previous tile's readers are done with w_tile
 #pragma unroll
     for (int j = 0; j < kPre; ++j)
-      if (threadIdx.x + j * kMergeThreads < E * cg) w_tile[threadIdx.x + j * kMergeThreads] = pre[j];
-    for (int i = threadIdx.x + kPre * kMergeThreads; i < E * cg; i += kMergeThreads) w_tile[i] = load_w(tile, i);
+      if (tid + j * kMergeThreads < E * cg) w_tile[tid + j * kMergeThreads] = pre[j];
+    for (int i = tid + kPre * kMergeThreads; i < E * cg; i += kMergeThreads) w_tile[i] = load_w(tile, i);
     __syncthreads();
     const int64_t next = tile + gridDim.x;
     if (next < p.tiles) {
 #pragma unroll
       for (int j = 0; j < kPre; ++j)
-        if (threadIdx.x + j * kMergeThreads < E * cg) pre[j] = load_w(next, threadIdx.x + j * kMergeThreads);
+        if (tid + j * kMergeThreads < E * cg) pre[j] = load_w(next, tid + j * kMergeThreads);
     }
     const int64_t col = tile * cg * V + c * V;
     for (int64_t s0 = s_begin; s0 < s_end; s0 += rows) {
@@ -255,7 +256,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
     }
   }
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 // ---------------------------------------------------------------------------
 // Forward, tensor cores (bf16 / fp16 storage, E <= 64). Block tile: 256
@@ -284,16 +285,16 @@ struct MergeForwardTcConfig {
   static size_t smem_bytes(int64_t slice_rows) { return kFixedBytes + size_t(slice_rows * bytes_per_segment()); }
 };
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 template <class T, bool kVecIO, int kKSteps>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_forward_tc_kernel(const MergeForwardParams<T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LORY_MMA_AVAILABLE
   using Cfg = MergeForwardTcConfig<T, kKSteps>;
   constexpr int kK = Cfg::kK, kWRow = Cfg::kWRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = Cfg::kTileN / V;
   constexpr int kPre = Cfg::kPrefetch;
-  extern __shared__ __align__(16) unsigned char merge_smem[];
+  LORY_DYNAMIC_SMEM(merge_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_n = warp % 4, warp_m = warp / 4;
   const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * p.segs_per_slice;
@@ -400,7 +401,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
   }
 #endif
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 // ---------------------------------------------------------------------------
 // Backward, SIMT. Thread (c, r): column vector c of the tile; experts
@@ -454,12 +455,12 @@ struct MergeBackwardSimtConfig {
   }
 };
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 template <class T, bool kVecIO, int kEPT>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(const MergeBackwardParams<T> p) {
   using Cfg = MergeBackwardSimtConfig<T>;
   constexpr int V = Cfg::kVec, kChunk = Cfg::kChunk;
-  extern __shared__ __align__(16) unsigned char merge_smem[];
+  LORY_DYNAMIC_SMEM(merge_smem);
   const int cg = p.col_vecs, row_vecs = cg + 1;
   const int E = p.E;
   const int64_t SE = p.S * E;
@@ -580,7 +581,7 @@ LORY_KERNEL void __launch_bounds__(kThreads)
     d_weights[i] = accumulate ? d_weights[i] + sum : sum;
   }
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 // ---------------------------------------------------------------------------
 // Backward, tensor cores (bf16 / fp16 storage, E <= 64, 16-byte aligned views).
@@ -633,17 +634,17 @@ struct MergeBackwardTcConfig {
                 "16-byte aligned shared-memory regions");
 };
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 template <class T, int kKSteps>
 // Two blocks per SM (<= 128 registers) up to E = 48; E = 64 needs more registers than that.
 LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LORY_MMA_AVAILABLE
   using Cfg = MergeBackwardTcConfig<T, kKSteps>;
   constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
   constexpr int kRow = Cfg::kRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = kTileN / V;  // 16
-  extern __shared__ __align__(16) unsigned char merge_smem[];
+  LORY_DYNAMIC_SMEM(merge_smem);
   T* w_s = reinterpret_cast<T*>(merge_smem);                                            // [kEP][kRow]
   T* g_s = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                             // [kChunk][kRow]
   T* a_hi = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes);             // [kEP][kARow]
@@ -832,7 +833,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
   }
 #endif
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 // ---------------------------------------------------------------------------
 // Host side: plans (shared by the size query and the launch), then launchers.
@@ -872,7 +873,7 @@ inline void merge_forward_slices(int64_t S, int64_t tiles, int64_t rows_per_pass
 // Shared memory the slice's weights may take (the rest of the block's use is small).
 constexpr int64_t kMergeForwardWeightsSmem = 48 * 1024;
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 // smem_of(slice_rows) gives the kernel's dynamic shared memory for a slice.
 template <class T, class Kernel, class SmemOf>
 Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t tile_width, int64_t rows_per_pass,
@@ -886,7 +887,7 @@ Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t ti
   // Persistent over P-tiles: each block loads its slice's weights once and loops over tiles.
   const int64_t resident = std::max<int64_t>(1, on_device / slices);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(prm.tiles, resident)), static_cast<unsigned>(slices));
-  kernel<<<grid, kMergeThreads, smem, stream>>>(prm);
+  launch_kernel(kernel, grid, dim3(kMergeThreads), smem, stream, prm);
   return check_launch();
 }
 
@@ -911,7 +912,7 @@ Status merge_forward_tc(const MergeForwardParams<T>& prm, cudaStream_t stream) {
     return Status::kErrorInvalidArgument;
   }
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 }  // namespace detail
 
@@ -972,7 +973,7 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
   return Status::kSuccess;
 }
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 template <class T>
 Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
                              cudaStream_t stream, MergePath path) {
@@ -1036,7 +1037,7 @@ Status launch_merge_backward_persistent(void (*kernel)(Params), const Params& pr
   int64_t on_device = 0;
   LORY_RETURN_IF_ERROR(max_resident_blocks(kernel, kMergeThreads, smem, on_device));
   blocks = static_cast<int>(std::min<int64_t>(max_blocks, on_device));
-  kernel<<<blocks, kMergeThreads, smem, stream>>>(prm);
+  launch_kernel(kernel, dim3(blocks), dim3(kMergeThreads), smem, stream, prm);
   return check_launch();
 }
 
@@ -1155,17 +1156,17 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   if (plan.use_partials) {
     const int64_t n = a.num_segments * a.experts;
     const int64_t grid = std::min<int64_t>((n + kMergeThreads - 1) / kMergeThreads, 4096);
-    merge_backward_reduce_kernel<kMergeThreads><<<static_cast<unsigned>(grid), kMergeThreads, 0, stream>>>(
-        prm.partials, blocks, n, a.d_weights, a.accumulate_d_weights);
+    launch_kernel(merge_backward_reduce_kernel<kMergeThreads>, dim3(static_cast<unsigned>(grid)), dim3(kMergeThreads), 0,
+                  stream, static_cast<const float*>(prm.partials), blocks, n, a.d_weights, a.accumulate_d_weights);
     LORY_RETURN_IF_ERROR(check_launch());
   }
   return Status::kSuccess;
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 }  // namespace detail
 
-#if defined(__CUDACC__)
+#if LORY_HAS_DEVICE_CODE
 // Wbar = weights x W for every segment. Workspace: none needed (the query reports 16 bytes).
 template <class T>
 Status merge_forward(const MergeForwardArgs<T, float>& args, void* workspace, size_t& workspace_bytes,
@@ -1181,6 +1182,6 @@ Status merge_backward(const MergeBackwardArgs<T, float>& args, void* workspace, 
                       cudaStream_t stream) {
   return detail::merge_backward_on_path(args, workspace, workspace_bytes, stream, detail::MergePath::kAuto);
 }
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 LORY_NAMESPACE_END

@@ -145,11 +145,11 @@ Status swiglu_forward(const SwigluForwardArgs<T>& args, cudaStream_t stream) {
                    detail::view_is_vec16(p.u, p.rows, p.u_stride) &&
                    detail::view_is_vec16(p.m, p.rows, p.m_stride);
   if (vec)
-    swiglu_forward_kernel<T, V>
-        <<<detail::swiglu_grid(p.rows, p.cols, V), detail::kSwigluThreads, 0, stream>>>(p);
+    detail::launch_kernel(swiglu_forward_kernel<T, V>, detail::swiglu_grid(p.rows, p.cols, V),
+                          dim3(detail::kSwigluThreads), 0, stream, p);
   else
-    swiglu_forward_kernel<T, 1>
-        <<<detail::swiglu_grid(p.rows, p.cols, 1), detail::kSwigluThreads, 0, stream>>>(p);
+    detail::launch_kernel(swiglu_forward_kernel<T, 1>, detail::swiglu_grid(p.rows, p.cols, 1),
+                          dim3(detail::kSwigluThreads), 0, stream, p);
   return detail::check_launch();
 }
 
@@ -170,11 +170,11 @@ Status swiglu_backward(const SwigluBackwardArgs<T>& args, cudaStream_t stream) {
                    detail::view_is_vec16(p.da, p.rows, p.da_stride) &&
                    detail::view_is_vec16(p.du, p.rows, p.du_stride);
   if (vec)
-    swiglu_backward_kernel<T, V>
-        <<<detail::swiglu_grid(p.rows, p.cols, V), detail::kSwigluThreads, 0, stream>>>(p);
+    detail::launch_kernel(swiglu_backward_kernel<T, V>, detail::swiglu_grid(p.rows, p.cols, V),
+                          dim3(detail::kSwigluThreads), 0, stream, p);
   else
-    swiglu_backward_kernel<T, 1>
-        <<<detail::swiglu_grid(p.rows, p.cols, 1), detail::kSwigluThreads, 0, stream>>>(p);
+    detail::launch_kernel(swiglu_backward_kernel<T, 1>, detail::swiglu_grid(p.rows, p.cols, 1),
+                          dim3(detail::kSwigluThreads), 0, stream, p);
   return detail::check_launch();
 }
 

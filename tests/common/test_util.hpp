@@ -15,6 +15,14 @@
 
 namespace lory_test {
 
+// True when the GPU tests run under the CPU emulator of the kernels (tests/emu/):
+// shapes that only test scale, not logic, are smaller there.
+#if defined(LORY_CUDA_EMULATION)
+constexpr bool kEmulated = true;
+#else
+constexpr bool kEmulated = false;
+#endif
+
 // One seed per process: LORY_TEST_SEED when set (to reproduce a failure),
 // else fresh from std::random_device. Printed at start-up by the runners.
 inline uint64_t test_seed() {

@@ -11,6 +11,25 @@
 LORY_NAMESPACE_BEGIN
 namespace detail {
 
+// Launches kernel<<<grid, block, smem, stream>>>(args...). Under the test
+// suite's CPU emulator (LORY_CUDA_EMULATION) the emulator runs it instead.
+template <class... Params, class... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+#if defined(LORY_CUDA_EMULATION)
+  ::lory_emu::launch(kernel, grid, block, smem, stream, args...);
+#else
+  kernel<<<grid, block, smem, stream>>>(args...);
+#endif
+}
+
+// A kernel's dynamic shared memory, 16-byte aligned, as `unsigned char name[]`.
+#if defined(LORY_CUDA_EMULATION)
+#define LORY_DYNAMIC_SMEM(name) unsigned char* const name = ::lory_emu::dynamic_smem()
+#else
+#define LORY_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // Collect the launch error (and only that: a sticky error from elsewhere is
 // also reported, since the stream is then unusable anyway).
 inline Status check_launch() {
@@ -36,19 +55,30 @@ struct alignas(16) Vec16 {
   T v[kSize];
 };
 
+// A 16-byte access must be 16-byte aligned on the GPU; the CPU emulator checks it.
+#if defined(LORY_CUDA_EMULATION)
+#define LORY_CHECK_VEC16_ALIGNED(p) \
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::lory_emu::fail("a 16-byte vector access is not 16-byte aligned")
+#else
+#define LORY_CHECK_VEC16_ALIGNED(p) ((void)0)
+#endif
+
 template <class T>
 LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16(const T* p) {
+  LORY_CHECK_VEC16_ALIGNED(p);
   Vec16<T> r;
   *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p);
   return r;
 }
 template <class T>
 LORY_DEVICE LORY_FORCEINLINE void store_vec16(T* p, const Vec16<T>& r) {
+  LORY_CHECK_VEC16_ALIGNED(p);
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
 // Streaming load that bypasses L1 (each element is read once).
 template <class T>
 LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16_stream(const T* p) {
+  LORY_CHECK_VEC16_ALIGNED(p);
   Vec16<T> r;
   *reinterpret_cast<uint4*>(&r) = __ldcs(reinterpret_cast<const uint4*>(p));
   return r;
@@ -60,12 +90,12 @@ LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16_stream(const T* p) {
 template <class Kernel>
 inline Status max_resident_blocks(Kernel kernel, int threads, size_t smem, int64_t& resident) {
   if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
     return Status::kErrorCudaLaunch;
   int dev = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(kernel), threads, smem) != cudaSuccess)
     return Status::kErrorCudaLaunch;
   if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
   resident = int64_t(sms) * per_sm;

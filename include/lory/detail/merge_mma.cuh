@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lory/config.hpp"
 #include "lory/dtype.hpp"
@@ -23,7 +24,37 @@ template <class T> struct is_mma_b16 { static constexpr bool value = false; };
 template <> struct is_mma_b16<__half> { static constexpr bool value = true; };
 template <> struct is_mma_b16<__nv_bfloat16> { static constexpr bool value = true; };
 
-#if defined(__CUDACC__)
+// The tensor-core instructions exist on sm_80 and newer (and in the CPU emulator).
+#if defined(LORY_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define LORY_MMA_AVAILABLE 1
+#else
+#define LORY_MMA_AVAILABLE 0
+#endif
+
+#if defined(LORY_CUDA_EMULATION)
+
+LORY_FORCEINLINE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+  const ::lory_emu::LdmatrixIn in{row_addr};
+  ::lory_emu::Regs4 out;
+  ::lory_emu::warp_collective(&in, &out, &::lory_emu::ldmatrix_x4_combine<false>);
+  for (int i = 0; i < 4; ++i) r[i] = out.r[i];
+}
+LORY_FORCEINLINE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+  const ::lory_emu::LdmatrixIn in{row_addr};
+  ::lory_emu::Regs4 out;
+  ::lory_emu::warp_collective(&in, &out, &::lory_emu::ldmatrix_x4_combine<true>);
+  for (int i = 0; i < 4; ++i) r[i] = out.r[i];
+}
+template <class T>
+LORY_FORCEINLINE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(is_mma_b16<T>::value, "mma_16816: 16-bit operands only");
+  ::lory_emu::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {d[0], d[1], d[2], d[3]}};
+  ::lory_emu::MmaOut out;
+  ::lory_emu::warp_collective(&in, &out, &::lory_emu::mma_16816_combine<std::is_same<T, __nv_bfloat16>::value>);
+  for (int i = 0; i < 4; ++i) d[i] = out.d[i];
+}
+
+#elif defined(__CUDACC__)
 
 LORY_DEVICE LORY_FORCEINLINE uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -73,6 +104,10 @@ LORY_DEVICE LORY_FORCEINLINE void mma_16816<__half>(float (&d)[4], const uint32_
 #endif
 }
 
+#endif  // LORY_CUDA_EMULATION / __CUDACC__
+
+#if LORY_HAS_DEVICE_CODE
+
 // w ~= hi + lo with both in T: a 16-bit operand alone keeps 8 (bf16) or 11
 // (fp16) bits of a routing weight; the residual recovers about as many again.
 template <class T>
@@ -90,7 +125,7 @@ LORY_DEVICE LORY_FORCEINLINE uint32_t pack2(float x, float y) {
   return l | (h << 16);
 }
 
-#endif  // __CUDACC__
+#endif  // LORY_HAS_DEVICE_CODE
 
 }  // namespace detail
 LORY_NAMESPACE_END

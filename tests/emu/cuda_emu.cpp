@@ -1,0 +1,384 @@
+// The CPU emulator's scheduler (one fiber per CUDA thread) and the subset of
+// the CUDA runtime API the tests and launchers call, over host memory.
+// See cuda_emu.hpp for what is modelled and what is not.
+#include "emu/cuda_emu.hpp"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace lory_emu {
+namespace {
+
+// The emulated device: sm_80's per-block and per-SM limits, few SMs (persistent
+// grids then loop over many tiles per block, as on a big GPU with big shapes).
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr int kMaxThreadsPerSm = 2048;
+constexpr int kMaxBlocksPerSm = 32;
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kMaxSmemOptin = 166912;    // sm_80: 163 KiB per block
+constexpr size_t kSmemPerSm = 167936;       // sm_80: 164 KiB per SM
+constexpr size_t kSmemReservedPerBlock = 1024;
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber
+
+int emulated_sms() {
+  static const int n = [] {
+    const char* s = std::getenv("LORY_EMU_SMS");
+    const int v = s ? std::atoi(s) : 2;
+    return v > 0 ? v : 2;
+  }();
+  return n;
+}
+bool reverse_order() {
+  static const bool r = [] {
+    const char* s = std::getenv("LORY_EMU_ORDER");
+    return s && std::string(s) == "reverse";
+  }();
+  return r;
+}
+
+enum class Wait { kNone, kBlock, kWarp };
+
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;
+  uint3 tid;
+  int warp = 0;
+  bool done = false;
+  Wait wait = Wait::kNone;
+  uint64_t gen = 0;
+  const void* xin = nullptr;
+  void* xout = nullptr;
+  Combine xfn = nullptr;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  int live = 0, arrived = 0;
+  uint64_t gen = 0;
+  std::vector<int> wsize, wlive, warrived;
+  std::vector<uint64_t> wgen;
+  std::vector<unsigned char> smem;
+  uint3 bid;
+  dim3 bdim, gdim;
+  ucontext_t sched;
+  int cur = -1;
+  const std::function<void()>* body = nullptr;
+};
+
+Block* g_block = nullptr;
+cudaError_t g_last_error = cudaSuccess;
+std::map<const void*, int> g_max_dyn_smem;  // per kernel, cudaFuncAttributeMaxDynamicSharedMemorySize
+
+Block& block() {
+  if (!g_block) fail("a device built-in was used outside a kernel");
+  return *g_block;
+}
+Fiber& me() { return block().fibers[block().cur]; }
+
+void park(Wait w, uint64_t gen) {
+  Block& b = block();
+  Fiber& f = b.fibers[b.cur];
+  f.wait = w;
+  f.gen = gen;
+  swapcontext(&f.ctx, &b.sched);
+}
+
+// Runs the warp's collective once every live lane of it has arrived.
+void release_warp_if_complete(Block& b, int w) {
+  if (b.warrived[w] == 0 || b.warrived[w] != b.wlive[w]) return;
+  const int first = w * 32;
+  Combine fn = nullptr;
+  bool seen = false;
+  for (int l = 0; l < b.wsize[w]; ++l) {
+    const Fiber& f = b.fibers[first + l];
+    if (f.done) continue;
+    if (seen && f.xfn != fn) fail("the lanes of a warp met at different collectives (or __syncwarp)");
+    fn = f.xfn;
+    seen = true;
+  }
+  if (fn) {
+    if (b.wlive[w] != 32) fail("a warp collective (ldmatrix, mma, shuffle) ran with fewer than 32 live lanes");
+    const void* ins[32];
+    void* outs[32];
+    for (int l = 0; l < 32; ++l) {
+      ins[l] = b.fibers[first + l].xin;
+      outs[l] = b.fibers[first + l].xout;
+    }
+    fn(ins, outs);
+  }
+  for (int l = 0; l < b.wsize[w]; ++l) b.fibers[first + l].xfn = nullptr;
+  b.warrived[w] = 0;
+  ++b.wgen[w];
+}
+
+void release_block_if_complete(Block& b) {
+  if (b.arrived == 0 || b.arrived != b.live) return;
+  b.arrived = 0;
+  ++b.gen;
+}
+
+void fiber_entry() {
+  Block& b = *g_block;
+  (*b.body)();
+  Fiber& f = b.fibers[b.cur];
+  f.done = true;
+  --b.live;
+  --b.wlive[f.warp];
+  // A thread that exits no longer counts at a barrier (as on hardware).
+  release_block_if_complete(b);
+  release_warp_if_complete(b, f.warp);
+  // Returning resumes uc_link: the scheduler.
+}
+
+bool runnable(const Block& b, const Fiber& f) {
+  if (f.done) return false;
+  switch (f.wait) {
+    case Wait::kNone: return true;
+    case Wait::kBlock: return b.gen != f.gen;
+    case Wait::kWarp: return b.wgen[f.warp] != f.gen;
+  }
+  return false;
+}
+
+struct StackPool {
+  std::vector<char*> stacks;
+  char* get(size_t i) {
+    while (stacks.size() <= i) stacks.push_back(static_cast<char*>(std::malloc(kStackBytes)));
+    return stacks[i];
+  }
+  ~StackPool() {
+    for (char* s : stacks) std::free(s);
+  }
+};
+
+void run_block(Block& b, StackPool& pool) {
+  const int n = static_cast<int>(b.bdim.x * b.bdim.y * b.bdim.z);
+  const int warps = (n + 31) / 32;
+  b.fibers.assign(n, Fiber{});
+  b.live = n;
+  b.arrived = 0;
+  b.gen = 0;
+  b.wsize.assign(warps, 0);
+  b.wlive.assign(warps, 0);
+  b.warrived.assign(warps, 0);
+  b.wgen.assign(warps, 0);
+  std::fill(b.smem.begin(), b.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every float type
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
+    f.warp = i / 32;
+    ++b.wsize[f.warp];
+    ++b.wlive[f.warp];
+    f.stack = pool.get(i);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &b.sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  int finished = 0;
+  while (finished < n) {
+    bool progress = false;
+    finished = 0;
+    for (int k = 0; k < n; ++k) {
+      const int i = reverse_order() ? n - 1 - k : k;
+      Fiber& f = b.fibers[i];
+      if (f.done) {
+        ++finished;
+        continue;
+      }
+      if (!runnable(b, f)) continue;
+      f.wait = Wait::kNone;
+      b.cur = i;
+      swapcontext(&b.sched, &f.ctx);
+      progress = true;
+      if (f.done) ++finished;
+    }
+    if (!progress && finished < n) fail("deadlock: threads wait at a barrier that the others never reach");
+  }
+  b.cur = -1;
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return me().tid; }
+const uint3& block_idx() { return block().bid; }
+const dim3& block_dim() { return block().bdim; }
+const dim3& grid_dim() { return block().gdim; }
+unsigned char* dynamic_smem() { return block().smem.empty() ? nullptr : block().smem.data(); }
+
+void syncthreads() {
+  Block& b = block();
+  ++b.arrived;
+  const uint64_t gen = b.gen;
+  release_block_if_complete(b);
+  if (b.gen == gen) park(Wait::kBlock, gen);
+}
+
+void syncwarp() { warp_collective(nullptr, nullptr, nullptr); }
+
+void warp_collective(const void* in, void* out, Combine combine) {
+  Block& b = block();
+  Fiber& f = b.fibers[b.cur];
+  f.xin = in;
+  f.xout = out;
+  f.xfn = combine;
+  ++b.warrived[f.warp];
+  const uint64_t gen = b.wgen[f.warp];
+  release_warp_if_complete(b, f.warp);
+  if (b.wgen[f.warp] == gen) park(Wait::kWarp, gen);
+}
+
+void fail(const char* what) {
+  std::fprintf(stderr, "lory CUDA emulator: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+void check_smem(const void* p, size_t bytes, const char* what) {
+  const Block& b = block();
+  const unsigned char* q = static_cast<const unsigned char*>(p);
+  if (b.smem.empty() || q < b.smem.data() || q + bytes > b.smem.data() + b.smem.size()) {
+    std::fprintf(stderr, "lory CUDA emulator: %s at %p is outside the block's %zu bytes of shared memory\n", what, p,
+                 b.smem.size());
+    fail("shared-memory access out of bounds");
+  }
+}
+
+void run_grid(const void* func, dim3 grid, dim3 block_dim3, size_t smem, const std::function<void()>& body) {
+  if (g_block) fail("a kernel launched another kernel");
+  const uint64_t threads = uint64_t(block_dim3.x) * block_dim3.y * block_dim3.z;
+  const auto it = g_max_dyn_smem.find(func);
+  const size_t smem_limit = it == g_max_dyn_smem.end() ? kDefaultSmem : size_t(it->second);
+  if (threads == 0 || threads > kMaxThreadsPerBlock || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (smem > smem_limit) {
+    g_last_error = cudaErrorInvalidValue;  // what the runtime reports for too much dynamic shared memory
+    return;
+  }
+  static StackPool pool;
+  Block b;
+  b.smem.assign(smem, 0);
+  b.bdim = block_dim3;
+  b.gdim = grid;
+  b.body = &body;
+  g_block = &b;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.bid = make_uint3(x, y, z);
+        run_block(b, pool);
+      }
+  g_block = nullptr;
+}
+
+}  // namespace lory_emu
+
+// ---------------------------------------------------------------------------
+// The CUDA runtime API over host memory (only what the tests and launchers use).
+// ---------------------------------------------------------------------------
+using lory_emu::g_last_error;
+
+extern "C" {
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = lory_emu::emulated_sms(); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 8; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(lory_emu::kMaxSmemOptin); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(lory_emu::kDefaultSmem); return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *value = lory_emu::kMaxThreadsPerBlock; return cudaSuccess;
+    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || size_t(value) > lory_emu::kMaxSmemOptin) return g_last_error = cudaErrorInvalidValue;
+  lory_emu::g_max_dyn_smem[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void* func, int block_size,
+                                                          size_t dynamic_smem) {
+  if (block_size <= 0 || block_size > lory_emu::kMaxThreadsPerBlock) return cudaErrorInvalidValue;
+  const auto it = lory_emu::g_max_dyn_smem.find(func);
+  const size_t limit = it == lory_emu::g_max_dyn_smem.end() ? lory_emu::kDefaultSmem : size_t(it->second);
+  if (dynamic_smem > limit) {
+    *n = 0;
+    return cudaSuccess;
+  }
+  const int by_threads = lory_emu::kMaxThreadsPerSm / block_size;
+  const int by_smem = int(lory_emu::kSmemPerSm / (dynamic_smem + lory_emu::kSmemReservedPerBlock));
+  *n = std::max(0, std::min({by_threads, by_smem, lory_emu::kMaxBlocksPerSm}));
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** p, size_t bytes) {
+  *p = std::malloc(bytes ? bytes : 1);
+  return *p ? cudaSuccess : (g_last_error = cudaErrorMemoryAllocation);
+}
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  if (bytes) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  if (bytes) std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) { return cudaMemset(p, value, bytes); }
+
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int) {
+  static int token;
+  *s = reinterpret_cast<cudaStream_t>(&token);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return g_last_error; }
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error (emulated)";
+    case cudaErrorInvalidValue: return "invalid argument (emulated)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated)";
+    case cudaErrorMemoryAllocation: return "out of memory (emulated)";
+    default: return "error (emulated)";
+  }
+}
+
+}  // extern "C"
