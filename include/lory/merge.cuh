@@ -31,16 +31,17 @@
 //   (last bits may vary run to run); when the partial does not fit in shared
 //   memory the fast mode falls back to the deterministic reduction.
 //   Two implementations of the per-chunk products:
-//     SIMT         fp32 FMAs on CUDA cores, any dtype, any E (the default);
+//     SIMT         fp32 FMAs on CUDA cores, any dtype, any E;
 //     tensor core  mma.sync m16n8k16 (bf16 / fp16 storage, E <= 64, 16-byte
 //                  aligned views): dW with M = experts, K = segments (weights
 //                  as hi + lo operands), d_weights with M = segments,
 //                  K = params. Same workspace layout and reduction as SIMT.
-//   The tensor-core backward is UNVERIFIED ON HARDWARE (written without GPU
-//   access): it runs only when forced through detail::merge_backward_on_path
-//   (MergePath::kTensorCore), and becomes the default for the shapes it
-//   supports once the GPU tests (tests/gpu/test_merge.cu) and benchmarks
-//   (merge_backward_tc/... in bench/bench_merge.cu) have passed on a GPU.
+//   The launcher picks tensor cores where they apply on sm_80+, else SIMT;
+//   detail::merge_backward_on_path forces either. The SIMT kernel was measured
+//   on an H200 at 2-8% of copy bandwidth (its d_weights dot products are
+//   compute-bound on CUDA cores). The tensor-core kernel has passed its GPU
+//   tests only under the CPU emulator of the kernels (tests/emu/), not yet on
+//   a GPU: see docs/gpu-results.md for what ran where.
 //
 // Paths: every pointer only needs its element alignment. 16-byte vector loads
 // and stores are used when the base pointers are 16-byte aligned and the
@@ -585,10 +586,8 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------
 // Backward, tensor cores (bf16 / fp16 storage, E <= 64, 16-byte aligned views).
-// UNVERIFIED ON HARDWARE: written without GPU access; selected only when
-// forced (detail::merge_backward_on_path(..., MergePath::kTensorCore)) until
-// tests/gpu/test_merge.cu and bench/bench_merge.cu have passed on a GPU, then
-// it becomes the default for the shapes it supports.
+// Checked by tests/gpu/test_merge.cu under the CPU emulator (tests/emu/); not
+// yet run on a GPU.
 //
 // Block tile: 128 params x all experts (K padded to EP = 16 * kKSteps); the G
 // rows are staged 32 segments at a time, the next chunk travelling in
@@ -1075,14 +1074,13 @@ Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool
   }
 }
 
-// Path choice of the backward. kAuto is the CUDA-core kernel for now: the
-// tensor-core kernel is unverified on hardware and runs only when forced; it
-// becomes kAuto's choice (16-bit storage, E <= 64, sm_80+) once the GPU tests
-// and benchmarks have passed. A forced tensor-core path on views that are not
-// 16-byte aligned (base or stride) runs on CUDA cores instead.
+// Path choice of the backward, before the device is asked: tensor cores (kAuto
+// or kTensorCore) for 16-bit storage, E <= 64 and 16-byte aligned views (base
+// and stride of every tensor it reads or writes); else CUDA cores. At launch,
+// kAuto on a device older than sm_80 runs on CUDA cores too.
 template <class T>
 bool merge_backward_uses_tc(const MergeBackwardArgs<T, float>& a, MergePath path) {
-  if (path != MergePath::kTensorCore) return false;
+  if (path == MergePath::kSimt || !merge_tc_supports<T>(a.experts)) return false;
   return merge_vec_io(a.G, a.grad_segment_stride, a.G, a.grad_segment_stride) &&
          (!a.d_weights || merge_vec_io(a.W, a.expert_stride, a.W, a.expert_stride)) &&
          (!a.dW || merge_vec_io(a.dW, a.dW_expert_stride, a.dW, a.dW_expert_stride));
@@ -1093,7 +1091,7 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
                               cudaStream_t stream, MergePath path) {
   LORY_RETURN_IF_ERROR(merge_backward_can_implement(a));
   if (path == MergePath::kTensorCore && !merge_tc_supports<T>(a.experts)) return Status::kErrorInvalidArgument;
-  const bool tc = merge_backward_uses_tc(a, path);
+  bool tc = merge_backward_uses_tc(a, path);
   MergeBackwardPlan plan;
   LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
   bool size_query = false;
@@ -1103,7 +1101,13 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   if (tc) {
     int major = 0;
     LORY_RETURN_IF_ERROR(device_compute_major(major));
-    if (major < 8) return Status::kErrorInvalidArgument;
+    if (major < 8) {
+      if (path == MergePath::kTensorCore) return Status::kErrorInvalidArgument;
+      // kAuto before sm_80: CUDA cores. Its plan needs no more workspace than the one
+      // queried (its P-tiles are at least as wide, so it has no more blocks' partials).
+      tc = false;
+      LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
+    }
   }
 
   using Cfg = MergeBackwardSimtConfig<T>;
@@ -1175,8 +1179,8 @@ Status merge_forward(const MergeForwardArgs<T, float>& args, void* workspace, si
 }
 
 // dW (+)= weights^T x G and d_weights (+)= G x W^T in one pass over G. Workspace:
-// per-block d_weights partials (deterministic mode), else 16 bytes. Runs on CUDA
-// cores; the tensor-core kernel stays opt-in until verified on a GPU (see above).
+// per-block d_weights partials (deterministic mode), else 16 bytes. Tensor cores
+// for 16-bit storage, E <= 64 and 16-byte aligned views on sm_80+; else CUDA cores.
 template <class T>
 Status merge_backward(const MergeBackwardArgs<T, float>& args, void* workspace, size_t& workspace_bytes,
                       cudaStream_t stream) {

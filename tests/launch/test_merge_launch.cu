@@ -277,10 +277,14 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
   auto a = good_backward<T>();  // 16-byte aligned bases
   a.params = 100003;
   a.grad_segment_stride = a.expert_stride = a.dW_expert_stride = 100008;  // multiples of 8 elements
-  // The default stays on CUDA cores until the tensor-core kernel is verified on a GPU.
-  CHECK_FALSE(lory::detail::merge_backward_uses_tc(a, MergePath::kAuto));
+  // The default (kAuto) is the tensor-core kernel wherever it applies.
+  CHECK(lory::detail::merge_backward_uses_tc(a, MergePath::kAuto));
   CHECK_FALSE(lory::detail::merge_backward_uses_tc(a, MergePath::kSimt));
   REQUIRE(lory::detail::merge_backward_uses_tc(a, MergePath::kTensorCore));
+  // Beyond E = 64 only the CUDA-core kernel exists.
+  auto wide = a;
+  wide.experts = 65;
+  CHECK_FALSE(lory::detail::merge_backward_uses_tc(wide, MergePath::kAuto));
   // Deterministic: one [S, E] partial per persistent block, one block per 128-param tile at most.
   const int64_t tiles = (a.params + 127) / 128;
   size_t bytes = 0;
@@ -317,6 +321,7 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
     if (which == 3) m.W = bogus<T>(0x2008);
     INFO("misaligned view " << which);
     CHECK_FALSE(lory::detail::merge_backward_uses_tc(m, MergePath::kTensorCore));
+    CHECK_FALSE(lory::detail::merge_backward_uses_tc(m, MergePath::kAuto));
     size_t forced = 0, simt = 0;
     REQUIRE(lory::detail::merge_backward_on_path(m, nullptr, forced, nullptr, MergePath::kTensorCore) ==
             Status::kSuccess);
