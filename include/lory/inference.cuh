@@ -69,7 +69,7 @@ Status expert_combine(const ExpertCombineArgs<T>& a, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t gx = ceil_div<int64_t>(a.cols, kThreads);
   const dim3 grid(static_cast<unsigned>(gx < 1024 ? gx : 1024), static_cast<unsigned>(a.rows < 65535 ? a.rows : 65535));
-  expert_combine_kernel<T><<<grid, kThreads, 0, stream>>>(a);
+  detail::launch_kernel(expert_combine_kernel<T>, grid, dim3(kThreads), 0, stream, a);
   return detail::check_launch();
 }
 

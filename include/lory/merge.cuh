@@ -228,6 +228,9 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
     }
     const int64_t col = tile * cg * V + c * V;
     for (int64_t s0 = s_begin; s0 < s_end; s0 += rows) {
+      // A segment group wholly past the slice has nothing to compute (a short slice,
+      // e.g. S below one pass, would otherwise spend most FMAs on zero weights).
+      if (s0 + g * kSegs >= s_end) continue;
       float acc[kSegs][V];
 #pragma unroll
       for (int m = 0; m < kSegs; ++m)

@@ -27,7 +27,9 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#if !defined(LORY_CUDA_EMULATION)
 #include <cub/block/block_reduce.cuh>
+#endif
 
 #include "lory/detail/cuda.cuh"
 #include "lory/detail/validate.hpp"
@@ -149,7 +151,11 @@ struct BlockTokenSum {
 // held in shared memory (one router row). Fixed-order block reductions.
 template <int kThreads>
 struct BlockRowSoftmax {
+#if defined(LORY_CUDA_EMULATION)
+  using Reduce = ::lory_emu::BlockReduce<float, kThreads>;  // CUB's block primitives need nvcc
+#else
   using Reduce = LORY_CUB::BlockReduce<float, kThreads>;
+#endif
   struct TempStorage {
     typename Reduce::TempStorage reduce;
     float first, second;
@@ -274,7 +280,7 @@ LORY_KERNEL void __launch_bounds__(32 * detail::kRouterSumRows)
     router_token_sum_kernel(const T* __restrict__ x, int64_t d, device::RouterRows geo,
                             int64_t rows, int64_t chunks, float* __restrict__ out) {
   using Sum = device::BlockTokenSum<T, V, detail::kRouterSumRows>;
-  __shared__ typename Sum::TempStorage storage;
+  LORY_BLOCK_SHARED(typename Sum::TempStorage, storage);
   const int64_t width = 32 * V;
   const int64_t slabs = ceil_div(d, width);
   for (int64_t rc = blockIdx.x; rc < rows * chunks; rc += gridDim.x) {
@@ -284,7 +290,7 @@ LORY_KERNEL void __launch_bounds__(32 * detail::kRouterSumRows)
     const int64_t ntok = device::max64(0, device::min64(span.length - t0, kRouterChunkTokens));
     const T* xs = x + (span.begin + device::min64(t0, span.length)) * d;
     for (int64_t slab = blockIdx.y; slab < slabs; slab += gridDim.y) {
-      float acc[V];
+      float acc[V] = {};  // set in thread row 0 by sum()
       Sum(storage).sum(xs, d, slab * width, ntok, acc);
       if (threadIdx.y == 0) {
         const int64_t col = slab * width + static_cast<int64_t>(threadIdx.x) * V;
@@ -310,8 +316,8 @@ LORY_KERNEL void __launch_bounds__(detail::kRouterThreads)
                         float* __restrict__ weights) {
   constexpr int kThreads = detail::kRouterThreads;
   using Softmax = device::BlockRowSoftmax<kThreads>;
-  __shared__ typename Softmax::TempStorage storage;
-  __shared__ float row_probs[kMaxExperts];
+  LORY_BLOCK_SHARED(typename Softmax::TempStorage, storage);
+  LORY_BLOCK_SHARED(float[kMaxExperts], row_probs);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t N = geo.per_seq;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -378,8 +384,9 @@ LORY_KERNEL void __launch_bounds__(detail::kRouterThreads)
                      int64_t rows, float* __restrict__ dz_out, float* __restrict__ v) {
   constexpr int kThreads = detail::kRouterThreads;
   using Softmax = device::BlockRowSoftmax<kThreads>;
-  __shared__ typename Softmax::TempStorage storage;
-  __shared__ float p[kMaxExperts], dz[kMaxExperts];
+  LORY_BLOCK_SHARED(typename Softmax::TempStorage, storage);
+  LORY_BLOCK_SHARED(float[kMaxExperts], p);
+  LORY_BLOCK_SHARED(float[kMaxExperts], dz);
   const int64_t N = geo.per_seq;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     // The causal last segment's p feeds nothing: dp = 0 there.
@@ -581,20 +588,20 @@ Status router_forward(const RouterForwardArgs<T, float>& args, void* workspace,
   const unsigned gx = detail::grid_cap(plan.rows * plan.chunks);
   if (detail::rows_are_vec16(args.x, d)) {
     const dim3 grid(gx, detail::grid_cap(ceil_div<int64_t>(d, 32 * V), 65535));
-    router_token_sum_kernel<T, V><<<grid, block, 0, stream>>>(args.x, d, geo, plan.rows,
-                                                              plan.chunks, sums);
+    detail::launch_kernel(router_token_sum_kernel<T, V>, grid, block, 0, stream, args.x, d, geo, plan.rows, plan.chunks,
+                          sums);
   } else {
     const dim3 grid(gx, detail::grid_cap(ceil_div<int64_t>(d, 32), 65535));
-    router_token_sum_kernel<T, 1><<<grid, block, 0, stream>>>(args.x, d, geo, plan.rows,
-                                                              plan.chunks, sums);
+    detail::launch_kernel(router_token_sum_kernel<T, 1>, grid, block, 0, stream, args.x, d, geo, plan.rows, plan.chunks,
+                          sums);
   }
   LORY_RETURN_IF_ERROR(detail::check_launch());
   const dim3 pgrid(detail::grid_cap(plan.rows));
   if (detail::rows_are_vec16(args.W_r, d) && detail::is_aligned16(args.hbar))
-    router_probs_kernel<T, V><<<pgrid, detail::kRouterThreads, 0, stream>>>(
+    detail::launch_kernel(router_probs_kernel<T, V>, pgrid, detail::kRouterThreads, 0, stream,
         sums, plan.chunks, args.W_r, args.bias, d, E, geo, plan.rows, args.hbar, args.probs, args.weights);
   else
-    router_probs_kernel<T, 1><<<pgrid, detail::kRouterThreads, 0, stream>>>(
+    detail::launch_kernel(router_probs_kernel<T, 1>, pgrid, detail::kRouterThreads, 0, stream,
         sums, plan.chunks, args.W_r, args.bias, d, E, geo, plan.rows, args.hbar, args.probs, args.weights);
   return detail::check_launch();
 }
@@ -631,10 +638,10 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
   constexpr int V = detail::Vec16<T>::kSize;
   const dim3 zgrid(detail::grid_cap(plan.rows));
   if (detail::rows_are_vec16(args.W_r, d))
-    router_dz_kernel<T, V><<<zgrid, detail::kRouterThreads, 0, stream>>>(
+    detail::launch_kernel(router_dz_kernel<T, V>, zgrid, detail::kRouterThreads, 0, stream,
         args.probs, args.d_weights, args.W_r, d, E, geo, plan.rows, dz, v);
   else
-    router_dz_kernel<T, 1><<<zgrid, detail::kRouterThreads, 0, stream>>>(
+    detail::launch_kernel(router_dz_kernel<T, 1>, zgrid, detail::kRouterThreads, 0, stream,
         args.probs, args.d_weights, args.W_r, d, E, geo, plan.rows, dz, v);
   LORY_RETURN_IF_ERROR(detail::check_launch());
 
@@ -643,14 +650,14 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
     const dim3 grid(detail::grid_cap(ceil_div<int64_t>(cols, detail::kRouterDwThreads)),
                     static_cast<unsigned>(ceil_div(E, detail::kRouterDwExperts)),
                     static_cast<unsigned>(plan.dw_chunks));
-    router_dw_partial_kernel<detail::kRouterDwExperts><<<grid, detail::kRouterDwThreads, 0, stream>>>(
-        dz, args.hbar, d, E, plan.rows, plan.dw_rows_per_chunk, plan.col_begin, plan.col_end, partial);
+    detail::launch_kernel(router_dw_partial_kernel<detail::kRouterDwExperts>, grid, detail::kRouterDwThreads, 0,
+                          stream, dz, args.hbar, d, E, plan.rows, plan.dw_rows_per_chunk, plan.col_begin, plan.col_end, partial);
     LORY_RETURN_IF_ERROR(detail::check_launch());
     const dim3 fgrid(detail::grid_cap(ceil_div<int64_t>(cols, detail::kRouterThreads), 4096),
                      static_cast<unsigned>(E));
-    router_dw_finalize_kernel<T><<<fgrid, detail::kRouterThreads, 0, stream>>>(partial, plan.dw_chunks, d, E, plan.col_begin,
-                                                plan.col_end, args.dW_r, args.accumulate_dW_r,
-                                                args.d_bias, args.accumulate_d_bias);
+    detail::launch_kernel(router_dw_finalize_kernel<T>, fgrid, detail::kRouterThreads, 0, stream, partial,
+                          plan.dw_chunks, d, E, plan.col_begin, plan.col_end, args.dW_r, args.accumulate_dW_r,
+                          args.d_bias, args.accumulate_d_bias);
     LORY_RETURN_IF_ERROR(detail::check_launch());
   }
 
@@ -663,9 +670,11 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
     const dim3 block(bx, by);
     const unsigned grid = detail::grid_cap(ceil_div<int64_t>(args.layout.num_tokens(), by), int64_t(1) << 20);
     if (vec)
-      router_dx_add_kernel<T, V><<<grid, block, 0, stream>>>(args.dx, v, d, geo, args.layout.num_tokens());
+      detail::launch_kernel(router_dx_add_kernel<T, V>, grid, block, 0, stream, args.dx, v, d, geo,
+                            args.layout.num_tokens());
     else
-      router_dx_add_kernel<T, 1><<<grid, block, 0, stream>>>(args.dx, v, d, geo, args.layout.num_tokens());
+      detail::launch_kernel(router_dx_add_kernel<T, 1>, grid, block, 0, stream, args.dx, v, d, geo,
+                            args.layout.num_tokens());
     LORY_RETURN_IF_ERROR(detail::check_launch());
   }
   return Status::kSuccess;

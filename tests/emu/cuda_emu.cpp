@@ -3,7 +3,6 @@
 // See cuda_emu.hpp for what is modelled and what is not.
 #include "emu/cuda_emu.hpp"
 
-#include <ucontext.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -44,8 +43,87 @@ bool reverse_order() {
 
 enum class Wait { kNone, kBlock, kWarp };
 
+// ---- fiber contexts --------------------------------------------------------
+// x86-64: a switch that saves the callee-saved registers, MXCSR and the x87
+// control word on the stack and swaps stack pointers (no system call, unlike
+// swapcontext, which also saves the signal mask). Elsewhere: ucontext.
+#if defined(__x86_64__) && !defined(LORY_EMU_UCONTEXT)
+}  // namespace
+}  // namespace lory_emu
+extern "C" void lory_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl lory_emu_switch
+  .type lory_emu_switch, @function
+lory_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size lory_emu_switch, .-lory_emu_switch
+)");
+namespace lory_emu {
+namespace {
+
+struct FiberCtx {
+  void* sp = nullptr;
+};
+void ctx_switch(FiberCtx& from, FiberCtx& to) { lory_emu_switch(&from.sp, to.sp); }
+// A context that starts entry() (which must never return) on the given stack.
+void ctx_init(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
+  void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15));
+  *--sp = nullptr;                           // entry's return address slot: entry sees rsp = 8 mod 16
+  *--sp = reinterpret_cast<void*>(entry);    // where the first switch's ret goes
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+  --sp;                                      // MXCSR and x87 control word: the current ones
+  uint32_t mxcsr = 0;
+  uint16_t cw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(cw));
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &cw, 2);
+  c.sp = sp;
+}
+#else
+}  // namespace
+}  // namespace lory_emu
+#include <ucontext.h>
+namespace lory_emu {
+namespace {
+
+struct FiberCtx {
+  ucontext_t uc;
+};
+void ctx_switch(FiberCtx& from, FiberCtx& to) { swapcontext(&from.uc, &to.uc); }
+void ctx_init(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-  ucontext_t ctx;
+  FiberCtx ctx;
   char* stack = nullptr;
   uint3 tid;
   int warp = 0;
@@ -64,9 +142,10 @@ struct Block {
   std::vector<int> wsize, wlive, warrived;
   std::vector<uint64_t> wgen;
   std::vector<unsigned char> smem;
+  std::map<const void*, std::vector<unsigned char>> statics;  // LORY_BLOCK_SHARED variables
   uint3 bid;
   dim3 bdim, gdim;
-  ucontext_t sched;
+  FiberCtx sched;
   int cur = -1;
   const std::function<void()>* body = nullptr;
 };
@@ -86,7 +165,7 @@ void park(Wait w, uint64_t gen) {
   Fiber& f = b.fibers[b.cur];
   f.wait = w;
   f.gen = gen;
-  swapcontext(&f.ctx, &b.sched);
+  ctx_switch(f.ctx, b.sched);
 }
 
 // Runs the warp's collective once every live lane of it has arrived.
@@ -123,7 +202,7 @@ void release_block_if_complete(Block& b) {
   ++b.gen;
 }
 
-void fiber_entry() {
+[[noreturn]] void fiber_entry() {
   Block& b = *g_block;
   (*b.body)();
   Fiber& f = b.fibers[b.cur];
@@ -133,7 +212,8 @@ void fiber_entry() {
   // A thread that exits no longer counts at a barrier (as on hardware).
   release_block_if_complete(b);
   release_warp_if_complete(b, f.warp);
-  // Returning resumes uc_link: the scheduler.
+  ctx_switch(f.ctx, b.sched);  // never resumed
+  fail("a finished fiber was resumed");
 }
 
 bool runnable(const Block& b, const Fiber& f) {
@@ -169,6 +249,7 @@ void run_block(Block& b, StackPool& pool) {
   b.warrived.assign(warps, 0);
   b.wgen.assign(warps, 0);
   std::fill(b.smem.begin(), b.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every float type
+  b.statics.clear();
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
@@ -176,11 +257,7 @@ void run_block(Block& b, StackPool& pool) {
     ++b.wsize[f.warp];
     ++b.wlive[f.warp];
     f.stack = pool.get(i);
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &b.sched;
-    makecontext(&f.ctx, fiber_entry, 0);
+    ctx_init(f.ctx, f.stack, kStackBytes, fiber_entry);
   }
   int finished = 0;
   while (finished < n) {
@@ -196,7 +273,7 @@ void run_block(Block& b, StackPool& pool) {
       if (!runnable(b, f)) continue;
       f.wait = Wait::kNone;
       b.cur = i;
-      swapcontext(&b.sched, &f.ctx);
+      ctx_switch(b.sched, f.ctx);
       progress = true;
       if (f.done) ++finished;
     }
@@ -219,6 +296,13 @@ void syncthreads() {
   const uint64_t gen = b.gen;
   release_block_if_complete(b);
   if (b.gen == gen) park(Wait::kBlock, gen);
+}
+
+void* block_shared_bytes(const void* key, size_t bytes) {
+  auto& v = block().statics[key];
+  if (v.empty()) v.assign(bytes, 0xff);  // poisoned, like dynamic shared memory
+  if (v.size() != bytes) fail("one LORY_BLOCK_SHARED key with two sizes");
+  return v.data();
 }
 
 void syncwarp() { warp_collective(nullptr, nullptr, nullptr); }
@@ -335,9 +419,13 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void* fu
   return cudaSuccess;
 }
 
+// Fresh device memory is poisoned (all bits set: NaN in every float type), so a
+// kernel that reads memory nobody wrote fails the same way every run.
 cudaError_t cudaMalloc(void** p, size_t bytes) {
   *p = std::malloc(bytes ? bytes : 1);
-  return *p ? cudaSuccess : (g_last_error = cudaErrorMemoryAllocation);
+  if (!*p) return g_last_error = cudaErrorMemoryAllocation;
+  std::memset(*p, 0xff, bytes);
+  return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   std::free(p);

@@ -14,17 +14,23 @@
 //     type) at block start, and ldmatrix checks its addresses against it;
 //   - launch limits are checked (threads per block, dynamic shared memory
 //     against the kernel's attribute and the sm_80 opt-in maximum);
+//   - statically sized __shared__ variables (LORY_BLOCK_SHARED) are per block
+//     and poisoned too; cub::BlockReduce, which needs nvcc, has a stand-in
+//     with its contract (result in thread 0 only);
 //   - the CUDA runtime calls the tests and launchers make (cudaMalloc, copies,
 //     memsets, device attributes, occupancy) are defined in cuda_emu.cpp over
-//     host memory, on a small emulated device (2 SMs unless LORY_EMU_SMS says).
+//     host memory (cudaMalloc'd memory poisoned like shared memory), on a small
+//     emulated device (2 SMs unless LORY_EMU_SMS says),
+//     and the cuBLAS calls in cublas_emu.cpp (column-major GEMMs, fp32 compute).
 // Threads run in index order between barriers; LORY_EMU_ORDER=reverse runs them
-// backwards, so a missing barrier shows in one order or the other.
+// backwards, so a missing barrier shows in one order or the other. On x86-64 a
+// fiber switch is a few instructions (no system call); elsewhere ucontext.
 //
 // What it does not model: timing, the memory model across blocks (blocks run
 // one after another), register or L1 limits, floating-point contraction. A
 // kernel that passes here may still fail on hardware; one that fails here is
 // wrong. It is a test facility only: include this header first, compile with
-// the host compiler, and do not link the CUDA runtime.
+// the host compiler, and link neither the CUDA runtime nor cuBLAS.
 #pragma once
 #if defined(__CUDACC__)
 #error "tests/emu/cuda_emu.hpp emulates CUDA for the host compiler; do not compile it with nvcc"
@@ -37,6 +43,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <tuple>
@@ -65,6 +72,41 @@ void warp_collective(const void* in, void* out, Combine combine);
 [[noreturn]] void fail(const char* what);
 // Checks that [p, p + bytes) lies in the current block's dynamic shared memory.
 void check_smem(const void* p, size_t bytes, const char* what);
+
+// A block's statically sized __shared__ variable (LORY_BLOCK_SHARED): one per
+// key and block, poisoned (all bits set) when the block starts.
+void* block_shared_bytes(const void* key, size_t bytes);
+template <class T>
+T& block_shared(const void* key) {
+  return *static_cast<T*>(block_shared_bytes(key, sizeof(T)));
+}
+
+// Stand-in for cub::BlockReduce (whose block primitives need nvcc): the same
+// contract -- the result is valid in thread 0 only (other threads get NaN
+// here), and the caller syncs before reusing the storage. Fixed order.
+template <class T, int kThreads>
+struct BlockReduce {
+  struct TempStorage {
+    T v[kThreads];
+  };
+  explicit BlockReduce(TempStorage& s) : s_(s) {}
+  template <class Op>
+  T Reduce(T x, Op op) {
+    const int tid = static_cast<int>(thread_idx().x);
+    s_.v[tid] = x;
+    syncthreads();
+    if (tid != 0) return T(NAN);
+    T r = s_.v[0];
+    for (int i = 1; i < kThreads; ++i) r = op(r, s_.v[i]);
+    return r;
+  }
+  T Sum(T x) {
+    return Reduce(x, [](T a, T b) { return a + b; });
+  }
+
+ private:
+  TempStorage& s_;
+};
 
 // Runs body() once per thread of every block (blocks in order x, y, z).
 void run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);

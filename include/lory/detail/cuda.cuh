@@ -30,6 +30,20 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 #define LORY_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// A statically sized shared-memory variable of the block: LORY_BLOCK_SHARED(float[32], buf);
+template <class T>
+using shared_t = T;
+#if defined(LORY_CUDA_EMULATION)
+#define LORY_BLOCK_SHARED(type, name)                                   \
+  LORY_NS_QUALIFIER::detail::shared_t<type>& name =                   \
+      ::lory_emu::block_shared<LORY_NS_QUALIFIER::detail::shared_t<type>>([] { \
+        static const char key = 0;                                      \
+        return static_cast<const void*>(&key);                          \
+      }())
+#else
+#define LORY_BLOCK_SHARED(type, name) __shared__ LORY_NS_QUALIFIER::detail::shared_t<type> name
+#endif
+
 // Collect the launch error (and only that: a sticky error from elsewhere is
 // also reported, since the stream is then unusable anyway).
 inline Status check_launch() {
