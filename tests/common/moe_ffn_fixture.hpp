@@ -233,9 +233,12 @@ void check_close(const char* name, const std::vector<A>& got, const std::vector<
   CHECK(err <= tol);
 }
 
-// Compares every output a mode produces. The router-path gradients (dW_r,
-// d_bias) go through softmax backward, dz = p * (dp - <p, dp>), whose
-// cancellation amplifies the rounding of dp, hence a looser bound.
+// Compares every output a mode produces. Three are sums whose terms cancel, so
+// the rounding of their inputs is amplified relative to the result, hence a
+// looser bound: d_weights[s, e] = <dWbar_s, W_e> over the P = 3 d f params (with
+// T-precision dWbar; few entries when S * E is small, e.g. E = 1, so one small
+// value moves the norm), and the router-path gradients (dW_r, d_bias) through
+// softmax backward, dz = p * (dp - <p, dp>).
 template <class T, class R>
 void check_against_reference(const LayerProblem<T>& P, const LayerOutputs<T, R>& got,
                              const LayerOutputs<double, double>& ref, double tol) {
@@ -245,7 +248,7 @@ void check_against_reference(const LayerProblem<T>& P, const LayerOutputs<T, R>&
   check_close("dW_g", got.dW_g, ref.dW_g, tol);
   check_close("dW_u", got.dW_u, ref.dW_u, tol);
   check_close("dW_d", got.dW_d, ref.dW_d, tol);
-  check_close("d_weights", got.d_weights, ref.d_weights, tol);
+  check_close("d_weights", got.d_weights, ref.d_weights, 10 * tol);
   if (P.mode != RoutingMode::kGivenWeights) {
     check_close("hbar", got.hbar, ref.hbar, tol);
     check_close("probs", got.probs, ref.probs, tol);
