@@ -4,7 +4,7 @@
 # Runs: the GPU tests (all), the CPU and launcher tests, compute-sanitizer memcheck and racecheck
 # over the small GPU tests, the benchmarks; prints the summary table last (bench/summarize.py).
 #   on the CPU machine:  scripts/stage_gpu_deps.sh && cmake --preset default && cmake --build build
-#                        mkdir -p .gpucarry && cp build/tests/lory_*_tests build/bench/lory_bench .gpucarry/
+#                        mkdir -p .gpucarry && cp build/tests/lory_{cpu,launch,gpu}_tests build/bench/lory_bench .gpucarry/
 #   on the GPU machine:  LORY_COMMIT=<hash> bash scripts/gpu_check_prebuilt.sh .gpucarry  (carry .gpucarry and .deps)
 # Environment: LORY_BENCH_FILTER (regex, default all), LORY_BENCH_TIMEOUT_S (default 120),
 #              LORY_SAN_TIMEOUT_S (per tool, default 60).

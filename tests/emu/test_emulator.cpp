@@ -1,0 +1,127 @@
+// Tests of the CPU emulator itself: it must catch what it claims to catch
+// (a missing barrier, uninitialised shared memory, an oversized launch) and
+// compute the warp collectives the kernels rely on correctly.
+#include "emu/cuda_emu.hpp"
+
+#include <cmath>
+#include <vector>
+
+#include "common/catch.hpp"
+#include "lory/detail/cuda.cuh"
+#include "lory/detail/merge_mma.cuh"
+
+namespace {
+
+namespace detail = lory::detail;
+
+constexpr int kThreads = 64;
+
+// Thread i writes slot i, then reads slot (i + shift) % n written by another thread.
+template <bool kBarrier>
+void neighbour_kernel(float* out, int shift) {
+  LORY_DYNAMIC_SMEM(smem);
+  float* slot = reinterpret_cast<float*>(smem);
+  const int i = static_cast<int>(threadIdx.x);
+  slot[i] = float(i);
+  if (kBarrier) __syncthreads();
+  out[i] = slot[(i + shift) % kThreads];
+}
+
+template <bool kBarrier>
+int stale_reads(int shift) {
+  std::vector<float> out(kThreads, -1.f);
+  detail::launch_kernel(neighbour_kernel<kBarrier>, dim3(1), dim3(kThreads), kThreads * sizeof(float), nullptr,
+                        out.data(), shift);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  int stale = 0;
+  for (int i = 0; i < kThreads; ++i)
+    if (!(out[i] == float((i + shift) % kThreads))) ++stale;  // NaN poison or a wrong value
+  return stale;
+}
+
+TEST_CASE("emulator: a missing __syncthreads reads poisoned shared memory", "[emu]") {
+  // Threads run in index order (reverse with LORY_EMU_ORDER=reverse): reading a later
+  // thread's slot (shift 1) is stale in index order, an earlier one's (shift n - 1) in reverse.
+  CHECK(stale_reads<true>(1) == 0);
+  CHECK(stale_reads<true>(kThreads - 1) == 0);
+  CHECK(stale_reads<false>(1) + stale_reads<false>(kThreads - 1) > 0);
+}
+
+// C (16x8) = A (16x16) B (16x8) through ldmatrix (A row-major; B stored k-major, read
+// transposed) and one mma, against a scalar product.
+template <class T>
+void mma_kernel(const float* a, const float* b, float* c) {
+  LORY_DYNAMIC_SMEM(smem);
+  T* as = reinterpret_cast<T*>(smem);  // [16][16]
+  T* bs = as + 256;                    // [16 (k)][8 (n)], rows padded to 8 elements = 16 bytes
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int i = lane; i < 256; i += 32) as[i] = lory::from_float<T>(a[i]);
+  for (int i = lane; i < 128; i += 32) bs[i] = lory::from_float<T>(b[i]);
+  __syncwarp();
+  uint32_t af[4], bf[4];
+  detail::ldmatrix_x4(af, as + (lane % 16) * 16 + (lane / 16) * 8);
+  detail::ldmatrix_x4_trans(bf, bs + (lane % 16) * 8);  // matrices 0, 1: k 0-7, 8-15 (x4: 2, 3 repeat them)
+  const uint32_t b2[2] = {bf[0], bf[1]};
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  detail::mma_16816<T>(d, af, b2);
+  const int g = lane / 4, t = lane % 4;
+  c[g * 8 + 2 * t] = d[0];
+  c[g * 8 + 2 * t + 1] = d[1];
+  c[(g + 8) * 8 + 2 * t] = d[2];
+  c[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+template <class T>
+void check_mma() {
+  std::vector<float> a(256), b(128), c(128, NAN);
+  for (int i = 0; i < 256; ++i) a[i] = float((i * 7) % 13 - 6) / 4.f;  // exact in fp16 and bf16
+  for (int i = 0; i < 128; ++i) b[i] = float((i * 5) % 11 - 5) / 2.f;
+  detail::launch_kernel(mma_kernel<T>, dim3(1), dim3(32), 384 * sizeof(T), nullptr, a.data(), b.data(), c.data());
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      double want = 0;
+      for (int k = 0; k < 16; ++k) want += double(a[m * 16 + k]) * b[k * 8 + n];
+      INFO("C[" << m << "][" << n << "]");
+      CHECK(c[m * 8 + n] == float(want));
+    }
+}
+
+TEST_CASE("emulator: ldmatrix + mma.sync m16n8k16 give the matrix product", "[emu]") {
+  check_mma<__nv_bfloat16>();
+  check_mma<__half>();
+}
+
+void shfl_kernel(float* out) {
+  float v = float(threadIdx.x);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  out[threadIdx.x] = v;
+}
+
+TEST_CASE("emulator: a butterfly of __shfl_xor_sync sums the warp", "[emu]") {
+  std::vector<float> out(64, 0.f);
+  detail::launch_kernel(shfl_kernel, dim3(1), dim3(64), 0, nullptr, out.data());
+  for (int i = 0; i < 64; ++i) CHECK(out[i] == float(i < 32 ? 496 : 32 * 32 + 496));
+}
+
+void noop_kernel(int) {}
+
+TEST_CASE("emulator: launch limits and poisoned allocations", "[emu]") {
+  detail::launch_kernel(noop_kernel, dim3(1), dim3(2048), 0, nullptr, 0);  // > 1024 threads
+  CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);
+  detail::launch_kernel(noop_kernel, dim3(1), dim3(32), 64 * 1024, nullptr, 0);  // > 48 KB without the attribute
+  CHECK(cudaGetLastError() == cudaErrorInvalidValue);
+  CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&noop_kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             64 * 1024) == cudaSuccess);
+  detail::launch_kernel(noop_kernel, dim3(1), dim3(32), 64 * 1024, nullptr, 0);
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&noop_kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             200 * 1024) != cudaSuccess);  // past sm_80's 163 KB
+  (void)cudaGetLastError();
+  float* p = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&p), 4 * sizeof(float)) == cudaSuccess);
+  for (int i = 0; i < 4; ++i) CHECK(std::isnan(p[i]));
+  cudaFree(p);
+}
+
+}  // namespace
