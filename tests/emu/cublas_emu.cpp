@@ -39,6 +39,14 @@ void store(void* p, cudaDataType_t t, long long i, float v) {
   }
 }
 
+// f(handle state), or NOT_INITIALIZED for a null handle.
+template <class F>
+cublasStatus_t with_handle(cublasHandle_t handle, F f) {
+  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  f(*reinterpret_cast<Handle*>(handle));
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 bool supported(cudaDataType_t t) { return t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF; }
 
 }  // namespace
@@ -54,24 +62,16 @@ cublasStatus_t cublasDestroy(cublasHandle_t handle) {
   return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
-  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-  reinterpret_cast<Handle*>(handle)->stream = stream;
-  return CUBLAS_STATUS_SUCCESS;
+  return with_handle(handle, [&](Handle& h) { h.stream = stream; });
 }
 cublasStatus_t cublasGetStream(cublasHandle_t handle, cudaStream_t* stream) {
-  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-  *stream = reinterpret_cast<Handle*>(handle)->stream;
-  return CUBLAS_STATUS_SUCCESS;
+  return with_handle(handle, [&](Handle& h) { *stream = h.stream; });
 }
 cublasStatus_t cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode) {
-  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-  reinterpret_cast<Handle*>(handle)->mode = mode;
-  return CUBLAS_STATUS_SUCCESS;
+  return with_handle(handle, [&](Handle& h) { h.mode = mode; });
 }
 cublasStatus_t cublasGetPointerMode(cublasHandle_t handle, cublasPointerMode_t* mode) {
-  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-  *mode = reinterpret_cast<Handle*>(handle)->mode;
-  return CUBLAS_STATUS_SUCCESS;
+  return with_handle(handle, [&](Handle& h) { *mode = h.mode; });
 }
 cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void*, size_t) {
   return handle ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
