@@ -460,6 +460,22 @@ struct MergeBackwardSimtConfig {
 };
 
 #if LORY_HAS_DEVICE_CODE
+// The end of either backward kernel: a d_weights partial [S, E] kept in shared
+// memory goes to the fast mode's atomic target, or to the block's slice of the
+// workspace for the ordered reduction. (A partial in the workspace is already there.)
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE void flush_backward_partial(const MergeBackwardParams<T>& p, const float* part,
+                                                         int64_t SE) {
+  if (!p.want_de || !p.partial_in_smem) return;
+  __syncthreads();
+  if (p.d_weights_atomic) {
+    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, part[i]);
+  } else {
+    float* dst = p.partials + blockIdx.x * SE;
+    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = part[i];
+  }
+}
+
 template <class T, bool kVecIO, int kEPT>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(const MergeBackwardParams<T> p) {
   using Cfg = MergeBackwardSimtConfig<T>;
@@ -563,15 +579,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
       }
     }
   }
-  if (p.want_de && p.partial_in_smem) {
-    __syncthreads();
-    if (p.d_weights_atomic) {
-      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, part[i]);
-    } else {
-      float* dst = p.partials + blockIdx.x * SE;
-      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = part[i];
-    }
-  }
+  flush_backward_partial(p, part, SE);
 }
 
 // d_weights[i] (+)= sum over blocks b of partials[b][i], always in the order b = 0, 1, ...
@@ -824,15 +832,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
       }
     }
   }
-  if (p.want_de && p.partial_in_smem) {
-    __syncthreads();
-    if (p.d_weights_atomic) {
-      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, part[i]);
-    } else {
-      float* dst = p.partials + blockIdx.x * SE;
-      for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = part[i];
-    }
-  }
+  flush_backward_partial(p, part, SE);
 #endif
 }
 #endif  // LORY_HAS_DEVICE_CODE

@@ -116,6 +116,15 @@ inline dim3 swiglu_grid(int64_t rows, int64_t cols, int vec) {
   return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by));
 }
 
+// Launches the 16-byte-vector kernel (V elements per thread) or the scalar one on the rows x cols grid.
+template <class Args>
+Status launch_swiglu(void (*vec_kernel)(Args), void (*scalar_kernel)(Args), const Args& p, bool vec, int V,
+                     cudaStream_t stream) {
+  launch_kernel(vec ? vec_kernel : scalar_kernel, swiglu_grid(p.rows, p.cols, vec ? V : 1), dim3(kSwigluThreads), 0,
+                stream, p);
+  return check_launch();
+}
+
 }  // namespace detail
 
 template <class T>
@@ -144,13 +153,7 @@ Status swiglu_forward(const SwigluForwardArgs<T>& args, cudaStream_t stream) {
   const bool vec = detail::view_is_vec16(p.a, p.rows, p.a_stride) &&
                    detail::view_is_vec16(p.u, p.rows, p.u_stride) &&
                    detail::view_is_vec16(p.m, p.rows, p.m_stride);
-  if (vec)
-    detail::launch_kernel(swiglu_forward_kernel<T, V>, detail::swiglu_grid(p.rows, p.cols, V),
-                          dim3(detail::kSwigluThreads), 0, stream, p);
-  else
-    detail::launch_kernel(swiglu_forward_kernel<T, 1>, detail::swiglu_grid(p.rows, p.cols, 1),
-                          dim3(detail::kSwigluThreads), 0, stream, p);
-  return detail::check_launch();
+  return detail::launch_swiglu(swiglu_forward_kernel<T, V>, swiglu_forward_kernel<T, 1>, p, vec, V, stream);
 }
 
 // da = dm * u * silu'(a), du = dm * silu(a) over [rows, cols] views. No workspace.
@@ -169,13 +172,7 @@ Status swiglu_backward(const SwigluBackwardArgs<T>& args, cudaStream_t stream) {
                    detail::view_is_vec16(p.dm, p.rows, p.dm_stride) &&
                    detail::view_is_vec16(p.da, p.rows, p.da_stride) &&
                    detail::view_is_vec16(p.du, p.rows, p.du_stride);
-  if (vec)
-    detail::launch_kernel(swiglu_backward_kernel<T, V>, detail::swiglu_grid(p.rows, p.cols, V),
-                          dim3(detail::kSwigluThreads), 0, stream, p);
-  else
-    detail::launch_kernel(swiglu_backward_kernel<T, 1>, detail::swiglu_grid(p.rows, p.cols, 1),
-                          dim3(detail::kSwigluThreads), 0, stream, p);
-  return detail::check_launch();
+  return detail::launch_swiglu(swiglu_backward_kernel<T, V>, swiglu_backward_kernel<T, 1>, p, vec, V, stream);
 }
 
 LORY_NAMESPACE_END
