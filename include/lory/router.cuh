@@ -651,7 +651,8 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
                     static_cast<unsigned>(ceil_div(E, detail::kRouterDwExperts)),
                     static_cast<unsigned>(plan.dw_chunks));
     detail::launch_kernel(router_dw_partial_kernel<detail::kRouterDwExperts>, grid, detail::kRouterDwThreads, 0,
-                          stream, dz, args.hbar, d, E, plan.rows, plan.dw_rows_per_chunk, plan.col_begin, plan.col_end, partial);
+                          stream, dz, args.hbar, d, E, plan.rows, plan.dw_rows_per_chunk, plan.col_begin,
+                          plan.col_end, partial);
     LORY_RETURN_IF_ERROR(detail::check_launch());
     const dim3 fgrid(detail::grid_cap(ceil_div<int64_t>(cols, detail::kRouterThreads), 4096),
                      static_cast<unsigned>(E));

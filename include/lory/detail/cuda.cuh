@@ -103,13 +103,14 @@ LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16_stream(const T* p) {
 // holds at once: the size of a persistent grid. A kernel that does not fit at all is an error.
 template <class Kernel>
 inline Status max_resident_blocks(Kernel kernel, int threads, size_t smem, int64_t& resident) {
+  const void* func = reinterpret_cast<const void*>(kernel);  // the runtime's C entry points take it so
   if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+      cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
     return Status::kErrorCudaLaunch;
   int dev = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(kernel), threads, smem) != cudaSuccess)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, threads, smem) != cudaSuccess)
     return Status::kErrorCudaLaunch;
   if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
   resident = int64_t(sms) * per_sm;

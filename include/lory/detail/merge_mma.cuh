@@ -62,7 +62,7 @@ LORY_DEVICE LORY_FORCEINLINE uint32_t smem_u32(const void* p) {
 
 // Four 8x8 b16 matrices; lanes 8q..8q+7 give the 16-byte row addresses of matrix q.
 LORY_DEVICE LORY_FORCEINLINE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LORY_MMA_AVAILABLE
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(row_addr)));
@@ -70,7 +70,7 @@ LORY_DEVICE LORY_FORCEINLINE void ldmatrix_x4(uint32_t (&r)[4], const void* row_
 }
 // The same, transposed: lane l receives (row 2(l%4), col l/4) and (row 2(l%4)+1, col l/4).
 LORY_DEVICE LORY_FORCEINLINE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LORY_MMA_AVAILABLE
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(row_addr)));
@@ -84,7 +84,7 @@ LORY_DEVICE LORY_FORCEINLINE void mma_16816(float (&d)[4], const uint32_t (&a)[4
 template <>
 LORY_DEVICE LORY_FORCEINLINE void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                           const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LORY_MMA_AVAILABLE
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -95,7 +95,7 @@ LORY_DEVICE LORY_FORCEINLINE void mma_16816<__nv_bfloat16>(float (&d)[4], const 
 template <>
 LORY_DEVICE LORY_FORCEINLINE void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                    const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LORY_MMA_AVAILABLE
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
