@@ -5,9 +5,12 @@
 # over the small GPU tests, the benchmarks; prints the summary table last (bench/summarize.py).
 #   on the CPU machine:  scripts/stage_gpu_deps.sh && cmake --preset default && cmake --build build
 #                        mkdir -p .gpucarry && cp build/tests/lory_{cpu,launch,gpu}_tests build/bench/lory_bench .gpucarry/
+#   optional, the PyTorch extension for the GPU machine's torch (2.11.0 in 2026-11):
+#                        scripts/build_torch_prebuilt.sh 2.11.0 .gpucarry/lory_torch_cuda.so 90a
 #   on the GPU machine:  LORY_COMMIT=<hash> bash scripts/gpu_check_prebuilt.sh .gpucarry  (carry .gpucarry and .deps)
 # Environment: LORY_BENCH_FILTER (regex, default all), LORY_BENCH_TIMEOUT_S (default 120),
-#              LORY_SAN_TIMEOUT_S (per tool, default 60).
+#              LORY_SAN_TIMEOUT_S (per tool, default 60), LORY_TORCH_TIMEOUT_S (default 240),
+#              LORY_TORCH_BENCH_TIMEOUT_S (default 180).
 set -uo pipefail
 bin=${1:-.gpucarry}
 out=${OUT:-out}
@@ -39,8 +42,8 @@ san_total=0
 # Small, representative subsets (the sanitizers slow kernels down 10-100x; the lease is short).
 san_spec() {
   case $1 in
-    memcheck) echo "merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,merge_forward (CUDA cores) matches the CPU twin - float,swiglu_backward matches the CPU twin - __half,router_backward matches the CPU twin in every mode - __nv_bfloat16,router_forward matches the CPU twin in every mode - float";;
-    racecheck) echo "merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,router_forward matches the CPU twin in every mode - __nv_bfloat16,router_backward matches the CPU twin in every mode - float";;
+    memcheck) echo "merge_backward (tensor cores) matches the CPU twin in every mode - __nv_bfloat16,CUDA inference matches the double twin: bfloat16,merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,merge_forward (CUDA cores) matches the CPU twin - float,swiglu_backward matches the CPU twin - __half,router_backward matches the CPU twin in every mode - __nv_bfloat16,router_forward matches the CPU twin in every mode - float";;
+    racecheck) echo "merge_backward (tensor cores) matches the CPU twin in every mode - __half,merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,router_forward matches the CPU twin in every mode - __nv_bfloat16,router_backward matches the CPU twin in every mode - float";;
   esac
 }
 for tool in memcheck racecheck; do
@@ -65,6 +68,22 @@ timeout -k 5 "${LORY_BENCH_TIMEOUT_S:-120}" "$bin/lory_bench" --benchmark_filter
 echo "benchmarks=rc $rc" >> "$checks"
 [ $rc -eq 0 ] || echo "benchmarks: rc $rc (124 = timed out; partial JSON is summarised)"
 
+# The PyTorch extension, when a build made ahead of time for this machine's torch was carried
+# (scripts/build_torch_prebuilt.sh): its GPU tests, then bench/compare_torch.py (issue #6's table).
+if [ -f "$bin/lory_torch_cuda.so" ]; then
+  export LORY_TORCH_PREBUILT="$PWD/$bin/lory_torch_cuda.so" PYTHONUNBUFFERED=1
+  (cd examples/torch && timeout -k 5 "${LORY_TORCH_TIMEOUT_S:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests) \
+    > "$out/torch_tests.log" 2>&1; rc=$?
+  line=$(grep -E "passed|failed|error" "$out/torch_tests.log" | tail -1)
+  echo "torch_gpu_tests=rc $rc; ${line:-no summary}" >> "$checks"
+  echo "torch GPU tests: rc $rc; ${line:-no summary}"
+  [ $rc -eq 0 ] || fail+=("torch_gpu_tests")
+  timeout -k 5 "${LORY_TORCH_BENCH_TIMEOUT_S:-180}" python3 bench/compare_torch.py > "$out/compare_torch.md" 2>&1; rc=$?
+  echo "compare_torch=rc $rc" >> "$checks"
+  [ $rc -eq 0 ] || fail+=("compare_torch")
+fi
+
 python3 bench/summarize.py "$out/bench.json" --checks "$checks" | tee "$out/summary.txt"
+[ -f "$out/compare_torch.md" ] && tee -a "$out/summary.txt" < "$out/compare_torch.md"
 if [ ${#fail[@]} -gt 0 ]; then echo "GPU CHECK FAILED: ${fail[*]}"; exit 1; fi
 echo "GPU CHECK PASSED"

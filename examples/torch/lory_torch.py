@@ -8,6 +8,9 @@ The C++/CUDA extension (csrc/) is built on first use with torch.utils.cpp_extens
 * a CUDA build (CUDA ops via lory::MoeFfnCudaPlan, plus the CPU ops) otherwise, or when
   LORY_TORCH_FORCE_CUDA_BUILD=1 (compiles the CUDA sources on a machine without a GPU).
 
+LORY_TORCH_PREBUILT=/path/lory_torch_cuda.so skips the build and loads a CUDA build made ahead of
+time for this exact torch version (scripts/build_torch_prebuilt.sh; used on short GPU leases).
+
 Ops (namespace torch.ops.lory):
   moe_ffn_forward(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len,
                   max_chunk_segments=0, workspace_budget_bytes=0) -> (y, hbar, probs, weights)
@@ -48,7 +51,7 @@ def cuda_build_wanted() -> bool:
     """Whether load() builds the CUDA sources (see the module docstring)."""
     if _env_on("LORY_TORCH_CPU_ONLY"):
         return False
-    if _env_on("LORY_TORCH_FORCE_CUDA_BUILD"):
+    if _env_on("LORY_TORCH_FORCE_CUDA_BUILD") or os.environ.get("LORY_TORCH_PREBUILT"):
         return True
     return torch.cuda.is_available()
 
@@ -79,6 +82,12 @@ def load(verbose: bool = False) -> str:
         return _loaded
     from torch.utils import cpp_extension
 
+    prebuilt = os.environ.get("LORY_TORCH_PREBUILT")
+    if prebuilt and not _env_on("LORY_TORCH_CPU_ONLY"):
+        torch.ops.load_library(prebuilt)
+        _register_python_parts()
+        _loaded = "cuda"
+        return _loaded
     with_cuda = cuda_build_wanted()
     csrc = os.path.join(_HERE, "csrc")
     sources = [os.path.join(csrc, "lory_torch_ops.cpp")]
