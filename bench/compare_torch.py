@@ -5,6 +5,10 @@ on CUDA, in one run: forward and forward+backward times (CUDA events, median) an
 
     python3 bench/compare_torch.py                       # paper shapes, B=8, L=4096
     python3 bench/compare_torch.py --batch 2 --seq-len 1024 --iters 5   # a quick look
+    python3 bench/compare_torch.py --lory-budget-mb 1024,0               # one lory row per budget
+
+lory's workspace budget trades memory for time: a smaller budget processes the segments in more
+chunks, and every chunk reads all experts' weights again (merge, recomputed merge, merge backward).
 
 Exits 0 with "skipped: no CUDA" on a machine without a GPU.
 """
@@ -53,8 +57,9 @@ def main():
                     help="comma-separated dxfxE, default %(default)s")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--lory-budget-mb", type=int, default=1024,
-                    help="lory's workspace budget (0: one chunk of all segments)")
+    ap.add_argument("--lory-budget-mb", default="1024,2048,0",
+                    help="comma-separated workspace budgets of lory's layer in MiB (0: one chunk of all "
+                         "segments), default %(default)s")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA")
@@ -67,23 +72,25 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     dev, dt = "cuda", torch.bfloat16
     B, L, T = args.batch, args.seq_len, args.segment_len
-    budget = args.lory_budget_mb << 20
+    budgets = [int(b) for b in args.lory_budget_mb.split(",")]
     print(f"# lory vs plain PyTorch, bf16, B={B}, L={L}, T={T}, causal routing, "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lory workspace budget {args.lory_budget_mb} MiB\n")
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lory workspace budgets {budgets} MiB\n")
     rows = []
     for spec in args.shapes.split(","):
         d, f, E = map(int, spec.split("x"))
         torch.manual_seed(0)
-        layer = lory_torch.LoryMoEFFN(d, f, E, routing="causal", segment_len=T, device=dev, dtype=dt,
-                                      workspace_budget_bytes=budget)
+        layer = lory_torch.LoryMoEFFN(d, f, E, routing="causal", segment_len=T, device=dev, dtype=dt)
         x = torch.randn(B, L, d, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(B, L, d, device=dev, dtype=dt)
-        impls = {
-            "lory": lambda: layer(x),
-            "torch": lambda: ref.lory_ffn(x, layer.W_r, layer.W_g, layer.W_u, layer.W_d, "causal", T),
-        }
+        def lory_with(mb):
+            def run():
+                layer.workspace_budget_bytes = mb << 20
+                return layer(x)
+            return run
+        impls = {(f"lory {mb} MiB" if mb else "lory one chunk"): lory_with(mb) for mb in budgets}
+        impls["torch"] = lambda: ref.lory_ffn(x, layer.W_r, layer.W_g, layer.W_u, layer.W_d, "causal", T)
         with torch.no_grad():
-            y_l, y_t = impls["lory"](), impls["torch"]()
+            y_l, y_t = impls[next(iter(impls))](), impls["torch"]()
             err = ((y_l.float() - y_t.float()).norm() / y_t.float().norm()).item()
             del y_l, y_t
         res = {}
@@ -106,14 +113,16 @@ def main():
     print("| d | f | E | impl | fwd ms | fwd+bwd ms | peak extra GiB |")
     print("|---|---|---|---|---|---|---|")
     for d, f, E, res, _ in rows:
-        for name in ("lory", "torch"):
-            fw, fb, mem = res[name]
+        for name, (fw, fb, mem) in res.items():
             print(f"| {d} | {f} | {E} | {name} | {fw:.2f} | {fb:.2f} | {mem:.2f} |")
-    print("\n| d | f | E | fwd speedup (torch/lory) | fwd+bwd speedup | peak memory ratio (torch/lory) | y rel. diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| d | f | E | lory | fwd speedup (torch/lory) | fwd+bwd speedup | peak memory ratio (torch/lory) | y rel. diff |")
+    print("|---|---|---|---|---|---|---|---|")
     for d, f, E, res, err in rows:
-        (lf, lb, lm), (tf, tb, tm) = res["lory"], res["torch"]
-        print(f"| {d} | {f} | {E} | {tf / lf:.2f}x | {tb / lb:.2f}x | {tm / max(lm, 1e-9):.2f}x | {err:.1e} |")
+        tf, tb, tm = res["torch"]
+        for name, (lf, lb, lm) in res.items():
+            if name == "torch":
+                continue
+            print(f"| {d} | {f} | {E} | {name} | {tf / lf:.2f}x | {tb / lb:.2f}x | {tm / max(lm, 1e-9):.2f}x | {err:.1e} |")
     return 0
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The short-lease variant of the one-shot GPU check: runs test and benchmark binaries that were
 # built on a CPU machine (for sm_90a) and carried along, so no device time goes to compiling.
-# Runs: the GPU tests (all), the CPU and launcher tests, compute-sanitizer memcheck and racecheck
-# over the small GPU tests, the benchmarks; prints the summary table last (bench/summarize.py).
+# Runs: the GPU tests (all), the CPU and launcher tests, the training demo on the GPU (if carried),
+# compute-sanitizer memcheck and racecheck over the small GPU tests, the benchmarks, the PyTorch
+# extension's GPU tests and comparison (if carried); prints the summary table last (bench/summarize.py).
 #   on the CPU machine:  scripts/stage_gpu_deps.sh && cmake --preset default && cmake --build build
 #                        mkdir -p .gpucarry && cp build/tests/lory_{cpu,launch,gpu}_tests build/bench/lory_bench .gpucarry/
+#                        (optional: cp build/examples/lory_train_demo .gpucarry/ runs the demo's CUDA backend)
 #   optional, the PyTorch extension for the GPU machine's torch (2.11.0 in 2026-11):
 #                        scripts/build_torch_prebuilt.sh 2.11.0 .gpucarry/lory_torch_cuda.so 90a
 #   on the GPU machine:  LORY_COMMIT=<hash> bash scripts/gpu_check_prebuilt.sh .gpucarry  (carry .gpucarry and .deps)
@@ -37,6 +39,16 @@ run_tests() {  # name, binary, args...
 run_tests cpu_tests "$bin/lory_cpu_tests"
 run_tests launch_tests "$bin/lory_launch_tests"
 run_tests gpu_tests "$bin/lory_gpu_tests" --durations yes
+
+# The training demo's CUDA backend (examples/train_demo.cu), when its binary was carried.
+if [ -x "$bin/lory_train_demo" ]; then
+  echo "### lory_train_demo --device gpu" >> "$out/tests.log"
+  timeout -k 5 120 "$bin/lory_train_demo" --device gpu >> "$out/tests.log" 2>&1; rc=$?
+  line=$(grep -E "final training loss" "$out/tests.log" | tail -1)
+  echo "train_demo_gpu=rc $rc; ${line:-no summary}" >> "$checks"
+  echo "train demo (GPU): rc $rc; ${line:-no summary}"
+  [ $rc -eq 0 ] || fail+=("train_demo_gpu")
+fi
 
 san_total=0
 # Small, representative subsets (the sanitizers slow kernels down 10-100x; the lease is short).

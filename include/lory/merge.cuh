@@ -267,8 +267,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
 // params x all experts; 8 warps = 4 (N, 64 params each) x 2 (M). The slice's
 // routing weights (hi and lo) stay in shared memory; a warp keeps its B
 // fragments (experts x 64 params) in registers for the whole tile and sweeps
-// the slice's segments 16 at a time. The next tile's W travels in registers
-// while the current one is computed (E <= 16; else two blocks per SM overlap).
+// the slice's segments 16 at a time. With 16-byte aligned views the next
+// tile's W arrives by cp.async into a second buffer while the current one is
+// computed (the first version prefetched through registers for E <= 16 only, and
+// measured 57-66% of copy bandwidth at E = 32 on an H200); the scalar path loads
+// each tile when it starts.
 // ---------------------------------------------------------------------------
 template <class T, int kKSteps>
 struct MergeForwardTcConfig {
@@ -276,15 +279,13 @@ struct MergeForwardTcConfig {
   static constexpr int kWarpN = 64;
   static constexpr int kRowsPerPass = 32;  // 2 warp rows x 16 segments
   static constexpr int kK = kKSteps * 16;
-  // Vectors per thread of the next W tile held in registers: only where they do not cost occupancy.
-  static constexpr int kPrefetch = kKSteps == 1 ? kK * (kTileN / 8) / kMergeThreads : 0;
   // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
   static constexpr int kWRow = kTileN + 8;
   static constexpr int kARow = kK + 8;
   static constexpr int kStageRow = kWarpN + 8;
   static constexpr size_t kWBytes = size_t(kK) * kWRow * sizeof(T);
   static constexpr size_t kStageBytes = size_t(16) * kStageRow * sizeof(T);
-  static constexpr size_t kFixedBytes = kWBytes + (kMergeThreads / 32) * kStageBytes;
+  static constexpr size_t kFixedBytes = 2 * kWBytes + (kMergeThreads / 32) * kStageBytes;  // two W buffers
   static int64_t bytes_per_segment() { return int64_t(2) * kARow * sizeof(T); }  // hi + lo
   static size_t smem_bytes(int64_t slice_rows) { return kFixedBytes + size_t(slice_rows * bytes_per_segment()); }
 };
@@ -297,15 +298,14 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
   constexpr int kK = Cfg::kK, kWRow = Cfg::kWRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = Cfg::kTileN / V;
-  constexpr int kPre = Cfg::kPrefetch;
   LORY_DYNAMIC_SMEM(merge_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_n = warp % 4, warp_m = warp / 4;
   const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * p.segs_per_slice;
   const int64_t s_end = s_begin + p.segs_per_slice < p.S ? s_begin + p.segs_per_slice : p.S;
   const int64_t slice_rows = (s_end - s_begin + 15) / 16 * 16;
-  T* w_s = reinterpret_cast<T*>(merge_smem);                                                // [kK][kWRow]
-  T* stage = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + warp * Cfg::kStageBytes);     // [16][kStageRow]
+  T* const w_buf = reinterpret_cast<T*>(merge_smem);                                        // [2][kK][kWRow]
+  T* stage = reinterpret_cast<T*>(merge_smem + 2 * Cfg::kWBytes + warp * Cfg::kStageBytes); // [16][kStageRow]
   T* a_hi = reinterpret_cast<T*>(merge_smem + Cfg::kFixedBytes);                            // [slice rows][kARow]
   T* a_lo = a_hi + slice_rows * kARow;                                                      // [slice rows][kARow]
   const int g = lane / 4, t = lane % 4;
@@ -317,32 +317,41 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
     const float w = (s_begin + r < s_end && k < p.E) ? p.weights[(s_begin + r) * p.E + k] : 0.f;
     split_hi_lo(w, a_hi[r * kARow + k], a_lo[r * kARow + k]);
   }
-  // Expert rows k >= E are zero: they meet zero weights, and 0 * garbage could be NaN.
-  auto load_w = [&](int64_t tile, int i) {
-    const int k = i / kRowVecs, v = i % kRowVecs;
-    return k < p.E ? load_row_vec<T, kVecIO>(p.W + k * p.w_stride, tile * Cfg::kTileN + v * V, p.P)
-                   : zero_vec16<T>();
-  };
-  Vec16<T> pre[kPre > 0 ? kPre : 1];
-  if (kPre > 0 && blockIdx.x < p.tiles) {
-#pragma unroll
-    for (int j = 0; j < kPre; ++j) pre[j] = load_w(blockIdx.x, threadIdx.x + j * kMergeThreads);
-  }
-
-  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    const int64_t tile_col = tile * Cfg::kTileN;
-    __syncthreads();  // every warp has its B fragments of the previous tile (and the weights are in place)
-    if (kPre > 0) {
-#pragma unroll
-      for (int j = 0; j < kPre; ++j) {
-        const int i = threadIdx.x + j * kMergeThreads;
-        *reinterpret_cast<Vec16<T>*>(w_s + (i / kRowVecs) * kWRow + (i % kRowVecs) * V) = pre[j];
+  // A W tile into a buffer. Expert rows k >= E are zero: they meet zero weights, and 0 * garbage
+  // could be NaN. Vector path: cp.async (zero-filled past E and past P), one commit group.
+  auto fill_w = [&](int64_t tile, T* dst) {
+    for (int i = threadIdx.x; i < kK * kRowVecs; i += kMergeThreads) {
+      const int k = i / kRowVecs, v = i % kRowVecs;
+      const int64_t col = tile * Cfg::kTileN + v * V;
+      T* d = dst + k * kWRow + v * V;
+      if constexpr (kVecIO) {
+        const int bytes = (k < p.E && col < p.P) ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
+        cp_async_16(d, bytes ? p.W + k * p.w_stride + col : p.W, bytes);
+      } else {
+        *reinterpret_cast<Vec16<T>*>(d) =
+            k < p.E ? load_row_vec<T, false>(p.W + k * p.w_stride, col, p.P) : zero_vec16<T>();
       }
-    } else {
-      for (int i = threadIdx.x; i < kK * kRowVecs; i += kMergeThreads)
-        *reinterpret_cast<Vec16<T>*>(w_s + (i / kRowVecs) * kWRow + (i % kRowVecs) * V) = load_w(tile, i);
     }
-    __syncthreads();
+    if constexpr (kVecIO) cp_async_commit();
+  };
+  if (kVecIO && blockIdx.x < p.tiles) fill_w(blockIdx.x, w_buf);
+
+  int buf = 0;
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x, buf ^= 1) {
+    const int64_t tile_col = tile * Cfg::kTileN;
+    const int64_t next = tile + gridDim.x;
+    T* const w_s = w_buf + (kVecIO ? buf : 0) * (kK * kWRow);
+    if constexpr (kVecIO) {
+      cp_async_wait<0>();
+      // This tile's W (and, the first time, the weights) is in place for everyone, and every warp
+      // has its B fragments of the previous tile: the other buffer is free for the next tile's W.
+      __syncthreads();
+      if (next < p.tiles) fill_w(next, w_buf + (buf ^ 1) * (kK * kWRow));
+    } else {
+      __syncthreads();  // every warp has its B fragments of the previous tile (and the weights are in place)
+      fill_w(tile, w_s);
+      __syncthreads();
+    }
     uint32_t b[kKSteps][8][2];
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks)
@@ -358,11 +367,6 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
         b[ks][2 * np + 1][0] = r[2];
         b[ks][2 * np + 1][1] = r[3];
       }
-    const int64_t next = tile + gridDim.x;
-    if (kPre > 0 && next < p.tiles) {
-#pragma unroll
-      for (int j = 0; j < kPre; ++j) pre[j] = load_w(next, threadIdx.x + j * kMergeThreads);
-    }
 
 #pragma unroll 1
     for (int64_t r0 = warp_m * 16; r0 < slice_rows; r0 += 32) {
@@ -597,20 +601,24 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------
 // Backward, tensor cores (bf16 / fp16 storage, E <= 64, 16-byte aligned views).
-// Checked by tests/gpu/test_merge.cu under the CPU emulator (tests/emu/); not
-// yet run on a GPU.
 //
-// Block tile: 128 params x all experts (K padded to EP = 16 * kKSteps); the G
-// rows are staged 32 segments at a time, the next chunk travelling in
-// registers while the current one is computed. Per chunk:
+// Block tile: 128 params x all experts (K padded to EP = 16 * kKSteps). The
+// block's steps -- (tile, chunk of 32 segments) pairs over all its tiles --
+// run through a kStages-deep cp.async pipeline: each stage holds a chunk of G
+// rows and the chunk's fp32 routing weights, and kStages - 1 steps are in
+// flight while one is computed (the version that staged one chunk through
+// registers kept ~8 KB in flight per block and measured 19-29% of copy
+// bandwidth on an H200). Per step:
 //   dW  [EP x 128] += e^T [EP x 32] . G [32 x 128]  (M = experts, N = params,
 //       K = segments). Warp w owns params 16w..16w+15 for all experts; the fp32
 //       accumulators stay in registers over all of S and are written once per tile.
-//       The routing weights enter as hi + lo 16-bit operands (two mmas).
+//       The routing weights enter as hi + lo 16-bit operands (two mmas), built
+//       in registers from the stage's fp32 weights.
 //   de  [32 x EP] = G [32 x 128] . W^T [128 x EP]   (M = segments, N = experts,
 //       K = params). Unit (m16, n8) u goes to warp u % 8, which runs the whole K
 //       of the tile: every (segment, expert) of the partial has one owner
 //       thread, so it is added without atomics and in a fixed order.
+// The W tile of the block's next tile travels in registers during the current tile.
 // Padding: segments past S and params past P are zero in G and in the weights,
 // experts past E are zero in W and in the weights, so no 0 * garbage (NaN) is ever
 // summed into a stored value.
@@ -619,28 +627,32 @@ template <class T, int kKSteps>
 struct MergeBackwardTcConfig {
   static constexpr int kTileN = 128;
   static constexpr int kChunk = 32;  // segments per step (K of the dW product)
+  static constexpr int kStages = 4;  // pipeline depth (steps resident in shared memory)
   static constexpr int kEP = 16 * kKSteps;
   static constexpr int kWarps = kMergeThreads / 32;
   static constexpr int kWarpN = kTileN / kWarps;  // 16 params per warp for dW
   static constexpr int kDeUnits = (kChunk / 16) * (kEP / 8);
   static constexpr int kDeUnitsPerWarp = (kDeUnits + kWarps - 1) / kWarps;
   // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
-  static constexpr int kRow = kTileN + 8;     // W tile and G chunk rows
-  static constexpr int kARow = kChunk + 8;    // transposed weights rows (hi and lo)
+  static constexpr int kRow = kTileN + 8;       // W tile and G chunk rows
+  // fp32 weights rows of a stage: a stride of 4 (mod 32) words puts the 32 lanes' (segment 2t,
+  // expert g) reads of an A fragment in 32 different banks.
+  static constexpr int kWRow = kEP + 4;
   static constexpr int kStageRow = kWarpN + 4;  // fp32 staging of a warp's 16 x 16 dW block
-  static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;  // G vectors per thread per chunk
-  static constexpr int kAVals = kEP * kChunk / kMergeThreads;          // weights per thread per chunk
+  static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;  // G vectors per thread per step
+  static constexpr int kWVecs = kEP * kTileN / 8 / kMergeThreads;     // W tile vectors per thread
   static constexpr size_t kWBytes = size_t(kEP) * kRow * sizeof(T);
-  static constexpr size_t kGBytes = size_t(kChunk) * kRow * sizeof(T);
-  static constexpr size_t kABytes = size_t(kEP) * kARow * sizeof(T);  // one of hi / lo
+  static constexpr size_t kGBytes = size_t(kChunk) * kRow * sizeof(T);          // per stage
+  static constexpr size_t kEBytes = size_t(kChunk) * kWRow * sizeof(float);     // per stage
   static constexpr size_t kStageBytes = size_t(kWarps) * 16 * kStageRow * sizeof(float);
-  static constexpr size_t kFixedBytes = kWBytes + kGBytes + 2 * kABytes + kStageBytes;
+  static constexpr size_t kFixedBytes = kWBytes + kStages * (kGBytes + kEBytes) + kStageBytes;
   static size_t smem_bytes(int64_t S, int E, bool partial_in_smem) {
     return kFixedBytes + (partial_in_smem ? size_t(S) * E * sizeof(float) : 0);
   }
   static_assert(kGVecs * kMergeThreads * 8 == kChunk * kTileN, "G chunk split evenly over the threads");
-  static_assert(kAVals * kMergeThreads == kEP * kChunk, "weights chunk split evenly over the threads");
-  static_assert(kFixedBytes % 16 == 0 && kWBytes % 16 == 0 && kGBytes % 16 == 0 && kABytes % 16 == 0,
+  static_assert(kWVecs * kMergeThreads * 8 == kEP * kTileN, "W tile split evenly over the threads");
+  static_assert(kWRow % 32 == 4 || kWRow % 32 == 20, "A-fragment reads of the weights free of bank conflicts");
+  static_assert(kFixedBytes % 16 == 0 && kWBytes % 16 == 0 && kGBytes % 16 == 0 && kEBytes % 16 == 0,
                 "16-byte aligned shared-memory regions");
 };
 
@@ -650,19 +662,18 @@ template <class T, int kKSteps>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
   using Cfg = MergeBackwardTcConfig<T, kKSteps>;
-  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
-  constexpr int kRow = Cfg::kRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
+  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN, kStages = Cfg::kStages;
+  constexpr int kRow = Cfg::kRow, kWRow = Cfg::kWRow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = kTileN / V;  // 16
   LORY_DYNAMIC_SMEM(merge_smem);
-  T* w_s = reinterpret_cast<T*>(merge_smem);                                            // [kEP][kRow]
-  T* g_s = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                             // [kChunk][kRow]
-  T* a_hi = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes);             // [kEP][kARow]
-  T* a_lo = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes + Cfg::kABytes);
+  T* w_s = reinterpret_cast<T*>(merge_smem);                                   // [kEP][kRow]
+  T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                   // [kStages][kChunk][kRow]
+  float* e_st = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * Cfg::kGBytes);  // [kStages][kChunk][kWRow]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + Cfg::kGBytes + 2 * Cfg::kABytes) +
-                 warp * 16 * kStageRow;                                                 // [16][kStageRow]
+  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * (Cfg::kGBytes + Cfg::kEBytes)) +
+                 warp * 16 * kStageRow;                                        // [16][kStageRow]
   const int E = p.E;
   const int64_t SE = p.S * E;
   float* part = !p.want_de ? nullptr
@@ -670,137 +681,150 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
                                     : p.partials + blockIdx.x * SE;
   const bool want_dw = p.dW != nullptr;
   const int64_t chunks = (p.S + kChunk - 1) / kChunk;
+  const int64_t my_tiles = blockIdx.x < p.tiles ? (p.tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int64_t steps = my_tiles * chunks;
 
   if (p.want_de) {
     for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) part[i] = 0.f;
   }
+  if (want_dw && E < kEP) {  // the weights' expert padding, never written by the copies
+    const int pad = kEP - E;
+    for (int i = threadIdx.x; i < kStages * kChunk * pad; i += kMergeThreads)
+      e_st[(i / pad) * kWRow + E + i % pad] = 0.f;
+  }
 
-  // One step's global loads into registers: the G chunk (rows past S are zero)
-  // and, for dW, the chunk's routing weights (zero past S and past E).
-  Vec16<T> g_pre[Cfg::kGVecs];
-  float a_pre[Cfg::kAVals];
-  auto fetch = [&](int64_t tile, int64_t chunk) {
-    const int64_t s0 = chunk * kChunk;
-#pragma unroll
-    for (int j = 0; j < Cfg::kGVecs; ++j) {
-      const int i = threadIdx.x + j * kMergeThreads;
-      const int64_t s = s0 + i / kRowVecs;
-      g_pre[j] = s < p.S ? load_row_vec<T, true>(p.G + s * p.g_stride, tile * kTileN + (i % kRowVecs) * V, p.P)
-                         : zero_vec16<T>();
-    }
-#pragma unroll
-    for (int j = 0; j < Cfg::kAVals; ++j) {
-      const int i = threadIdx.x + j * kMergeThreads;
-      const int e = i % kEP;
-      const int64_t s = s0 + i / kEP;
-      a_pre[j] = (want_dw && s < p.S && e < E) ? p.weights[s * E + e] : 0.f;
-    }
-  };
-  if (blockIdx.x < p.tiles) fetch(blockIdx.x, 0);
-
-  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    const int64_t tile_col = tile * kTileN;
-    float acc[kKSteps][2][4];  // dW: [expert m-tile][param n-tile of this warp][fragment]
-#pragma unroll
-    for (int mt = 0; mt < kKSteps; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
-
-    __syncthreads();  // the previous tile's readers are done with every buffer; partial zeroing visible
-    if (p.want_de) {
-      for (int i = threadIdx.x; i < kEP * kRowVecs; i += kMergeThreads) {
-        const int e = i / kRowVecs, v = i % kRowVecs;
-        *reinterpret_cast<Vec16<T>*>(w_s + e * kRow + v * V) =
-            e < E ? load_row_vec<T, true>(p.W + e * p.w_stride, tile_col + v * V, p.P) : zero_vec16<T>();
-      }
-    }
-
-#pragma unroll 1
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const int64_t s0 = chunk * kChunk;
-      if (chunk > 0) __syncthreads();  // the previous chunk's readers are done with g_s and a_hi / a_lo
+  // Step k's copies into stage k % kStages: the G chunk (zero-filled past S and past P) and, for
+  // dW, its routing weights (zero-filled past S). Every call commits one group, empty past the
+  // last step, so wait_group counts steps.
+  auto issue = [&](int64_t k) {
+    if (k < steps) {
+      const int64_t col0 = (blockIdx.x + (k / chunks) * gridDim.x) * kTileN;
+      const int64_t s0 = (k % chunks) * kChunk;
+      T* gs = g_st + (k % kStages) * (kChunk * kRow);
 #pragma unroll
       for (int j = 0; j < Cfg::kGVecs; ++j) {
         const int i = threadIdx.x + j * kMergeThreads;
-        *reinterpret_cast<Vec16<T>*>(g_s + (i / kRowVecs) * kRow + (i % kRowVecs) * V) = g_pre[j];
+        const int r = i / kRowVecs, v = i % kRowVecs;
+        const int64_t s = s0 + r, col = col0 + v * V;
+        const int bytes = (s < p.S && col < p.P) ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
+        cp_async_16(gs + r * kRow + v * V, bytes ? p.G + s * p.g_stride + col : p.G, bytes);
       }
       if (want_dw) {
-#pragma unroll
-        for (int j = 0; j < Cfg::kAVals; ++j) {
-          const int i = threadIdx.x + j * kMergeThreads;
-          const int e = i % kEP, s = i / kEP;
-          split_hi_lo(a_pre[j], a_hi[e * kARow + s], a_lo[e * kARow + s]);
+        float* es = e_st + (k % kStages) * (kChunk * kWRow);
+        for (int i = threadIdx.x; i < kChunk * E; i += kMergeThreads) {
+          const int r = i / E, e = i % E;
+          const int64_t s = s0 + r;
+          cp_async_4(es + r * kWRow + e, s < p.S ? p.weights + s * E + e : p.weights, s < p.S ? 4 : 0);
         }
       }
-      __syncthreads();
-      // The next step's loads fly while this chunk is computed.
-      if (chunk + 1 < chunks) {
-        fetch(tile, chunk + 1);
-      } else if (tile + gridDim.x < p.tiles) {
-        fetch(tile + gridDim.x, 0);
-      }
+    }
+    cp_async_commit();
+  };
+  // A W tile's rows into registers (zero past E and past P).
+  Vec16<T> w_pre[Cfg::kWVecs];
+  auto fetch_w = [&](int64_t tile) {
+#pragma unroll
+    for (int j = 0; j < Cfg::kWVecs; ++j) {
+      const int i = threadIdx.x + j * kMergeThreads;
+      const int e = i / kRowVecs, v = i % kRowVecs;
+      w_pre[j] = e < E ? load_row_vec<T, true>(p.W + e * p.w_stride, tile * kTileN + v * V, p.P) : zero_vec16<T>();
+    }
+  };
 
-      if (want_dw) {
-        const int q = lane / 8;
+  if (p.want_de && my_tiles > 0) fetch_w(blockIdx.x);
 #pragma unroll
-        for (int ks = 0; ks < kChunk / 16; ++ks) {
-          // B = G chunk [K = segments][N = params], row-major: transposed ldmatrix.
-          uint32_t r[4];
-          ldmatrix_x4_trans(r, g_s + (ks * 16 + (q & 1) * 8 + lane % 8) * kRow + warp * Cfg::kWarpN + (q >> 1) * 8);
-          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+  for (int k = 0; k < kStages - 1; ++k) issue(k);
+
+  float acc[kKSteps][2][4] = {};  // dW: [expert m-tile][param n-tile of this warp][fragment], reset per tile
+#pragma unroll 1
+  for (int64_t k = 0; k < steps; ++k) {
+    const int64_t tile = blockIdx.x + (k / chunks) * gridDim.x;
+    const int64_t tile_col = tile * kTileN;
+    const int64_t chunk = k % chunks, s0 = chunk * kChunk;
+    if (chunk == 0) {
 #pragma unroll
-          for (int mt = 0; mt < kKSteps; ++mt) {
-            // A = e^T [M = experts][K = segments], row-major.
-            uint32_t ah[4], al[4];
-            const int off = (mt * 16 + lane % 16) * kARow + ks * 16 + (lane / 16) * 8;
-            ldmatrix_x4(ah, a_hi + off);
-            ldmatrix_x4(al, a_lo + off);
-            mma_16816<T>(acc[mt][0], al, b0);
-            mma_16816<T>(acc[mt][0], ah, b0);
-            mma_16816<T>(acc[mt][1], al, b1);
-            mma_16816<T>(acc[mt][1], ah, b1);
+      for (int mt = 0; mt < kKSteps; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+      if (p.want_de) {
+        __syncthreads();  // the previous tile's readers of w_s are done
+#pragma unroll
+        for (int j = 0; j < Cfg::kWVecs; ++j) {
+          const int i = threadIdx.x + j * kMergeThreads;
+          *reinterpret_cast<Vec16<T>*>(w_s + (i / kRowVecs) * kRow + (i % kRowVecs) * V) = w_pre[j];
+        }
+        if (tile + gridDim.x < p.tiles) fetch_w(tile + gridDim.x);  // in flight for a whole tile
+      }
+    }
+    cp_async_wait<kStages - 2>();  // this thread's copies of step k have landed
+    __syncthreads();  // everyone's have (and w_s); every thread is done with step k - 1's stage
+    issue(k + kStages - 1);        // refills the stage step k - 1 used
+    const T* gs = g_st + (k % kStages) * (kChunk * kRow);
+    const float* es = e_st + (k % kStages) * (kChunk * kWRow);
+
+    if (want_dw) {
+      const int q = lane / 8;
+#pragma unroll
+      for (int ks = 0; ks < kChunk / 16; ++ks) {
+        // B = G chunk [K = segments][N = params], row-major: transposed ldmatrix.
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, gs + (ks * 16 + (q & 1) * 8 + lane % 8) * kRow + warp * Cfg::kWarpN + (q >> 1) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+#pragma unroll
+        for (int mt = 0; mt < kKSteps; ++mt) {
+          // A = e^T [M = experts][K = segments]: a_h holds (expert mt*16 + g + 8 (h & 1),
+          // segments ks*16 + 2t + 8 (h >> 1) and the next), read from the fp32 weights [segment][expert].
+          uint32_t ah[4], al[4];
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            const float* w = es + (ks * 16 + 2 * t + (h >> 1) * 8) * kWRow + mt * 16 + g + (h & 1) * 8;
+            split_pack2<T>(w[0], w[kWRow], ah[h], al[h]);
           }
+          mma_16816<T>(acc[mt][0], al, b0);
+          mma_16816<T>(acc[mt][0], ah, b0);
+          mma_16816<T>(acc[mt][1], al, b1);
+          mma_16816<T>(acc[mt][1], ah, b1);
         }
       }
-      if (p.want_de) {
-        const int q = lane / 8;
+    }
+    if (p.want_de) {
+      const int q = lane / 8;
 #pragma unroll
-        for (int j = 0; j < Cfg::kDeUnitsPerWarp; ++j) {
-          const int u = warp + j * Cfg::kWarps;
-          const int mt = u % (kChunk / 16), nt = u / (kChunk / 16);
-          // Warp-uniform: skip units wholly past E or past the chunk's last segment.
-          if (u >= Cfg::kDeUnits || nt * 8 >= E || s0 + mt * 16 >= p.S) continue;
-          float c[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int j = 0; j < Cfg::kDeUnitsPerWarp; ++j) {
+        const int u = warp + j * Cfg::kWarps;
+        const int mt = u % (kChunk / 16), nt = u / (kChunk / 16);
+        // Warp-uniform: skip units wholly past E or past the chunk's last segment.
+        if (u >= Cfg::kDeUnits || nt * 8 >= E || s0 + mt * 16 >= p.S) continue;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-          for (int kk = 0; kk < kTileN / 16; kk += 2) {
-            // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
-            uint32_t rb[4];
-            ldmatrix_x4(rb, w_s + (nt * 8 + lane % 8) * kRow + kk * 16 + q * 8);
-            const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
-            // A = G chunk [M = segments][K = params], row-major.
-            uint32_t a0[4], a1[4];
-            ldmatrix_x4(a0, g_s + (mt * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
-            ldmatrix_x4(a1, g_s + (mt * 16 + lane % 16) * kRow + (kk + 1) * 16 + (lane / 16) * 8);
-            mma_16816<T>(c, a0, b0);
-            mma_16816<T>(c, a1, b1);
-          }
-          // c0, c1: (segment g, experts 2t, 2t+1); c2, c3: segment g + 8. One owner per element.
-          const int e = nt * 8 + 2 * t;
+        for (int kk = 0; kk < kTileN / 16; kk += 2) {
+          // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
+          uint32_t rb[4];
+          ldmatrix_x4(rb, w_s + (nt * 8 + lane % 8) * kRow + kk * 16 + q * 8);
+          const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
+          // A = G chunk [M = segments][K = params], row-major.
+          uint32_t a0[4], a1[4];
+          ldmatrix_x4(a0, gs + (mt * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+          ldmatrix_x4(a1, gs + (mt * 16 + lane % 16) * kRow + (kk + 1) * 16 + (lane / 16) * 8);
+          mma_16816<T>(c, a0, b0);
+          mma_16816<T>(c, a1, b1);
+        }
+        // c0, c1: (segment g, experts 2t, 2t+1); c2, c3: segment g + 8. One owner per element.
+        const int e = nt * 8 + 2 * t;
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t s = s0 + mt * 16 + g + 8 * h;
-            if (s < p.S) {
-              if (e < E) part[s * E + e] += c[2 * h];
-              if (e + 1 < E) part[s * E + e + 1] += c[2 * h + 1];
-            }
+        for (int h = 0; h < 2; ++h) {
+          const int64_t s = s0 + mt * 16 + g + 8 * h;
+          if (s < p.S) {
+            if (e < E) part[s * E + e] += c[2 * h];
+            if (e + 1 < E) part[s * E + e + 1] += c[2 * h + 1];
           }
         }
       }
     }
 
-    if (want_dw) {
+    if (want_dw && chunk == chunks - 1) {
       // Per expert m-tile: fp32 accumulators -> this warp's staging block -> 16-byte rows
       // (two lanes per expert row), adding the old dW in fp32 when accumulating.
       const int row = lane / 2, half = lane % 2;
@@ -832,6 +856,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
       }
     }
   }
+  cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
   flush_backward_partial(p, part, SE);
 #endif
 }

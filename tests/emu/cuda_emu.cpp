@@ -122,7 +122,15 @@ void ctx_init(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
 }
 #endif
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+
 struct Fiber {
+  std::vector<AsyncCopy> copies;   // cp.async queue, oldest first
+  std::vector<size_t> group_ends;  // end index in `copies` of each committed group, oldest first
   FiberCtx ctx;
   char* stack = nullptr;
   uint3 tid;
@@ -202,10 +210,23 @@ void release_block_if_complete(Block& b) {
   ++b.gen;
 }
 
+// Performs the first n queued copies of f.
+void perform_copies(Fiber& f, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const AsyncCopy& c = f.copies[i];
+    std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+    std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+  }
+  f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(n));
+  for (size_t& e : f.group_ends) e -= n;
+}
+
 [[noreturn]] void fiber_entry() {
   Block& b = *g_block;
   (*b.body)();
   Fiber& f = b.fibers[b.cur];
+  perform_copies(f, f.copies.size());  // a thread's copies complete even if it never waited
+  f.group_ends.clear();
   f.done = true;
   --b.live;
   --b.wlive[f.warp];
@@ -289,6 +310,30 @@ const uint3& block_idx() { return block().bid; }
 const dim3& block_dim() { return block().bdim; }
 const dim3& grid_dim() { return block().gdim; }
 unsigned char* dynamic_smem() { return block().smem.empty() ? nullptr : block().smem.data(); }
+
+void cp_async(void* smem_dst, const void* src, int bytes, int src_bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async copies 4, 8 or 16 bytes");
+  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async src-size outside [0, cp-size]");
+  check_smem(smem_dst, static_cast<size_t>(bytes), "cp.async destination");
+  if (reinterpret_cast<uintptr_t>(smem_dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0))
+    fail("cp.async address not aligned to its size");
+  me().copies.push_back(AsyncCopy{smem_dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Fiber& f = me();
+  f.group_ends.push_back(f.copies.size());
+}
+
+void cp_async_wait(int n) {
+  Fiber& f = me();
+  if (n < 0) fail("cp.async.wait_group with a negative count");
+  if (f.group_ends.size() <= static_cast<size_t>(n)) return;
+  const size_t done = f.group_ends.size() - static_cast<size_t>(n);
+  const size_t upto = f.group_ends[done - 1];
+  f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + static_cast<std::ptrdiff_t>(done));
+  perform_copies(f, upto);
+}
 
 void syncthreads() {
   Block& b = block();

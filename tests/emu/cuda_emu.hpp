@@ -10,6 +10,8 @@
 //     reach, aborts with a message);
 //   - warp collectives (ldmatrix, mma.sync m16n8k16, shuffles) gather all 32
 //     lanes and compute what the PTX ISA says each lane receives;
+//   - cp.async copies land in shared memory only at the issuing thread's
+//     wait_group, so a read that is not ordered after it sees stale data;
 //   - dynamic shared memory is poisoned (all bits set: NaN in every float
 //     type) at block start, and ldmatrix checks its addresses against it;
 //   - launch limits are checked (threads per block, dynamic shared memory
@@ -67,6 +69,14 @@ void syncwarp();
 // lanes (lane order), then every lane continues with its `out` filled.
 using Combine = void (*)(const void* const* ins, void* const* outs);
 void warp_collective(const void* in, void* out, Combine combine);
+
+// cp.async: queued per thread (the destination must lie in dynamic shared memory, both addresses
+// aligned to `bytes`); commit closes the thread's open group; wait(n) performs every copy of the
+// thread's committed groups but the newest n (src_bytes read, the rest of `bytes` zero-filled).
+// Copies still queued when a thread exits are performed then.
+void cp_async(void* smem_dst, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int n);
 
 // Aborts the test run with a message (a kernel broke a rule of the model).
 [[noreturn]] void fail(const char* what);

@@ -2,7 +2,7 @@
 //
 // Only what merge.cuh needs: ldmatrix loads of 8x8 b16 tiles from shared
 // memory, the m16n8k16 mma with fp32 accumulation for bf16 and fp16 operands,
-// and the hi + lo split that keeps ~16 bits of a routing weight in two
+// cp.async copies into shared memory, and the hi + lo split that keeps ~16 bits of a routing weight in two
 // 16-bit operands. Fragment layouts are the PTX ISA's for m16n8k16:
 //   A (16x16, row-major)  a0:(g, 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8, 2t+8..)
 //   B (16x8, "col")       b0:(k=2t..2t+1, n=g)  b1:(k=2t+8..2t+9, n=g)
@@ -52,6 +52,20 @@ LORY_FORCEINLINE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uin
   ::lory_emu::MmaOut out;
   ::lory_emu::warp_collective(&in, &out, &::lory_emu::mma_16816_combine<std::is_same<T, __nv_bfloat16>::value>);
   for (int i = 0; i < 4; ++i) d[i] = out.d[i];
+}
+// cp.async: the emulator queues the copy and performs it at the thread's matching wait_group
+// (a legal schedule: global memory does not change meanwhile), so a read before the wait and the
+// barrier after it sees stale shared memory.
+LORY_FORCEINLINE void cp_async_16(void* smem_dst, const void* src, int src_bytes) {
+  ::lory_emu::cp_async(smem_dst, src, 16, src_bytes);
+}
+LORY_FORCEINLINE void cp_async_4(void* smem_dst, const void* src, int src_bytes) {
+  ::lory_emu::cp_async(smem_dst, src, 4, src_bytes);
+}
+LORY_FORCEINLINE void cp_async_commit() { ::lory_emu::cp_async_commit(); }
+template <int N>
+LORY_FORCEINLINE void cp_async_wait() {
+  ::lory_emu::cp_async_wait(N);
 }
 
 #elif defined(__CUDACC__)
@@ -104,6 +118,37 @@ LORY_DEVICE LORY_FORCEINLINE void mma_16816<__half>(float (&d)[4], const uint32_
 #endif
 }
 
+// cp.async (sm_80+): copies global -> shared without a register round trip; src_bytes of the
+// 16 (or 4) are read and the rest of the destination is zero-filled (0: nothing is read). The
+// 16-byte form caches in L2 only (streamed data). The copies a thread issued are complete once it
+// has passed the wait_group that covers their commit group; others see them after a barrier.
+LORY_DEVICE LORY_FORCEINLINE void cp_async_16(void* smem_dst, const void* src, int src_bytes) {
+#if LORY_MMA_AVAILABLE
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+#endif
+}
+LORY_DEVICE LORY_FORCEINLINE void cp_async_4(void* smem_dst, const void* src, int src_bytes) {
+#if LORY_MMA_AVAILABLE
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+#endif
+}
+LORY_DEVICE LORY_FORCEINLINE void cp_async_commit() {
+#if LORY_MMA_AVAILABLE
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's most recent commit groups are pending.
+template <int N>
+LORY_DEVICE LORY_FORCEINLINE void cp_async_wait() {
+#if LORY_MMA_AVAILABLE
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 #endif  // LORY_CUDA_EMULATION / __CUDACC__
 
 #if LORY_HAS_DEVICE_CODE
@@ -123,6 +168,14 @@ LORY_DEVICE LORY_FORCEINLINE uint32_t pack2(float x, float y) {
   const uint32_t l = *reinterpret_cast<const uint16_t*>(&lo);
   const uint32_t h = *reinterpret_cast<const uint16_t*>(&hi);
   return l | (h << 16);
+}
+
+// Two weights split as in split_hi_lo and packed (first in the low half): hi and lo operands.
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE void split_pack2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const float xh = to_float(from_float<T>(x)), yh = to_float(from_float<T>(y));
+  hi = pack2<T>(xh, yh);
+  lo = pack2<T>(x - xh, y - yh);
 }
 
 #endif  // LORY_HAS_DEVICE_CODE
