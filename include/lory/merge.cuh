@@ -80,6 +80,9 @@ constexpr int kMergeBackwardMaxBlocks = 512;
 // Backward: segments staged per step, and the largest S*E partial kept in shared memory.
 constexpr int kMergeBackwardChunk = 16;
 constexpr int64_t kMergeBackwardSmemPartial = 16384;  // floats (64 KiB)
+// Backward, tensor cores: the most dynamic shared memory per block that keeps two blocks on an
+// sm_90 SM (228 KiB, less 1 KiB per block for the runtime).
+constexpr size_t kMergeBackwardTcTwoBlockSmem = 112 * 1024;
 
 // ---------------------------------------------------------------------------
 // Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
@@ -623,11 +626,11 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 // experts past E are zero in W and in the weights, so no 0 * garbage (NaN) is ever
 // summed into a stored value.
 // ---------------------------------------------------------------------------
-template <class T, int kKSteps>
+template <class T, int kKSteps, int kStagesT = 4>
 struct MergeBackwardTcConfig {
   static constexpr int kTileN = 128;
   static constexpr int kChunk = 32;  // segments per step (K of the dW product)
-  static constexpr int kStages = 4;  // pipeline depth (steps resident in shared memory)
+  static constexpr int kStages = kStagesT;  // pipeline depth (steps resident in shared memory)
   static constexpr int kEP = 16 * kKSteps;
   static constexpr int kWarps = kMergeThreads / 32;
   static constexpr int kWarpN = kTileN / kWarps;  // 16 params per warp for dW
@@ -657,12 +660,14 @@ struct MergeBackwardTcConfig {
 };
 
 #if LORY_HAS_DEVICE_CODE
-template <class T, int kKSteps>
-// Two blocks per SM (<= 128 registers) up to E = 48; E = 64 needs more registers than that.
-LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
+template <class T, int kKSteps, int kStages>
+// Three blocks per SM (<= 80 registers) up to E = 16, two (<= 128) up to E = 48; E = 64 needs more
+// registers than that. Measured on an H200 (bf16, paper shapes): three blocks per SM instead of two
+// made the E = 8 backward 1.2x faster.
+LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 3 ? 2 : 1) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
-  using Cfg = MergeBackwardTcConfig<T, kKSteps>;
-  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN, kStages = Cfg::kStages;
+  using Cfg = MergeBackwardTcConfig<T, kKSteps, kStages>;
+  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
   constexpr int kRow = Cfg::kRow, kWRow = Cfg::kWRow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = kTileN / V;  // 16
@@ -681,8 +686,6 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
                                     : p.partials + blockIdx.x * SE;
   const bool want_dw = p.dW != nullptr;
   const int64_t chunks = (p.S + kChunk - 1) / kChunk;
-  const int64_t my_tiles = blockIdx.x < p.tiles ? (p.tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t steps = my_tiles * chunks;
 
   if (p.want_de) {
     for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) part[i] = 0.f;
@@ -693,14 +696,26 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
       e_st[(i / pad) * kWRow + E + i % pad] = 0.f;
   }
 
-  // Step k's copies into stage k % kStages: the G chunk (zero-filled past S and past P) and, for
-  // dW, its routing weights (zero-filled past S). Every call commits one group, empty past the
-  // last step, so wait_group counts steps.
-  auto issue = [&](int64_t k) {
-    if (k < steps) {
-      const int64_t col0 = (blockIdx.x + (k / chunks) * gridDim.x) * kTileN;
-      const int64_t s0 = (k % chunks) * kChunk;
-      T* gs = g_st + (k % kStages) * (kChunk * kRow);
+  // This thread's share of a step's routing weights: element i = threadIdx.x + j * kMergeThreads
+  // of the chunk's [kChunk][E] block (contiguous in global memory) lands at e_off[j] in the stage.
+  constexpr int kEVals = (kChunk * kEP + kMergeThreads - 1) / kMergeThreads;
+  int e_off[kEVals];
+#pragma unroll
+  for (int j = 0; j < kEVals; ++j) {
+    const int i = threadIdx.x + j * kMergeThreads;
+    e_off[j] = i < kChunk * E ? (i / E) * kWRow + i % E : -1;
+  }
+
+  // The issue side of the pipeline walks the block's steps -- (tile, chunk) in order -- ahead of
+  // the compute side: each call copies the next step into the next stage, the G chunk
+  // (zero-filled past S and past P) and, for dW, its routing weights (zero-filled past S). Every
+  // call commits one group, empty past the last step, so wait_group counts steps.
+  int64_t issue_tile = blockIdx.x, issue_chunk = 0;
+  int issue_stage = 0;
+  auto issue = [&]() {
+    if (issue_tile < p.tiles) {
+      const int64_t col0 = issue_tile * kTileN, s0 = issue_chunk * kChunk;
+      T* gs = g_st + issue_stage * (kChunk * kRow);
 #pragma unroll
       for (int j = 0; j < Cfg::kGVecs; ++j) {
         const int i = threadIdx.x + j * kMergeThreads;
@@ -710,13 +725,20 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
         cp_async_16(gs + r * kRow + v * V, bytes ? p.G + s * p.g_stride + col : p.G, bytes);
       }
       if (want_dw) {
-        float* es = e_st + (k % kStages) * (kChunk * kWRow);
-        for (int i = threadIdx.x; i < kChunk * E; i += kMergeThreads) {
-          const int r = i / E, e = i % E;
-          const int64_t s = s0 + r;
-          cp_async_4(es + r * kWRow + e, s < p.S ? p.weights + s * E + e : p.weights, s < p.S ? 4 : 0);
+        float* es = e_st + issue_stage * (kChunk * kWRow);
+        const float* src = p.weights + s0 * E;
+        const int valid = int(p.S - s0 < kChunk ? p.S - s0 : kChunk) * E;  // elements before the end of S
+#pragma unroll
+        for (int j = 0; j < kEVals; ++j) {
+          const int i = threadIdx.x + j * kMergeThreads;
+          if (e_off[j] >= 0) cp_async_4(es + e_off[j], i < valid ? src + i : p.weights, i < valid ? 4 : 0);
         }
       }
+      if (++issue_chunk == chunks) {
+        issue_chunk = 0;
+        issue_tile += gridDim.x;
+      }
+      issue_stage = issue_stage + 1 == kStages ? 0 : issue_stage + 1;
     }
     cp_async_commit();
   };
@@ -731,16 +753,17 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
     }
   };
 
-  if (p.want_de && my_tiles > 0) fetch_w(blockIdx.x);
-#pragma unroll
-  for (int k = 0; k < kStages - 1; ++k) issue(k);
+  if (p.want_de && blockIdx.x < p.tiles) fetch_w(blockIdx.x);
+#pragma unroll 1
+  for (int k = 0; k < kStages - 1; ++k) issue();
 
   float acc[kKSteps][2][4] = {};  // dW: [expert m-tile][param n-tile of this warp][fragment], reset per tile
+  int64_t tile = blockIdx.x, chunk = 0;
+  int stage_k = 0;  // the stage of the step being computed
 #pragma unroll 1
-  for (int64_t k = 0; k < steps; ++k) {
-    const int64_t tile = blockIdx.x + (k / chunks) * gridDim.x;
+  while (tile < p.tiles) {
     const int64_t tile_col = tile * kTileN;
-    const int64_t chunk = k % chunks, s0 = chunk * kChunk;
+    const int64_t s0 = chunk * kChunk;
     if (chunk == 0) {
 #pragma unroll
       for (int mt = 0; mt < kKSteps; ++mt)
@@ -758,11 +781,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
         if (tile + gridDim.x < p.tiles) fetch_w(tile + gridDim.x);  // in flight for a whole tile
       }
     }
-    cp_async_wait<kStages - 2>();  // this thread's copies of step k have landed
-    __syncthreads();  // everyone's have (and w_s); every thread is done with step k - 1's stage
-    issue(k + kStages - 1);        // refills the stage step k - 1 used
-    const T* gs = g_st + (k % kStages) * (kChunk * kRow);
-    const float* es = e_st + (k % kStages) * (kChunk * kWRow);
+    cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
+    __syncthreads();  // everyone's have (and w_s); every thread is done with the previous step's stage
+    issue();                       // refills the stage the previous step used
+    const T* gs = g_st + stage_k * (kChunk * kRow);
+    const float* es = e_st + stage_k * (kChunk * kWRow);
 
     if (want_dw) {
       const int q = lane / 8;
@@ -854,6 +877,12 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 3 ? 2 : 1) merge_ba
         }
         __syncwarp();  // the staging block is rewritten by the next m-tile
       }
+    }
+    // The next step, on the compute side.
+    stage_k = stage_k + 1 == kStages ? 0 : stage_k + 1;
+    if (++chunk == chunks) {
+      chunk = 0;
+      tile += gridDim.x;
     }
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
@@ -1075,10 +1104,21 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
                                           stream);
 }
 
+// Four pipeline stages, or two where the on-chip partial would otherwise leave room for only one
+// block per SM where two run (E <= 48, e.g. S = 512, E = 32): measured on an H200, one block with
+// four stages was 9% slower there than the earlier kernel's two blocks with two chunks in flight.
 template <class T, int kKSteps>
-Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
+Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                                 cudaStream_t stream) {
-  return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps>, prm, max_blocks, smem, blocks, stream);
+  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(prm.S, prm.E, partial_in_smem);
+  if constexpr (kKSteps <= 3) {
+    const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(prm.S, prm.E, partial_in_smem);
+    if (deep > kMergeBackwardTcTwoBlockSmem && shallow <= kMergeBackwardTcTwoBlockSmem)
+      return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2>, prm, max_blocks, shallow,
+                                              blocks, stream);
+  }
+  return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4>, prm, max_blocks, deep, blocks,
+                                          stream);
 }
 
 template <class T>
@@ -1088,8 +1128,7 @@ Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool
     switch ((prm.E + 15) / 16) {
 #define LORY_MERGE_BWD_TC_CASE(K)                                                                          \
   case K:                                                                                                  \
-    return launch_merge_backward_tc<T, K>(                                                                 \
-        prm, max_blocks, MergeBackwardTcConfig<T, K>::smem_bytes(prm.S, prm.E, partial_in_smem), blocks, stream);
+    return launch_merge_backward_tc<T, K>(prm, max_blocks, partial_in_smem, blocks, stream);
       LORY_MERGE_BWD_TC_CASE(1)
       LORY_MERGE_BWD_TC_CASE(2)
       LORY_MERGE_BWD_TC_CASE(3)

@@ -310,6 +310,7 @@ const std::vector<BwdCase>& backward_tc_cases() {
       {33, 8, kManyTilesP, 0, 0},    // many P-tiles per persistent block
       {600, 32, 257, 7, 0},     // S*E past the on-chip partial: workspace partials
       {513, 33, 136, 0, 0},     // the same with E = 33 and a one-segment last chunk
+      {400, 32, 1000, 8, 0},    // on-chip partial too big for two blocks with four stages: two stages
       {9, 20, 1000, 8, 1},      // misaligned: the forced path falls back to CUDA cores
   };
   return cases;
@@ -358,7 +359,7 @@ TEMPLATE_TEST_CASE("merge_backward (CUDA cores) matches the CPU twin in every mo
 // The tensor-core backward was written without GPU access: this test is its first run.
 TEMPLATE_TEST_CASE("merge_backward (tensor cores) matches the CPU twin in every mode", "[gpu][merge]", __half,
                    __nv_bfloat16) {
-  run_backward_modes<TestType>(backward_tc_cases(), {1, 3, 6, 8}, MergePath::kTensorCore);
+  run_backward_modes<TestType>(backward_tc_cases(), {1, 3, 6, 8, 9}, MergePath::kTensorCore);
 }
 
 TEMPLATE_TEST_CASE("merge_backward (launcher's choice) matches the CPU twin", "[gpu][merge]", float, __half,
