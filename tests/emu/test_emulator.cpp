@@ -49,6 +49,41 @@ TEST_CASE("emulator: a missing __syncthreads reads poisoned shared memory", "[em
 
 // C (16x8) = A (16x16) B (16x8) through ldmatrix (A row-major; B stored k-major, read
 // transposed) and one mma, against a scalar product.
+// cp.async: thread i copies element i of src into shared memory (16-byte copies of 4 floats,
+// the second half of each zero-filled: src-size 8), then reads its neighbour's copy. kMode 0: no
+// wait; 1: wait_group 1 with one group in flight (the copy is still pending); 2: wait_group 0
+// and a barrier (correct).
+template <int kMode>
+void cp_async_kernel(const float* src, float* out) {
+  LORY_DYNAMIC_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  const int i = static_cast<int>(threadIdx.x);
+  detail::cp_async_16(s + 4 * i, src + 4 * i, 8);
+  detail::cp_async_commit();
+  if (kMode == 1) detail::cp_async_wait<1>();
+  if (kMode == 2) detail::cp_async_wait<0>();
+  __syncthreads();
+  const int j = (i + 1) % kThreads;
+  for (int k = 0; k < 4; ++k) out[4 * i + k] = s[4 * j + k];
+  __syncthreads();  // no thread exits (which completes its copies) before every read is done
+}
+
+template <int kMode>
+int cp_async_wrong() {
+  std::vector<float> src(4 * kThreads), out(4 * kThreads, -1.f);
+  for (int i = 0; i < 4 * kThreads; ++i) src[i] = float(i + 1);
+  detail::launch_kernel(cp_async_kernel<kMode>, dim3(1), dim3(kThreads), 4 * kThreads * sizeof(float), nullptr,
+                        src.data(), out.data());
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  int wrong = 0;
+  for (int i = 0; i < kThreads; ++i) {
+    const int j = (i + 1) % kThreads;
+    for (int k = 0; k < 4; ++k)
+      if (!(out[4 * i + k] == (k < 2 ? src[4 * j + k] : 0.f))) ++wrong;
+  }
+  return wrong;
+}
+
 template <class T>
 void mma_kernel(const float* a, const float* b, float* c) {
   LORY_DYNAMIC_SMEM(smem);
@@ -96,6 +131,12 @@ void shfl_kernel(float* out) {
   float v = float(threadIdx.x);
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   out[threadIdx.x] = v;
+}
+
+TEST_CASE("emulator: cp.async lands only at the issuing thread's wait_group", "[emu]") {
+  CHECK(cp_async_wrong<0>() == 4 * kThreads);  // never waited: every read sees poison
+  CHECK(cp_async_wrong<1>() == 4 * kThreads);  // the one group may still be in flight
+  CHECK(cp_async_wrong<2>() == 0);             // waited and synchronised: the data, zero-filled past src-size
 }
 
 TEST_CASE("emulator: a butterfly of __shfl_xor_sync sums the warp", "[emu]") {
