@@ -111,6 +111,15 @@ LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_row_vec(const T* row, int64_t col, in
   return r;
 }
 
+// The same into shared memory by cp.async (sm_80+; row 16-byte aligned): elements at or past P,
+// and the whole vector when !row_valid (row is then only a valid address), are zero-filled.
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE void cp_async_row_vec(T* smem_dst, const T* row, bool row_valid, int64_t col, int64_t P) {
+  constexpr int V = Vec16<T>::kSize;
+  const int bytes = (row_valid && col < P) ? int(sizeof(T)) * (P - col < V ? int(P - col) : V) : 0;
+  cp_async_16(smem_dst, bytes ? row + col : row, bytes);
+}
+
 // Writes elements [col, min(col + kSize, P)) of a row.
 template <class T, bool kVec>
 LORY_DEVICE LORY_FORCEINLINE void store_row_vec(T* row, int64_t col, int64_t P, const Vec16<T>& x) {
@@ -331,8 +340,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
       const int64_t col = tile * Cfg::kTileN + v * V;
       T* d = dst + k * kWRow + v * V;
       if constexpr (kVecIO) {
-        const int bytes = (k < p.E && col < p.P) ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
-        cp_async_16(d, bytes ? p.W + k * p.w_stride + col : p.W, bytes);
+        cp_async_row_vec(d, k < p.E ? p.W + k * p.w_stride : p.W, k < p.E, col, p.P);
       } else {
         *reinterpret_cast<Vec16<T>*>(d) =
             k < p.E ? load_row_vec<T, false>(p.W + k * p.w_stride, col, p.P) : zero_vec16<T>();
@@ -724,8 +732,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
         const int i = threadIdx.x + j * kMergeThreads;
         const int r = i / kRowVecs, v = i % kRowVecs;
         const int64_t s = s0 + r, col = col0 + v * V;
-        const int bytes = (s < p.S && col < p.P) ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
-        cp_async_16(gs + r * kRow + v * V, bytes ? p.G + s * p.g_stride + col : p.G, bytes);
+        cp_async_row_vec(gs + r * kRow + v * V, s < p.S ? p.G + s * p.g_stride : p.G, s < p.S, col, p.P);
       }
       if (want_dw) {
         float* es = e_st + issue_stage * (kChunk * kWRow);
