@@ -42,9 +42,9 @@
 //   compute-bound on CUDA cores); the tensor-core kernel at 28-47% (E = 32 /
 //   E = 8), bound by shared-memory traffic and instruction issue. Its GPU tests
 //   passed on an H200 at commit 6a20a9a; the changes since (step counters,
-//   three blocks per SM for E <= 16, the two-stage variant) passed them under
-//   the CPU emulator (tests/emu/) only: see docs/gpu-results.md for what ran
-//   where.
+//   three blocks per SM for E <= 16, the two-stage variant, the swizzled
+//   on-chip partial with float2 updates) passed them under the CPU emulator
+//   (tests/emu/) only: see docs/gpu-results.md for what ran where.
 //
 // Paths: every pointer only needs its element alignment. 16-byte vector loads
 // and stores are used when the base pointers are 16-byte aligned and the
@@ -477,20 +477,52 @@ struct MergeBackwardSimtConfig {
   }
 };
 
+// Layout of a d_weights partial [S][E] in shared memory. The tensor-core backward's updates are
+// float2 (an expert pair), and a half-warp updates 4 consecutive segments (from a multiple of 4) x
+// 4 pairs of one group of 8 experts. Plain rows of 32 (16) floats would put those 4 segments on the
+// same 8 banks (2 x 2 of them): an 8-way (2-way) conflict. So its partial is swizzled: rows padded
+// to a multiple of 8 floats (E > 8), and element (s, e) at s * stride + (e ^ 8 f(s)) with
+// f(s) = s % 4 when stride % 32 == 0, (s / 2) % 2 when stride % 16 == 0, else 0 (rows of 8 or 24
+// floats mod 32 already fall on different banks). XOR by 8 f(s) stays inside an aligned group of
+// 32 (16) floats, so inside the row. tests/emu/test_smem_banks.cpp counts the wavefronts of this and
+// of the kernel's other shared-memory accesses.
+struct MergePartialLayout {
+  int E = 0, stride = 0, shift = 0, mask = 0;
+  LORY_HOST_DEVICE static int swizzled_stride(int E) { return E > 8 ? (E + 7) / 8 * 8 : E; }
+  LORY_HOST_DEVICE static MergePartialLayout make(int E, bool swizzle) {
+    MergePartialLayout l;
+    l.E = E;
+    l.stride = swizzle ? swizzled_stride(E) : E;
+    if (swizzle && l.stride % 32 == 0) l.mask = 3;
+    else if (swizzle && l.stride % 16 == 0) l.shift = 1, l.mask = 1;
+    return l;
+  }
+  LORY_HOST_DEVICE bool plain() const { return stride == E && mask == 0; }
+  LORY_HOST_DEVICE int64_t size(int64_t S) const { return S * stride; }
+  LORY_HOST_DEVICE int64_t index(int64_t s, int e) const {
+    return s * stride + (e ^ (int((s >> shift) & mask) << 3));
+  }
+};
+
 #if LORY_HAS_DEVICE_CODE
 // The end of either backward kernel: a d_weights partial [S, E] kept in shared
 // memory goes to the fast mode's atomic target, or to the block's slice of the
 // workspace for the ordered reduction. (A partial in the workspace is already there.)
 template <class T>
 LORY_DEVICE LORY_FORCEINLINE void flush_backward_partial(const MergeBackwardParams<T>& p, const float* part,
-                                                         int64_t SE) {
+                                                         int64_t SE, const MergePartialLayout& layout) {
   if (!p.want_de || !p.partial_in_smem) return;
   __syncthreads();
+  auto at = [&](int64_t i) {
+    if (layout.plain()) return part[i];
+    const int64_t s = i / p.E;
+    return part[layout.index(s, int(i - s * p.E))];
+  };
   if (p.d_weights_atomic) {
-    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, part[i]);
+    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, at(i));
   } else {
     float* dst = p.partials + blockIdx.x * SE;
-    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = part[i];
+    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) dst[i] = at(i);
   }
 }
 
@@ -597,7 +629,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
       }
     }
   }
-  flush_backward_partial(p, part, SE);
+  flush_backward_partial(p, part, SE, MergePartialLayout::make(p.E, false));
 }
 
 // d_weights[i] (+)= sum over blocks b of partials[b][i], always in the order b = 0, 1, ...
@@ -661,7 +693,30 @@ struct MergeBackwardTcConfig {
   static constexpr size_t kStageBytes = size_t(kWarps) * 16 * kStageRow * sizeof(float);
   static constexpr size_t kFixedBytes = kWBytes + kStages * (kGBytes + kEBytes) + kStageBytes;
   static size_t smem_bytes(int64_t S, int E, bool partial_in_smem) {
-    return kFixedBytes + (partial_in_smem ? size_t(S) * E * sizeof(float) : 0);
+    return kFixedBytes + (partial_in_smem ? size_t(MergePartialLayout::make(E, true).size(S)) * sizeof(float) : 0);
+  }
+  // Shared-memory offsets (in elements) of the main loop's accesses, per lane. The kernel and
+  // tests/emu/test_smem_banks.cpp (which counts their bank wavefronts) both use these.
+  // Row vector i (16 bytes) of a G chunk or W tile: cp.async and W-tile stores.
+  LORY_HOST_DEVICE static constexpr int row_vec_offset(int i) { return (i / (kTileN / 8)) * kRow + (i % (kTileN / 8)) * 8; }
+  // Element i of a chunk's [kChunk][E] routing weights (contiguous in global memory) in a stage.
+  LORY_HOST_DEVICE static constexpr int weights_offset(int i, int E) { return (i / E) * kWRow + i % E; }
+  // dW, B operand: row address of lane's 8 params for the transposed ldmatrix_x4 of G (k-step ks).
+  LORY_HOST_DEVICE static constexpr int g_dw_offset(int ks, int warp, int lane) {
+    return (ks * 16 + ((lane / 8) & 1) * 8 + lane % 8) * kRow + warp * kWarpN + (lane / 16) * 8;
+  }
+  // dW, A operand: the first of the fp32 weights (segments 2t and 2t + 1, one row apart) of
+  // register h of expert m-tile mt.
+  LORY_HOST_DEVICE static constexpr int weights_frag_offset(int ks, int mt, int h, int lane) {
+    return (ks * 16 + 2 * (lane % 4) + (h >> 1) * 8) * kWRow + mt * 16 + lane / 4 + (h & 1) * 8;
+  }
+  // de, B operand: row address for the ldmatrix_x4 of the W tile (experts nt*8.., params kk*16..).
+  LORY_HOST_DEVICE static constexpr int w_de_offset(int nt, int kk, int lane) {
+    return (nt * 8 + lane % 8) * kRow + kk * 16 + (lane / 8) * 8;
+  }
+  // de, A operand: row address for the ldmatrix_x4 of G (segments mt*16.., params kk*16..).
+  LORY_HOST_DEVICE static constexpr int g_de_offset(int mt, int kk, int lane) {
+    return (mt * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8;
   }
   static_assert(kGVecs * kMergeThreads * 8 == kChunk * kTileN, "G chunk split evenly over the threads");
   static_assert(kWVecs * kMergeThreads * 8 == kEP * kTileN, "W tile split evenly over the threads");
@@ -697,9 +752,13 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
                                     : p.partials + blockIdx.x * SE;
   const bool want_dw = p.dW != nullptr;
   const int64_t chunks = (p.S + kChunk - 1) / kChunk;
+  // The partial's (segment, expert pair) updates: 8-byte accesses when E is even, the on-chip
+  // partial swizzled (MergePartialLayout).
+  const bool even_e = E % 2 == 0;
+  const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
 
   if (p.want_de) {
-    for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) part[i] = 0.f;
+    for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
   }
   if (want_dw && E < kEP) {  // the weights' expert padding, never written by the copies
     const int pad = kEP - E;
@@ -714,7 +773,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
 #pragma unroll
   for (int j = 0; j < kEVals; ++j) {
     const int i = threadIdx.x + j * kMergeThreads;
-    e_off[j] = i < kChunk * E ? (i / E) * kWRow + i % E : -1;
+    e_off[j] = i < kChunk * E ? Cfg::weights_offset(i, E) : -1;
   }
 
   // The issue side of the pipeline walks the block's steps -- (tile, chunk) in order -- ahead of
@@ -732,7 +791,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
         const int i = threadIdx.x + j * kMergeThreads;
         const int r = i / kRowVecs, v = i % kRowVecs;
         const int64_t s = s0 + r, col = col0 + v * V;
-        cp_async_row_vec(gs + r * kRow + v * V, s < p.S ? p.G + s * p.g_stride : p.G, s < p.S, col, p.P);
+        cp_async_row_vec(gs + Cfg::row_vec_offset(i), s < p.S ? p.G + s * p.g_stride : p.G, s < p.S, col, p.P);
       }
       if (want_dw) {
         float* es = e_st + issue_stage * (kChunk * kWRow);
@@ -786,7 +845,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
 #pragma unroll
         for (int j = 0; j < Cfg::kWVecs; ++j) {
           const int i = threadIdx.x + j * kMergeThreads;
-          *reinterpret_cast<Vec16<T>*>(w_s + (i / kRowVecs) * kRow + (i % kRowVecs) * V) = w_pre[j];
+          *reinterpret_cast<Vec16<T>*>(w_s + Cfg::row_vec_offset(i)) = w_pre[j];
         }
         if (tile + gridDim.x < p.tiles) fetch_w(tile + gridDim.x);  // in flight for a whole tile
       }
@@ -798,12 +857,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
     const float* es = e_st + stage_k * (kChunk * kWRow);
 
     if (want_dw) {
-      const int q = lane / 8;
 #pragma unroll
       for (int ks = 0; ks < kChunk / 16; ++ks) {
         // B = G chunk [K = segments][N = params], row-major: transposed ldmatrix.
         uint32_t r[4];
-        ldmatrix_x4_trans(r, gs + (ks * 16 + (q & 1) * 8 + lane % 8) * kRow + warp * Cfg::kWarpN + (q >> 1) * 8);
+        ldmatrix_x4_trans(r, gs + Cfg::g_dw_offset(ks, warp, lane));
         const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
 #pragma unroll
         for (int mt = 0; mt < kKSteps; ++mt) {
@@ -812,7 +870,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
           uint32_t ah[4], al[4];
 #pragma unroll
           for (int h = 0; h < 4; ++h) {
-            const float* w = es + (ks * 16 + 2 * t + (h >> 1) * 8) * kWRow + mt * 16 + g + (h & 1) * 8;
+            const float* w = es + Cfg::weights_frag_offset(ks, mt, h, lane);
             split_pack2<T>(w[0], w[kWRow], ah[h], al[h]);
           }
           mma_16816<T>(acc[mt][0], al, b0);
@@ -823,7 +881,6 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
       }
     }
     if (p.want_de) {
-      const int q = lane / 8;
 #pragma unroll
       for (int j = 0; j < Cfg::kDeUnitsPerWarp; ++j) {
         const int u = warp + j * Cfg::kWarps;
@@ -835,12 +892,12 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
         for (int kk = 0; kk < kTileN / 16; kk += 2) {
           // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
           uint32_t rb[4];
-          ldmatrix_x4(rb, w_s + (nt * 8 + lane % 8) * kRow + kk * 16 + q * 8);
+          ldmatrix_x4(rb, w_s + Cfg::w_de_offset(nt, kk, lane));
           const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
           // A = G chunk [M = segments][K = params], row-major.
           uint32_t a0[4], a1[4];
-          ldmatrix_x4(a0, gs + (mt * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
-          ldmatrix_x4(a1, gs + (mt * 16 + lane % 16) * kRow + (kk + 1) * 16 + (lane / 16) * 8);
+          ldmatrix_x4(a0, gs + Cfg::g_de_offset(mt, kk, lane));
+          ldmatrix_x4(a1, gs + Cfg::g_de_offset(mt, kk + 1, lane));
           mma_16816<T>(c, a0, b0);
           mma_16816<T>(c, a1, b1);
         }
@@ -850,8 +907,16 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
         for (int h = 0; h < 2; ++h) {
           const int64_t s = s0 + mt * 16 + g + 8 * h;
           if (s < p.S) {
-            if (e < E) part[s * E + e] += c[2 * h];
-            if (e + 1 < E) part[s * E + e + 1] += c[2 * h + 1];
+            if (even_e && e + 1 < E) {  // both experts in one 8-byte access
+              float2* q = reinterpret_cast<float2*>(part + layout.index(s, e));
+              float2 v = *q;
+              v.x += c[2 * h];
+              v.y += c[2 * h + 1];
+              *q = v;
+            } else {
+              if (e < E) part[layout.index(s, e)] += c[2 * h];
+              if (e + 1 < E) part[layout.index(s, e + 1)] += c[2 * h + 1];
+            }
           }
         }
       }
@@ -896,7 +961,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
     }
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
-  flush_backward_partial(p, part, SE);
+  flush_backward_partial(p, part, SE, layout);
 #endif
 }
 #endif  // LORY_HAS_DEVICE_CODE
@@ -1029,7 +1094,9 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
   plan.tiles = (a.params + tile_width - 1) / tile_width;
   plan.want_de = a.d_weights != nullptr;
   const int64_t SE = a.num_segments * a.experts;  // fits: validate() checked S * stride
-  plan.partial_in_smem = plan.want_de && SE <= kMergeBackwardSmemPartial;
+  // The tensor-core kernel's on-chip partial has padded rows (MergePartialLayout).
+  const int64_t on_chip = tensor_core ? MergePartialLayout::make(a.experts, true).size(a.num_segments) : SE;
+  plan.partial_in_smem = plan.want_de && on_chip <= kMergeBackwardSmemPartial;
   plan.use_partials = plan.want_de && (a.deterministic || !plan.partial_in_smem);
   plan.max_blocks = static_cast<int>(std::min<int64_t>(plan.tiles, kMergeBackwardMaxBlocks));
   if (plan.use_partials) {

@@ -306,7 +306,9 @@ const std::vector<BwdCase>& backward_tc_cases() {
       {45, 20, 1001, 7, 0},     // every tail at once
       {17, 64, 4096, 0, 0},     // E = 64 (K = 4 x 16)
       {100, 3, 2048, 0, 0},     // E = 3: one n8 unit of d_weights, mostly padding
-      {64, 48, 520, 0, 0},      // S a multiple of the chunk, E = 48
+      {64, 48, 520, 0, 0},      // S a multiple of the chunk, E = 48 (on-chip partial swizzled in pairs of rows)
+      {50, 31, 1000, 0, 0},     // odd E: partial rows padded to 32 floats and swizzled, scalar updates
+      {21, 12, 520, 0, 0},      // E = 12: partial rows padded to 16 floats
       {33, 8, kManyTilesP, 0, 0},    // many P-tiles per persistent block
       {600, 32, 257, 7, 0},     // S*E past the on-chip partial: workspace partials
       {513, 33, 136, 0, 0},     // the same with E = 33 and a one-segment last chunk

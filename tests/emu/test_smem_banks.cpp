@@ -1,0 +1,178 @@
+// Shared-memory bank wavefronts of the tensor-core merge backward's main-loop accesses, counted
+// from the same offset functions the kernel uses (MergeBackwardTcConfig, MergePartialLayout).
+// The kernel at E = 32 is bound by shared-memory throughput (docs/gpu-results.md), so a layout
+// change that adds a bank conflict is a slowdown no functional test sees; these tests fail on it.
+//
+// Model (sm_80 / sm_90): 32 banks of 4 bytes. A warp's 4-byte accesses are served together, 8-byte
+// accesses per half-warp, 16-byte accesses (and ldmatrix's 8 row addresses per matrix) per
+// quarter-warp; within one such phase, the wavefronts are the largest number of distinct 4-byte
+// words that fall in one bank (lanes reading the same word share it).
+#include "emu/cuda_emu.hpp"
+
+#include <cuda_bf16.h>
+
+#include <array>
+#include <set>
+#include <vector>
+
+#include "common/catch.hpp"
+#include "lory/merge.cuh"
+
+namespace {
+
+namespace detail = lory::detail;
+
+constexpr int kInactive = -1;
+
+// addr: byte offset per lane (kInactive for a lane that does not access), width: bytes per lane.
+int wavefronts(const std::array<int64_t, 32>& addr, int width) {
+  const int phase = width <= 4 ? 32 : width == 8 ? 16 : 8;
+  int total = 0;
+  for (int p0 = 0; p0 < 32; p0 += phase) {
+    std::array<std::set<int64_t>, 32> words;
+    for (int lane = p0; lane < p0 + phase; ++lane) {
+      if (addr[lane] == kInactive) continue;
+      for (int b = 0; b < width; b += 4) {
+        const int64_t word = (addr[lane] + b) / 4;
+        words[word % 32].insert(word);
+      }
+    }
+    size_t most = 0;
+    for (const auto& w : words) most = std::max(most, w.size());
+    total += static_cast<int>(most);
+  }
+  return total;
+}
+
+// The fewest wavefronts 32 lanes of `width` bytes can take (all active, no shared words).
+constexpr int ideal(int width) { return 32 * width / 128; }
+
+template <class F>
+std::array<int64_t, 32> lanes(F&& byte_offset) {
+  std::array<int64_t, 32> a{};
+  for (int lane = 0; lane < 32; ++lane) a[lane] = byte_offset(lane);
+  return a;
+}
+
+template <int kKSteps>
+void check_backward_main_loop() {
+  using Cfg = detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4>;
+  constexpr int kElem = sizeof(__nv_bfloat16);
+  CAPTURE(kKSteps);
+  // cp.async of a G chunk's rows and stores of W-tile rows: 16 bytes per lane.
+  for (int warp = 0; warp < Cfg::kWarps; ++warp)
+    for (int j = 0; j < Cfg::kGVecs; ++j)
+      CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::row_vec_offset(warp * 32 + lane + j * detail::kMergeThreads)) * kElem; }), 16) ==
+            ideal(16));
+  // dW product: the transposed ldmatrix_x4 of G, and the A fragments' fp32 weights (two rows).
+  for (int warp = 0; warp < Cfg::kWarps; ++warp)
+    for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
+      CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_dw_offset(ks, warp, lane)) * kElem; }), 16) == ideal(16));
+  for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
+    for (int mt = 0; mt < kKSteps; ++mt)
+      for (int h = 0; h < 4; ++h)
+        for (int row = 0; row < 2; ++row)
+          CHECK(wavefronts(lanes([&](int lane) {
+                             return int64_t(Cfg::weights_frag_offset(ks, mt, h, lane) + row * Cfg::kWRow) * 4;
+                           }),
+                           4) == ideal(4));
+  // d_weights product: ldmatrix_x4 of the W tile and of G.
+  for (int kk = 0; kk < Cfg::kTileN / 16; ++kk) {
+    for (int nt = 0; nt < Cfg::kEP / 8; ++nt)
+      CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::w_de_offset(nt, kk, lane)) * kElem; }), 16) == ideal(16));
+    for (int mt = 0; mt < Cfg::kChunk / 16; ++mt)
+      CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_de_offset(mt, kk, lane)) * kElem; }), 16) == ideal(16));
+  }
+}
+
+// The cp.async of a chunk's fp32 routing weights (4 bytes per lane): rows of E in rows of kWRow.
+template <int kKSteps>
+int worst_weights_copy(int E) {
+  using Cfg = detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4>;
+  int worst = 0;
+  for (int i0 = 0; i0 < Cfg::kChunk * E; i0 += 32)
+    worst = std::max(worst, wavefronts(lanes([&](int lane) {
+                                         const int i = i0 + lane;
+                                         return i < Cfg::kChunk * E ? int64_t(Cfg::weights_offset(i, E)) * 4 : kInactive;
+                                       }),
+                                       4));
+  return worst;
+}
+
+// The d_weights partial's float2 read-modify-write of one de unit (segments mt*16 + g + 8h of a
+// chunk starting at s0, experts nt*8 + 2t and the next), worst case over the units of two chunks.
+int worst_partial_update(int E, bool swizzle) {
+  const auto layout = detail::MergePartialLayout::make(E, swizzle);
+  int worst = 0;
+  for (int64_t s0 = 0; s0 < 64; s0 += 32)
+    for (int mt = 0; mt < 2; ++mt)
+      for (int h = 0; h < 2; ++h)
+        for (int nt = 0; nt * 8 < E; ++nt)
+          worst = std::max(worst, wavefronts(lanes([&](int lane) {
+                                               const int e = nt * 8 + 2 * (lane % 4);
+                                               if (e + 1 >= E) return int64_t(kInactive);
+                                               return layout.index(s0 + mt * 16 + lane / 4 + 8 * h, e) * 4;
+                                             }),
+                                             8));
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("smem banks: the merge backward's main-loop accesses take the fewest wavefronts", "[banks][merge]") {
+  check_backward_main_loop<1>();
+  check_backward_main_loop<2>();
+  check_backward_main_loop<3>();
+  check_backward_main_loop<4>();
+}
+
+TEST_CASE("smem banks: the routing weights' cp.async", "[banks][merge]") {
+  // One wavefront per warp when a row of weights is a multiple of 32 floats; 8, 16 and 48 experts
+  // take two (rows at a stride of kWRow = 4 or 20 mod 32 wrap onto the banks of the row before),
+  // once per step and warp: the stride is set for the A-fragment reads, 8 times as many.
+  CHECK(worst_weights_copy<1>(8) == 2);
+  CHECK(worst_weights_copy<1>(16) == 2);
+  CHECK(worst_weights_copy<2>(32) == 1);
+  CHECK(worst_weights_copy<3>(48) == 2);
+  CHECK(worst_weights_copy<4>(64) == 1);
+}
+
+TEST_CASE("smem banks: the on-chip d_weights partial's updates", "[banks][merge]") {
+  // Swizzled, every even E takes the fewest wavefronts (2 per float2 access).
+  for (int E = 2; E <= 64; E += 2) {
+    CAPTURE(E);
+    CHECK(worst_partial_update(E, true) == ideal(8));
+  }
+  // Plain rows of 32 floats conflict 4-way per half-warp (8 wavefronts), rows of 16 floats 2-way,
+  // and rows off a multiple of 8 (30, 34) up to 4-way: the cases the layout exists for.
+  CHECK(worst_partial_update(32, false) == 8);
+  CHECK(worst_partial_update(64, false) == 8);
+  CHECK(worst_partial_update(16, false) == 4);
+  CHECK(worst_partial_update(30, false) == 8);
+  CHECK(worst_partial_update(34, false) == 8);
+}
+
+TEST_CASE("smem banks: the swizzled partial is a permutation within each padded row", "[banks][merge]") {
+  for (int E = 1; E <= 64; ++E) {
+    CAPTURE(E);
+    const auto layout = detail::MergePartialLayout::make(E, true);
+    CHECK(layout.stride >= E);
+    CHECK(layout.stride < E + 8);
+    CHECK(layout.size(3) == 3 * int64_t(layout.stride));
+    bool inside = true;
+    for (int64_t s = 0; s < 8; ++s) {
+      std::set<int64_t> seen;
+      for (int e = 0; e < E; ++e) {
+        const int64_t i = layout.index(s, e);
+        inside = inside && i >= s * layout.stride && i < (s + 1) * layout.stride;
+        seen.insert(i);
+      }
+      CHECK(seen.size() == static_cast<size_t>(E));
+    }
+    CHECK(inside);
+    // The plain layout is the identity.
+    const auto plain = detail::MergePartialLayout::make(E, false);
+    CHECK(plain.plain());
+    CHECK(plain.index(5, E - 1) == 5 * int64_t(E) + E - 1);
+  }
+}
