@@ -661,9 +661,9 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 //       The routing weights enter as hi + lo 16-bit operands (two mmas), built
 //       in registers from the stage's fp32 weights.
 //   de  [32 x EP] = G [32 x 128] . W^T [128 x EP]   (M = segments, N = experts,
-//       K = params). Unit (m16, n8) u goes to warp u % 8, which runs the whole K
-//       of the tile: every (segment, expert) of the partial has one owner
-//       thread, so it is added without atomics and in a fixed order.
+//       K = params). Unit (m16, n8 or n16: kDeN) u goes to warp u % 8, which runs
+//       the whole K of the tile: every (segment, expert) of the partial has one
+//       owner thread, so it is added without atomics and in a fixed order.
 // The W tile of the block's next tile travels in registers during the current tile.
 // Padding: segments past S and params past P are zero in G and in the weights,
 // experts past E are zero in W and in the weights, so no 0 * garbage (NaN) is ever
@@ -677,7 +677,13 @@ struct MergeBackwardTcConfig {
   static constexpr int kEP = 16 * kKSteps;
   static constexpr int kWarps = kMergeThreads / 32;
   static constexpr int kWarpN = kTileN / kWarps;  // 16 params per warp for dW
-  static constexpr int kDeUnits = (kChunk / 16) * (kEP / 8);
+  // d_weights units: 16 segments x kDeN experts over the whole tile. 16 experts (two n8 halves)
+  // from E = 17 on, where the shared-memory reads bound the kernel: a 16 x 16 unit reads its G rows
+  // once for 16 experts (16 x 8 units read them once per 8), 2/3 of the bytes per output. Up to
+  // E = 16 the 8-wide units spread the product over twice as many warps (latency-bound there).
+  static constexpr int kDeHalves = kKSteps >= 2 ? 2 : 1;
+  static constexpr int kDeN = 8 * kDeHalves;
+  static constexpr int kDeUnits = (kChunk / 16) * (kEP / kDeN);
   static constexpr int kDeUnitsPerWarp = (kDeUnits + kWarps - 1) / kWarps;
   // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
   static constexpr int kRow = kTileN + 8;       // W tile and G chunk rows
@@ -883,39 +889,50 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
     if (p.want_de) {
 #pragma unroll
       for (int j = 0; j < Cfg::kDeUnitsPerWarp; ++j) {
+        constexpr int kHalves = Cfg::kDeHalves;
         const int u = warp + j * Cfg::kWarps;
-        const int mt = u % (kChunk / 16), nt = u / (kChunk / 16);
-        // Warp-uniform: skip units wholly past E or past the chunk's last segment.
-        if (u >= Cfg::kDeUnits || nt * 8 >= E || s0 + mt * 16 >= p.S) continue;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        const int mt = u % (kChunk / 16), nu = u / (kChunk / 16);
+        // Warp-uniform: skip units wholly past E or past the chunk's last segment, and a unit's
+        // second n8 half when it is past E.
+        if (u >= Cfg::kDeUnits || nu * Cfg::kDeN >= E || s0 + mt * 16 >= p.S) continue;
+        const int halves = (E - nu * Cfg::kDeN + 7) / 8 < kHalves ? (E - nu * Cfg::kDeN + 7) / 8 : kHalves;
+        float c[kHalves][4] = {};
 #pragma unroll
         for (int kk = 0; kk < kTileN / 16; kk += 2) {
-          // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
-          uint32_t rb[4];
-          ldmatrix_x4(rb, w_s + Cfg::w_de_offset(nt, kk, lane));
-          const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
           // A = G chunk [M = segments][K = params], row-major.
           uint32_t a0[4], a1[4];
           ldmatrix_x4(a0, gs + Cfg::g_de_offset(mt, kk, lane));
           ldmatrix_x4(a1, gs + Cfg::g_de_offset(mt, kk + 1, lane));
-          mma_16816<T>(c, a0, b0);
-          mma_16816<T>(c, a1, b1);
+#pragma unroll
+          for (int hn = 0; hn < kHalves; ++hn) {
+            if (hn < halves) {
+              // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
+              uint32_t rb[4];
+              ldmatrix_x4(rb, w_s + Cfg::w_de_offset(nu * kHalves + hn, kk, lane));
+              const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
+              mma_16816<T>(c[hn], a0, b0);
+              mma_16816<T>(c[hn], a1, b1);
+            }
+          }
         }
         // c0, c1: (segment g, experts 2t, 2t+1); c2, c3: segment g + 8. One owner per element.
-        const int e = nt * 8 + 2 * t;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t s = s0 + mt * 16 + g + 8 * h;
-          if (s < p.S) {
-            if (even_e && e + 1 < E) {  // both experts in one 8-byte access
-              float2* q = reinterpret_cast<float2*>(part + layout.index(s, e));
-              float2 v = *q;
-              v.x += c[2 * h];
-              v.y += c[2 * h + 1];
-              *q = v;
-            } else {
-              if (e < E) part[layout.index(s, e)] += c[2 * h];
-              if (e + 1 < E) part[layout.index(s, e + 1)] += c[2 * h + 1];
+        for (int hn = 0; hn < kHalves; ++hn) {
+          const int e = (nu * kHalves + hn) * 8 + 2 * t;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t s = s0 + mt * 16 + g + 8 * h;
+            if (hn < halves && s < p.S) {
+              if (even_e && e + 1 < E) {  // both experts in one 8-byte access
+                float2* q = reinterpret_cast<float2*>(part + layout.index(s, e));
+                float2 v = *q;
+                v.x += c[hn][2 * h];
+                v.y += c[hn][2 * h + 1];
+                *q = v;
+              } else {
+                if (e < E) part[layout.index(s, e)] += c[hn][2 * h];
+                if (e + 1 < E) part[layout.index(s, e + 1)] += c[hn][2 * h + 1];
+              }
             }
           }
         }
