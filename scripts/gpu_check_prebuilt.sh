@@ -9,10 +9,13 @@
 #                        (optional: cp build/examples/lory_train_demo .gpucarry/ runs the demo's CUDA backend)
 #   optional, the PyTorch extension for the GPU machine's torch (2.11.0 in 2026-11):
 #                        scripts/build_torch_prebuilt.sh 2.11.0 .gpucarry/lory_torch_cuda.so 90a
+#   optional, A/B timing of the merge kernels at several revisions (e.g. before and after a change):
+#                        scripts/build_ab_drivers.sh <old rev> HEAD      (-> .gpucarry/ab/)
 #   on the GPU machine:  LORY_COMMIT=<hash> bash scripts/gpu_check_prebuilt.sh .gpucarry  (carry .gpucarry and .deps)
 # Environment: LORY_BENCH_FILTER (regex, default all), LORY_BENCH_TIMEOUT_S (default 120),
 #              LORY_SAN_TIMEOUT_S (per tool, default 60), LORY_TORCH_TIMEOUT_S (default 240),
-#              LORY_TORCH_BENCH_TIMEOUT_S (default 180).
+#              LORY_TORCH_BENCH_TIMEOUT_S (default 180), LORY_AB_TIMEOUT_S (per driver, default 60),
+#              LORY_AB_REPS (default 5).
 set -uo pipefail
 bin=${1:-.gpucarry}
 out=${OUT:-out}
@@ -80,6 +83,20 @@ timeout -k 5 "${LORY_BENCH_TIMEOUT_S:-120}" "$bin/lory_bench" --benchmark_filter
 echo "benchmarks=rc $rc" >> "$checks"
 [ $rc -eq 0 ] || echo "benchmarks: rc $rc (124 = timed out; partial JSON is summarised)"
 
+# A/B timing drivers (scripts/build_ab_drivers.sh), when carried: the merge kernels at several
+# revisions of include/, one after the other in this run, so CPU-only changes get timed against
+# their predecessors. (At most 8 files come back from $OUT, so the output goes into summary.txt
+# and bench.log rather than a file of its own.)
+ab_log=$(mktemp)
+if compgen -G "$bin/ab/[0-9][0-9]_*" > /dev/null; then
+  for drv in "$bin"/ab/[0-9][0-9]_*; do
+    echo "### $(basename "$drv")" >> "$ab_log"
+    timeout -k 5 "${LORY_AB_TIMEOUT_S:-60}" "$drv" "${LORY_AB_REPS:-5}" >> "$ab_log" 2>&1; rc=$?
+    echo "ab_$(basename "$drv")=rc $rc" >> "$checks"
+    [ $rc -eq 0 ] || fail+=("ab_$(basename "$drv")")
+  done
+fi
+
 # The PyTorch extension, when a build made ahead of time for this machine's torch was carried
 # (scripts/build_torch_prebuilt.sh): its GPU tests, then bench/compare_torch.py (issue #6's table).
 if [ -f "$bin/lory_torch_cuda.so" ]; then
@@ -97,5 +114,11 @@ fi
 
 python3 bench/summarize.py "$out/bench.json" --checks "$checks" | tee "$out/summary.txt"
 [ -f "$out/compare_torch.md" ] && tee -a "$out/summary.txt" < "$out/compare_torch.md"
+if [ -s "$ab_log" ]; then
+  sed -i '1i # A/B: merge kernels per revision of include/ (bench/ab/merge_ab.cu)' "$ab_log"
+  cat "$ab_log" >> "$out/bench.log"
+  tee -a "$out/summary.txt" < "$ab_log"
+fi
+rm -f "$ab_log"
 if [ ${#fail[@]} -gt 0 ]; then echo "GPU CHECK FAILED: ${fail[*]}"; exit 1; fi
 echo "GPU CHECK PASSED"

@@ -1,0 +1,141 @@
+// A/B timing driver for the merge kernels: built once per source revision of include/ (see
+// scripts/build_ab_drivers.sh) and run side by side in one GPU session, so a change that was only
+// checked on the CPU (emulator, bank model, resource report) gets its speed measured against the
+// revision before it in the same run. Uses only the public API (lory::merge_forward /
+// lory::merge_backward), which every revision since the tensor-core kernels shares.
+//
+// Paper shape d = 1536, f = 4096 (P = 3 d f per expert), bf16, routing weights fp32. Prints one line
+// per case: best of N launches (CUDA events on the default stream), GB/s of compulsory traffic,
+// and that as a percent of a device-to-device copy measured in the same process.
+//   usage: merge_ab [reps=5]
+#include <cuda_bf16.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "lory/merge.cuh"
+
+namespace {
+using bf16 = __nv_bfloat16;
+
+__global__ void fill(bf16* p, size_t n, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2bfloat16(scale * (float((i * 2654435761u) % 1000) / 1000.f - 0.5f));
+}
+
+#define AB_CHECK(x)                                                                \
+  do {                                                                             \
+    cudaError_t e_ = (x);                                                          \
+    if (e_ != cudaSuccess) {                                                       \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+template <class F>
+float best_ms(int reps, F&& launch) {
+  cudaEvent_t a, b;
+  AB_CHECK(cudaEventCreate(&a));
+  AB_CHECK(cudaEventCreate(&b));
+  float best = 1e30f;
+  for (int r = 0; r < reps + 1; ++r) {  // the first launch warms up
+    AB_CHECK(cudaEventRecord(a));
+    if (!launch()) return -1.f;
+    AB_CHECK(cudaEventRecord(b));
+    AB_CHECK(cudaEventSynchronize(b));
+    float ms = 0.f;
+    AB_CHECK(cudaEventElapsedTime(&ms, a, b));
+    if (r > 0 && ms < best) best = ms;
+  }
+  AB_CHECK(cudaEventDestroy(a));
+  AB_CHECK(cudaEventDestroy(b));
+  return best;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 5;
+  const int64_t P = 3LL * 1536 * 4096;
+  const int64_t Smax = 512, Emax = 64;
+  bf16 *G = nullptr, *W = nullptr, *dW = nullptr;
+  float *w = nullptr, *dw = nullptr;
+  void* ws = nullptr;
+  const size_t ws_cap = size_t(1) << 30;
+  AB_CHECK(cudaMalloc(&G, Smax * P * sizeof(bf16)));
+  AB_CHECK(cudaMalloc(&W, Emax * P * sizeof(bf16)));
+  AB_CHECK(cudaMalloc(&dW, Emax * P * sizeof(bf16)));
+  AB_CHECK(cudaMalloc(&w, Smax * Emax * sizeof(float)));
+  AB_CHECK(cudaMalloc(&dw, Smax * Emax * sizeof(float)));
+  AB_CHECK(cudaMalloc(&ws, ws_cap));
+  fill<<<1024, 256>>>(G, Smax * P, 1.f);
+  fill<<<1024, 256>>>(W, Emax * P, 1.f);
+  AB_CHECK(cudaGetLastError());
+  std::vector<float> hw(Smax * Emax);
+  for (size_t i = 0; i < hw.size(); ++i) hw[i] = float((i * 7919) % 97 + 1) / 3000.f;
+  AB_CHECK(cudaMemcpy(w, hw.data(), hw.size() * sizeof(float), cudaMemcpyHostToDevice));
+
+  // Copy bandwidth: read + write of 2 GiB inside G.
+  const size_t copy_bytes = size_t(2) << 30;
+  const float copy_ms = best_ms(reps, [&] {
+    return cudaMemcpyAsync(reinterpret_cast<char*>(G) + copy_bytes, G, copy_bytes, cudaMemcpyDeviceToDevice) == cudaSuccess;
+  });
+  const double copy_gbs = 2.0 * copy_bytes / copy_ms / 1e6;
+  cudaDeviceProp prop{};
+  AB_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s, copy %.0f GB/s, d1536 f4096 bf16, best of %d\n", prop.name, copy_gbs, reps);
+  fill<<<1024, 256>>>(G, Smax * P, 1.f);
+
+  auto report = [&](const char* what, int E, int64_t S, float ms, double bytes) {
+    if (ms < 0.f) {
+      std::printf("%-9s E%-2d S%-4lld failed\n", what, E, static_cast<long long>(S));
+      return;
+    }
+    const double gbs = bytes / ms / 1e6;
+    std::printf("%-9s E%-2d S%-4lld %9.3f ms %8.0f GB/s %5.1f%% of copy\n", what, E, static_cast<long long>(S), ms, gbs,
+                100.0 * gbs / copy_gbs);
+  };
+
+  for (int64_t S : {int64_t(128), int64_t(512)})
+    for (int E : {8, 16, 32, 64}) {
+      lory::MergeForwardArgs<bf16, float> f;
+      f.num_segments = S, f.experts = E, f.params = P, f.W = W, f.expert_stride = P, f.weights = w, f.Wbar = G,
+      f.segment_stride = P;
+      size_t bytes = 0;
+      if (lory::merge_forward(f, nullptr, bytes, nullptr) != lory::Status::kSuccess || bytes > ws_cap) {
+        report("forward", E, S, -1.f, 0);
+        continue;
+      }
+      const float ms = best_ms(reps, [&] { return lory::merge_forward(f, ws, bytes, nullptr) == lory::Status::kSuccess; });
+      report("forward", E, S, ms, double(S + E) * P * sizeof(bf16));
+    }
+  fill<<<1024, 256>>>(G, Smax * P, 1.f);
+
+  struct Case {
+    int E;
+    int64_t S;
+    bool dW, de;
+    const char* what;
+  };
+  const Case cases[] = {{8, 128, true, true, "backward"},   {16, 128, true, true, "backward"},
+                        {32, 128, true, true, "backward"},  {64, 128, true, true, "backward"},
+                        {8, 512, true, true, "backward"},   {16, 512, true, true, "backward"},
+                        {32, 512, true, true, "backward"},  {32, 128, true, false, "dW only"},
+                        {32, 128, false, true, "de only"}};
+  for (const Case& c : cases) {
+    lory::MergeBackwardArgs<bf16, float> b;
+    b.num_segments = c.S, b.experts = c.E, b.params = P, b.G = G, b.grad_segment_stride = P, b.W = W,
+    b.expert_stride = P, b.weights = w, b.dW = c.dW ? dW : nullptr, b.dW_expert_stride = P,
+    b.d_weights = c.de ? dw : nullptr;
+    size_t bytes = 0;
+    if (lory::merge_backward(b, nullptr, bytes, nullptr) != lory::Status::kSuccess || bytes > ws_cap) {
+      report(c.what, c.E, c.S, -1.f, 0);
+      continue;
+    }
+    const float ms = best_ms(reps, [&] { return lory::merge_backward(b, ws, bytes, nullptr) == lory::Status::kSuccess; });
+    report(c.what, c.E, c.S, ms, (double(c.S) + (c.de ? c.E : 0) + (c.dW ? c.E : 0)) * P * sizeof(bf16));
+  }
+  const cudaError_t last = cudaDeviceSynchronize();
+  std::printf("last error: %s\n", cudaGetErrorString(last));
+  return last == cudaSuccess ? 0 : 1;
+}
