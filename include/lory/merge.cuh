@@ -34,8 +34,10 @@
 //     SIMT         fp32 FMAs on CUDA cores, any dtype, any E;
 //     tensor core  mma.sync m16n8k16 (bf16 / fp16 storage, E <= 64, 16-byte
 //                  aligned views): dW with M = experts, K = segments (weights
-//                  as hi + lo operands), d_weights with M = segments,
-//                  K = params. Same workspace layout and reduction as SIMT.
+//                  as hi + lo operands, split and transposed once per launch
+//                  into the workspace by a small kernel), d_weights with
+//                  M = segments, K = params. Same partials layout and
+//                  reduction as SIMT; the split weights follow the partials.
 //   The launcher picks tensor cores where they apply on sm_80+, else SIMT;
 //   detail::merge_backward_on_path forces either. The SIMT kernel was measured
 //   on an H200 at 2-8% of copy bandwidth (its d_weights dot products are
@@ -43,8 +45,9 @@
 //   E = 8), bound by shared-memory traffic and instruction issue. Its GPU tests
 //   passed on an H200 at commit 6a20a9a; the changes since (step counters,
 //   three blocks per SM for E <= 16, the two-stage variant, the swizzled
-//   on-chip partial with float2 updates) passed them under the CPU emulator
-//   (tests/emu/) only: see docs/gpu-results.md for what ran where.
+//   on-chip partial with float2 updates, 16 x 16 d_weights units, the weights
+//   split once per launch) passed them under the CPU emulator (tests/emu/)
+//   only: see docs/gpu-results.md for what ran where.
 //
 // Paths: every pointer only needs its element alignment. 16-byte vector loads
 // and stores are used when the base pointers are 16-byte aligned and the
@@ -83,6 +86,8 @@ constexpr int kMergeBackwardMaxBlocks = 512;
 // Backward: segments staged per step, and the largest S*E partial kept in shared memory.
 constexpr int kMergeBackwardChunk = 16;
 constexpr int64_t kMergeBackwardSmemPartial = 16384;  // floats (64 KiB)
+// Backward, tensor cores: segments per pipeline step (the K of its dW product).
+constexpr int kMergeBackwardTcChunk = 32;
 // Backward, tensor cores: the most dynamic shared memory per block that keeps two blocks on an
 // sm_90 SM (228 KiB, less 1 KiB per block for the runtime).
 constexpr size_t kMergeBackwardTcTwoBlockSmem = 112 * 1024;
@@ -449,6 +454,22 @@ struct MergeBackwardParams {
   float* d_weights_atomic;  // fast mode: atomicAdd target, else null
   int col_vecs;
   int64_t tiles;
+  // Tensor cores, with dW: the routing weights split into hi and lo operands and transposed,
+  // [2][EP][a_stride] (hi, then lo; EP = E rounded up to 16, a_stride = S rounded up to the
+  // 32-segment chunk, zero past E and past S), made by merge_backward_split_weights_kernel.
+  const T* a_split;
+  int64_t a_stride;
+};
+
+// Shape of that split copy; its bytes in the workspace include 16 so that it can start 16-byte
+// aligned wherever the partials before it end.
+struct MergeBackwardSplitShape {
+  int ep = 0;
+  int64_t s_pad = 0;
+  static MergeBackwardSplitShape of(int64_t S, int E) {
+    return {(E + 15) / 16 * 16, (S + kMergeBackwardTcChunk - 1) / kMergeBackwardTcChunk * kMergeBackwardTcChunk};
+  }
+  size_t bytes(size_t elem) const { return size_t(2) * size_t(ep) * size_t(s_pad) * elem + 16; }
 };
 
 template <class T>
@@ -632,6 +653,20 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
   flush_backward_partial(p, part, SE, MergePartialLayout::make(p.E, false));
 }
 
+// The tensor-core backward's routing weights as operands, once per launch: hi[e][s] and lo[e][s]
+// (e < ep, s < s_pad; zero past E and past S) with hi + lo = weights[s][e] to about 16 bits.
+template <class T>
+LORY_KERNEL void __launch_bounds__(kMergeThreads)
+    merge_backward_split_weights_kernel(const float* weights, int64_t S, int E, int ep, int64_t s_pad, T* hi) {
+  T* lo = hi + int64_t(ep) * s_pad;
+  for (int64_t i = blockIdx.x * int64_t(kMergeThreads) + threadIdx.x; i < int64_t(ep) * s_pad;
+       i += int64_t(gridDim.x) * kMergeThreads) {
+    const int e = static_cast<int>(i / s_pad);
+    const int64_t s = i - e * s_pad;
+    split_hi_lo(e < E && s < S ? weights[s * E + e] : 0.f, hi[i], lo[i]);
+  }
+}
+
 // d_weights[i] (+)= sum over blocks b of partials[b][i], always in the order b = 0, 1, ...
 // (A template, so that a header-defined kernel is not a duplicate symbol across translation units.)
 template <int kThreads>
@@ -651,15 +686,17 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 // Block tile: 128 params x all experts (K padded to EP = 16 * kKSteps). The
 // block's steps -- (tile, chunk of 32 segments) pairs over all its tiles --
 // run through a kStages-deep cp.async pipeline: each stage holds a chunk of G
-// rows and the chunk's fp32 routing weights, and kStages - 1 steps are in
+// rows and the chunk's routing weights (hi and lo), and kStages - 1 steps are in
 // flight while one is computed (the version that staged one chunk through
 // registers kept ~8 KB in flight per block and measured 19-29% of copy
 // bandwidth on an H200). Per step:
 //   dW  [EP x 128] += e^T [EP x 32] . G [32 x 128]  (M = experts, N = params,
 //       K = segments). Warp w owns params 16w..16w+15 for all experts; the fp32
 //       accumulators stay in registers over all of S and are written once per tile.
-//       The routing weights enter as hi + lo 16-bit operands (two mmas), built
-//       in registers from the stage's fp32 weights.
+//       The routing weights enter as hi + lo 16-bit operands (two mmas): split
+//       and transposed to e^T once per launch (merge_backward_split_weights_kernel),
+//       so each warp loads its A fragments with ldmatrix (before: 8 scalar loads
+//       and 4 conversions per fragment, in every warp).
 //   de  [32 x EP] = G [32 x 128] . W^T [128 x EP]   (M = segments, N = experts,
 //       K = params). Unit (m16, n8 or n16: kDeN) u goes to warp u % 8, which runs
 //       the whole K of the tile: every (segment, expert) of the partial has one
@@ -672,7 +709,7 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 template <class T, int kKSteps, int kStagesT = 4>
 struct MergeBackwardTcConfig {
   static constexpr int kTileN = 128;
-  static constexpr int kChunk = 32;  // segments per step (K of the dW product)
+  static constexpr int kChunk = kMergeBackwardTcChunk;  // segments per step (K of the dW product)
   static constexpr int kStages = kStagesT;  // pipeline depth (steps resident in shared memory)
   static constexpr int kEP = 16 * kKSteps;
   static constexpr int kWarps = kMergeThreads / 32;
@@ -687,17 +724,21 @@ struct MergeBackwardTcConfig {
   static constexpr int kDeUnitsPerWarp = (kDeUnits + kWarps - 1) / kWarps;
   // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
   static constexpr int kRow = kTileN + 8;       // W tile and G chunk rows
-  // fp32 weights rows of a stage: a stride of 4 (mod 32) words puts the 32 lanes' (segment 2t,
-  // expert g) reads of an A fragment in 32 different banks.
-  static constexpr int kWRow = kEP + 4;
+  // A stage's routing weights: e^T [kEP experts][kChunk segments] as the hi and the lo operand
+  // (split once per launch by merge_backward_split_weights_kernel), rows of 80 bytes: the 8 rows of
+  // an ldmatrix fall in 8 different bank groups. The lo block starts 64 bytes (mod 128) after the
+  // hi block, so that a quarter-warp's cp.async of hi row r and lo row r hits 32 different banks.
+  static constexpr int kARow = kChunk + 8;
+  static constexpr int kALo = kEP * kARow + 32;  // elements from the hi block to the lo block
+  static constexpr int kAVecs = (8 * kEP + kMergeThreads - 1) / kMergeThreads;  // split-weight vectors per thread per step
   static constexpr int kStageRow = kWarpN + 4;  // fp32 staging of a warp's 16 x 16 dW block
   static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;  // G vectors per thread per step
   static constexpr int kWVecs = kEP * kTileN / 8 / kMergeThreads;     // W tile vectors per thread
   static constexpr size_t kWBytes = size_t(kEP) * kRow * sizeof(T);
   static constexpr size_t kGBytes = size_t(kChunk) * kRow * sizeof(T);          // per stage
-  static constexpr size_t kEBytes = size_t(kChunk) * kWRow * sizeof(float);     // per stage
+  static constexpr size_t kABytes = size_t(kALo + kEP * kARow) * sizeof(T);     // per stage
   static constexpr size_t kStageBytes = size_t(kWarps) * 16 * kStageRow * sizeof(float);
-  static constexpr size_t kFixedBytes = kWBytes + kStages * (kGBytes + kEBytes) + kStageBytes;
+  static constexpr size_t kFixedBytes = kWBytes + kStages * (kGBytes + kABytes) + kStageBytes;
   static size_t smem_bytes(int64_t S, int E, bool partial_in_smem) {
     return kFixedBytes + (partial_in_smem ? size_t(MergePartialLayout::make(E, true).size(S)) * sizeof(float) : 0);
   }
@@ -705,16 +746,22 @@ struct MergeBackwardTcConfig {
   // tests/emu/test_smem_banks.cpp (which counts their bank wavefronts) both use these.
   // Row vector i (16 bytes) of a G chunk or W tile: cp.async and W-tile stores.
   LORY_HOST_DEVICE static constexpr int row_vec_offset(int i) { return (i / (kTileN / 8)) * kRow + (i % (kTileN / 8)) * 8; }
-  // Element i of a chunk's [kChunk][E] routing weights (contiguous in global memory) in a stage.
-  LORY_HOST_DEVICE static constexpr int weights_offset(int i, int E) { return (i / E) * kWRow + i % E; }
+  // Vector i (16 bytes, 8 segments) of a stage's split weights: expert row i / 8, the lo block
+  // when (i / 4) % 2, segments 8 (i % 4) on. A quarter-warp copies hi row r and lo row r.
+  LORY_HOST_DEVICE static constexpr int a_vec_row(int i) { return i / 8; }
+  LORY_HOST_DEVICE static constexpr int a_vec_is_lo(int i) { return (i / 4) % 2; }
+  LORY_HOST_DEVICE static constexpr int a_vec_seg(int i) { return (i % 4) * 8; }
+  LORY_HOST_DEVICE static constexpr int a_vec_offset(int i) {
+    return a_vec_row(i) * kARow + a_vec_is_lo(i) * kALo + a_vec_seg(i);
+  }
   // dW, B operand: row address of lane's 8 params for the transposed ldmatrix_x4 of G (k-step ks).
   LORY_HOST_DEVICE static constexpr int g_dw_offset(int ks, int warp, int lane) {
     return (ks * 16 + ((lane / 8) & 1) * 8 + lane % 8) * kRow + warp * kWarpN + (lane / 16) * 8;
   }
-  // dW, A operand: the first of the fp32 weights (segments 2t and 2t + 1, one row apart) of
-  // register h of expert m-tile mt.
-  LORY_HOST_DEVICE static constexpr int weights_frag_offset(int ks, int mt, int h, int lane) {
-    return (ks * 16 + 2 * (lane % 4) + (h >> 1) * 8) * kWRow + mt * 16 + lane / 4 + (h & 1) * 8;
+  // dW, A operand: row address for the ldmatrix_x4 of the hi weights (experts mt*16..,
+  // segments ks*16..); the lo operand is kALo further.
+  LORY_HOST_DEVICE static constexpr int a_frag_offset(int ks, int mt, int lane) {
+    return (mt * 16 + lane % 16) * kARow + ks * 16 + (lane / 16) * 8;
   }
   // de, B operand: row address for the ldmatrix_x4 of the W tile (experts nt*8.., params kk*16..).
   LORY_HOST_DEVICE static constexpr int w_de_offset(int nt, int kk, int lane) {
@@ -726,8 +773,7 @@ struct MergeBackwardTcConfig {
   }
   static_assert(kGVecs * kMergeThreads * 8 == kChunk * kTileN, "G chunk split evenly over the threads");
   static_assert(kWVecs * kMergeThreads * 8 == kEP * kTileN, "W tile split evenly over the threads");
-  static_assert(kWRow % 32 == 4 || kWRow % 32 == 20, "A-fragment reads of the weights free of bank conflicts");
-  static_assert(kFixedBytes % 16 == 0 && kWBytes % 16 == 0 && kGBytes % 16 == 0 && kEBytes % 16 == 0,
+  static_assert(kFixedBytes % 16 == 0 && kWBytes % 16 == 0 && kGBytes % 16 == 0 && kABytes % 16 == 0,
                 "16-byte aligned shared-memory regions");
 };
 
@@ -740,16 +786,16 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
 #if LORY_MMA_AVAILABLE
   using Cfg = MergeBackwardTcConfig<T, kKSteps, kStages>;
   constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
-  constexpr int kRow = Cfg::kRow, kWRow = Cfg::kWRow, kStageRow = Cfg::kStageRow;
+  constexpr int kRow = Cfg::kRow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = kTileN / V;  // 16
   LORY_DYNAMIC_SMEM(merge_smem);
   T* w_s = reinterpret_cast<T*>(merge_smem);                                   // [kEP][kRow]
   T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                   // [kStages][kChunk][kRow]
-  float* e_st = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * Cfg::kGBytes);  // [kStages][kChunk][kWRow]
+  T* a_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + kStages * Cfg::kGBytes);   // [kStages]: hi, lo [kEP][kARow]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * (Cfg::kGBytes + Cfg::kEBytes)) +
+  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * (Cfg::kGBytes + Cfg::kABytes)) +
                  warp * 16 * kStageRow;                                        // [16][kStageRow]
   const int E = p.E;
   const int64_t SE = p.S * E;
@@ -766,26 +812,12 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
   if (p.want_de) {
     for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
   }
-  if (want_dw && E < kEP) {  // the weights' expert padding, never written by the copies
-    const int pad = kEP - E;
-    for (int i = threadIdx.x; i < kStages * kChunk * pad; i += kMergeThreads)
-      e_st[(i / pad) * kWRow + E + i % pad] = 0.f;
-  }
-
-  // This thread's share of a step's routing weights: element i = threadIdx.x + j * kMergeThreads
-  // of the chunk's [kChunk][E] block (contiguous in global memory) lands at e_off[j] in the stage.
-  constexpr int kEVals = (kChunk * kEP + kMergeThreads - 1) / kMergeThreads;
-  int e_off[kEVals];
-#pragma unroll
-  for (int j = 0; j < kEVals; ++j) {
-    const int i = threadIdx.x + j * kMergeThreads;
-    e_off[j] = i < kChunk * E ? Cfg::weights_offset(i, E) : -1;
-  }
 
   // The issue side of the pipeline walks the block's steps -- (tile, chunk) in order -- ahead of
   // the compute side: each call copies the next step into the next stage, the G chunk
-  // (zero-filled past S and past P) and, for dW, its routing weights (zero-filled past S). Every
-  // call commits one group, empty past the last step, so wait_group counts steps.
+  // (zero-filled past S and past P) and, for dW, its split routing weights (zero past S and past
+  // E in the workspace copy). Every call commits one group, empty past the last step, so
+  // wait_group counts steps.
   int64_t issue_tile = blockIdx.x, issue_chunk = 0;
   int issue_stage = 0;
   auto issue = [&]() {
@@ -800,13 +832,14 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
         cp_async_row_vec(gs + Cfg::row_vec_offset(i), s < p.S ? p.G + s * p.g_stride : p.G, s < p.S, col, p.P);
       }
       if (want_dw) {
-        float* es = e_st + issue_stage * (kChunk * kWRow);
-        const float* src = p.weights + s0 * E;
-        const int valid = int(p.S - s0 < kChunk ? p.S - s0 : kChunk) * E;  // elements before the end of S
+        T* as = a_st + issue_stage * int(Cfg::kABytes / sizeof(T));
 #pragma unroll
-        for (int j = 0; j < kEVals; ++j) {
+        for (int j = 0; j < Cfg::kAVecs; ++j) {
           const int i = threadIdx.x + j * kMergeThreads;
-          if (e_off[j] >= 0) cp_async_4(es + e_off[j], i < valid ? src + i : p.weights, i < valid ? 4 : 0);
+          if (i < 8 * kEP) {
+            const T* src = p.a_split + (Cfg::a_vec_is_lo(i) * kEP + Cfg::a_vec_row(i)) * p.a_stride + s0 + Cfg::a_vec_seg(i);
+            cp_async_16(as + Cfg::a_vec_offset(i), src, 16);
+          }
         }
       }
       if (++issue_chunk == chunks) {
@@ -860,7 +893,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
     __syncthreads();  // everyone's have (and w_s); every thread is done with the previous step's stage
     issue();                       // refills the stage the previous step used
     const T* gs = g_st + stage_k * (kChunk * kRow);
-    const float* es = e_st + stage_k * (kChunk * kWRow);
+    const T* as = a_st + stage_k * int(Cfg::kABytes / sizeof(T));
 
     if (want_dw) {
 #pragma unroll
@@ -871,14 +904,10 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
         const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
 #pragma unroll
         for (int mt = 0; mt < kKSteps; ++mt) {
-          // A = e^T [M = experts][K = segments]: a_h holds (expert mt*16 + g + 8 (h & 1),
-          // segments ks*16 + 2t + 8 (h >> 1) and the next), read from the fp32 weights [segment][expert].
+          // A = e^T [M = experts][K = segments], row-major, as hi and lo operands.
           uint32_t ah[4], al[4];
-#pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            const float* w = es + Cfg::weights_frag_offset(ks, mt, h, lane);
-            split_pack2<T>(w[0], w[kWRow], ah[h], al[h]);
-          }
+          ldmatrix_x4(ah, as + Cfg::a_frag_offset(ks, mt, lane));
+          ldmatrix_x4(al, as + Cfg::a_frag_offset(ks, mt, lane) + Cfg::kALo);
           mma_16816<T>(acc[mt][0], al, b0);
           mma_16816<T>(acc[mt][0], ah, b0);
           mma_16816<T>(acc[mt][1], al, b1);
@@ -1098,6 +1127,8 @@ struct MergeBackwardPlan {
   bool want_de = false;
   bool partial_in_smem = false;
   bool use_partials = false;  // per-block partials in the workspace + ordered reduction
+  size_t partials_bytes = 0;  // at the start of the workspace
+  size_t split_bytes = 0;     // then the split routing weights (tensor cores with dW)
   int max_blocks = 0;
   size_t workspace_bytes = kMergeMinWorkspaceBytes;
 };
@@ -1118,8 +1149,10 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
   plan.max_blocks = static_cast<int>(std::min<int64_t>(plan.tiles, kMergeBackwardMaxBlocks));
   if (plan.use_partials) {
     if (!mul_fits(SE, int64_t(plan.max_blocks) * int64_t(sizeof(float)))) return Status::kErrorInvalidSize;
-    plan.workspace_bytes = std::max(align_up(size_t(SE) * plan.max_blocks * sizeof(float)), kMergeMinWorkspaceBytes);
+    plan.partials_bytes = align_up(size_t(SE) * plan.max_blocks * sizeof(float));
   }
+  if (tensor_core && a.dW) plan.split_bytes = MergeBackwardSplitShape::of(a.num_segments, a.experts).bytes(sizeof(T));
+  plan.workspace_bytes = std::max(plan.partials_bytes + plan.split_bytes, kMergeMinWorkspaceBytes);
   return Status::kSuccess;
 }
 
@@ -1303,6 +1336,17 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   const int ept = tc ? 0 : Cfg::experts_per_thread(a.experts, plan.col_vecs);
   int blocks = 0;
   Status st = Status::kErrorInvalidArgument;
+  if (tc && prm.dW) {
+    const auto shape = MergeBackwardSplitShape::of(a.num_segments, a.experts);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(workspace) + plan.partials_bytes;
+    T* split = reinterpret_cast<T*>((at + 15) / 16 * 16);
+    const int64_t grid = std::min<int64_t>((int64_t(shape.ep) * shape.s_pad + kMergeThreads - 1) / kMergeThreads, 1024);
+    launch_kernel(merge_backward_split_weights_kernel<T>, dim3(static_cast<unsigned>(grid)), dim3(kMergeThreads), 0,
+                  stream, a.weights, a.num_segments, a.experts, shape.ep, shape.s_pad, split);
+    LORY_RETURN_IF_ERROR(check_launch());
+    prm.a_split = split;
+    prm.a_stride = shape.s_pad;
+  }
   if (tc) st = merge_backward_tc<T>(prm, plan.max_blocks, plan.partial_in_smem, blocks, stream);
 #define LORY_MERGE_BWD_CASE(EPT)                                                                    \
   case EPT:                                                                                          \

@@ -64,18 +64,22 @@ void check_backward_main_loop() {
     for (int j = 0; j < Cfg::kGVecs; ++j)
       CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::row_vec_offset(warp * 32 + lane + j * detail::kMergeThreads)) * kElem; }), 16) ==
             ideal(16));
-  // dW product: the transposed ldmatrix_x4 of G, and the A fragments' fp32 weights (two rows).
+  // The cp.async of a stage's split routing weights (hi and lo rows of 64 bytes): 16 bytes per lane.
+  for (int j = 0; j < Cfg::kAVecs; ++j)
+    for (int warp = 0; warp < Cfg::kWarps; ++warp) {
+      if ((j * detail::kMergeThreads + warp * 32) >= 8 * Cfg::kEP) continue;
+      CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::a_vec_offset(warp * 32 + lane + j * detail::kMergeThreads)) * kElem; }), 16) ==
+            ideal(16));
+    }
+  // dW product: the transposed ldmatrix_x4 of G, and the ldmatrix_x4 of the hi and lo weights.
   for (int warp = 0; warp < Cfg::kWarps; ++warp)
     for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
       CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_dw_offset(ks, warp, lane)) * kElem; }), 16) == ideal(16));
   for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
     for (int mt = 0; mt < kKSteps; ++mt)
-      for (int h = 0; h < 4; ++h)
-        for (int row = 0; row < 2; ++row)
-          CHECK(wavefronts(lanes([&](int lane) {
-                             return int64_t(Cfg::weights_frag_offset(ks, mt, h, lane) + row * Cfg::kWRow) * 4;
-                           }),
-                           4) == ideal(4));
+      for (int lo = 0; lo < 2; ++lo)
+        CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::a_frag_offset(ks, mt, lane) + lo * Cfg::kALo) * kElem; }), 16) ==
+              ideal(16));
   // d_weights product: ldmatrix_x4 of the W tile and of G.
   for (int kk = 0; kk < Cfg::kTileN / 16; ++kk) {
     for (int nt = 0; nt < Cfg::kEP / 8; ++nt)
@@ -83,20 +87,6 @@ void check_backward_main_loop() {
     for (int mt = 0; mt < Cfg::kChunk / 16; ++mt)
       CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_de_offset(mt, kk, lane)) * kElem; }), 16) == ideal(16));
   }
-}
-
-// The cp.async of a chunk's fp32 routing weights (4 bytes per lane): rows of E in rows of kWRow.
-template <int kKSteps>
-int worst_weights_copy(int E) {
-  using Cfg = detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4>;
-  int worst = 0;
-  for (int i0 = 0; i0 < Cfg::kChunk * E; i0 += 32)
-    worst = std::max(worst, wavefronts(lanes([&](int lane) {
-                                         const int i = i0 + lane;
-                                         return i < Cfg::kChunk * E ? int64_t(Cfg::weights_offset(i, E)) * 4 : kInactive;
-                                       }),
-                                       4));
-  return worst;
 }
 
 // The d_weights partial's float2 read-modify-write of one de unit (segments mt*16 + g + 8h of a
@@ -124,17 +114,6 @@ TEST_CASE("smem banks: the merge backward's main-loop accesses take the fewest w
   check_backward_main_loop<2>();
   check_backward_main_loop<3>();
   check_backward_main_loop<4>();
-}
-
-TEST_CASE("smem banks: the routing weights' cp.async", "[banks][merge]") {
-  // One wavefront per warp when a row of weights is a multiple of 32 floats; 8, 16 and 48 experts
-  // take two (rows at a stride of kWRow = 4 or 20 mod 32 wrap onto the banks of the row before),
-  // once per step and warp: the stride is set for the A-fragment reads, 8 times as many.
-  CHECK(worst_weights_copy<1>(8) == 2);
-  CHECK(worst_weights_copy<1>(16) == 2);
-  CHECK(worst_weights_copy<2>(32) == 1);
-  CHECK(worst_weights_copy<3>(48) == 2);
-  CHECK(worst_weights_copy<4>(64) == 1);
 }
 
 TEST_CASE("smem banks: the on-chip d_weights partial's updates", "[banks][merge]") {

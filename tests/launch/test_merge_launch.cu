@@ -4,6 +4,7 @@
 // dereferenced (validation has to fail first); no success path here may reach
 // the CUDA runtime.
 #include <cstdint>
+#include <type_traits>
 
 #include "common/catch.hpp"
 #include "lory/merge.cuh"
@@ -246,11 +247,15 @@ TEMPLATE_TEST_CASE("merge_backward workspace query", "[launch][merge]", float, _
   big.experts = 64;
   REQUIRE(lory::merge_backward(big, nullptr, bytes, nullptr) == Status::kSuccess);
   CHECK(bytes == lory::detail::align_up(size_t(std::min<int64_t>(tiles, 512)) * 1000 * 64 * sizeof(float)));
-  // dW only: nothing to reduce.
+  // dW only: nothing to reduce. The tensor-core kernel (16-bit storage, aligned views) still
+  // takes the routing weights split into hi and lo operands from the workspace.
   auto dw_only = good_backward<T>();
   dw_only.d_weights = nullptr;
   REQUIRE(lory::merge_backward(dw_only, nullptr, bytes, nullptr) == Status::kSuccess);
-  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  const bool tc = lory::detail::merge_backward_uses_tc(dw_only, lory::detail::MergePath::kAuto);
+  CHECK(tc == !std::is_same<T, float>::value);
+  CHECK(bytes == (tc ? lory::detail::MergeBackwardSplitShape::of(dw_only.num_segments, dw_only.experts).bytes(sizeof(T))
+                     : lory::detail::kMergeMinWorkspaceBytes));
 }
 
 TEST_CASE("merge_backward: forcing tensor cores where they cannot run is an error", "[launch][merge]") {
@@ -285,12 +290,15 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
   auto wide = a;
   wide.experts = 65;
   CHECK_FALSE(lory::detail::merge_backward_uses_tc(wide, MergePath::kAuto));
-  // Deterministic: one [S, E] partial per persistent block, one block per 128-param tile at most.
+  // Deterministic: one [S, E] partial per persistent block, one block per 128-param tile at most,
+  // then the routing weights split into hi and lo operands, [2][16][32] (E and S padded) + 16 bytes.
   const int64_t tiles = (a.params + 127) / 128;
+  const size_t split = lory::detail::MergeBackwardSplitShape::of(5, 8).bytes(sizeof(T));
+  CHECK(split == 2 * 16 * 32 * sizeof(T) + 16);
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
           Status::kSuccess);
-  CHECK(bytes == lory::detail::align_up(size_t(std::min<int64_t>(tiles, 512)) * 5 * 8 * sizeof(float)));
+  CHECK(bytes == lory::detail::align_up(size_t(std::min<int64_t>(tiles, 512)) * 5 * 8 * sizeof(float)) + split);
   size_t small = bytes - 1;
   CHECK(lory::detail::merge_backward_on_path(a, bogus_ws(), small, nullptr, MergePath::kTensorCore) ==
         Status::kErrorWorkspaceTooSmall);
@@ -299,17 +307,23 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
   s.params = 200;  // two tiles
   REQUIRE(lory::detail::merge_backward_on_path(s, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
           Status::kSuccess);
-  CHECK(bytes == lory::detail::align_up(size_t(2) * 5 * 8 * sizeof(float)));
+  CHECK(bytes == lory::detail::align_up(size_t(2) * 5 * 8 * sizeof(float)) + split);
   // Fast mode with a small S*E, and dW only: no partials.
   auto fast = a;
   fast.deterministic = false;
   REQUIRE(lory::detail::merge_backward_on_path(fast, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
           Status::kSuccess);
-  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  CHECK(bytes == split);
   auto dw_only = a;
   dw_only.d_weights = nullptr;
   CHECK(lory::detail::merge_backward_uses_tc(dw_only, MergePath::kTensorCore));
   REQUIRE(lory::detail::merge_backward_on_path(dw_only, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+          Status::kSuccess);
+  CHECK(bytes == split);
+  // d_weights only: no dW product, no split weights.
+  auto de_only = fast;
+  de_only.dW = nullptr;
+  REQUIRE(lory::detail::merge_backward_on_path(de_only, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
           Status::kSuccess);
   CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
   // Every view has to be 16-byte aligned (base and stride), else the CUDA-core kernel runs.
