@@ -15,7 +15,8 @@
 # Environment: LORY_BENCH_FILTER (regex, default all), LORY_BENCH_TIMEOUT_S (default 120),
 #              LORY_SAN_TIMEOUT_S (per tool, default 60), LORY_TORCH_TIMEOUT_S (default 240),
 #              LORY_TORCH_BENCH_TIMEOUT_S (default 180), LORY_AB_TIMEOUT_S (per driver, default 60),
-#              LORY_AB_REPS (default 5).
+#              LORY_AB_REPS (default 5), LORY_AB_NCU (cases for Nsight Compute on the newest A/B
+#              driver, ';'-separated), LORY_AB_NCU_TIMEOUT_S (per case, default 90).
 set -uo pipefail
 bin=${1:-.gpucarry}
 out=${OUT:-out}
@@ -114,6 +115,20 @@ fi
 
 python3 bench/summarize.py "$out/bench.json" --checks "$checks" | tee "$out/summary.txt"
 [ -f "$out/compare_torch.md" ] && tee -a "$out/summary.txt" < "$out/compare_torch.md"
+# Optional: Nsight Compute on the last A/B driver (the newest revision), one launch per case, e.g.
+# LORY_AB_NCU="backward E32 S128;backward E8 S128" (labels as merge_ab prints them).
+if [ -n "${LORY_AB_NCU:-}" ] && compgen -G "$bin/ab/[0-9][0-9]_*" > /dev/null; then
+  drv=$(ls "$bin"/ab/[0-9][0-9]_* | tail -1)
+  metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__throughput.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_shared_mem
+  IFS=';' read -ra ncu_cases <<< "$LORY_AB_NCU"
+  for c in "${ncu_cases[@]}"; do
+    case $c in forward*) kern=merge_forward ;; *) kern=merge_backward_tc ;; esac
+    echo "### ncu $(basename "$drv") \"$c\" (kernel $kern, second launch)" >> "$ab_log"
+    timeout -k 5 "${LORY_AB_NCU_TIMEOUT_S:-90}" ncu --clock-control none --kernel-name "regex:$kern" --launch-skip 1 \
+      --launch-count 1 --metrics "$metrics" "$drv" 1 "$c" >> "$ab_log" 2>&1; rc=$?
+    echo "ab_ncu_${c// /_}=rc $rc" >> "$checks"
+  done
+fi
 if [ -s "$ab_log" ]; then
   sed -i '1i # A/B: merge kernels per revision of include/ (bench/ab/merge_ab.cu)' "$ab_log"
   cat "$ab_log" >> "$out/bench.log"

@@ -7,11 +7,13 @@
 // Paper shape d = 1536, f = 4096 (P = 3 d f per expert), bf16, routing weights fp32. Prints one line
 // per case: best of N launches (CUDA events on the default stream), GB/s of compulsory traffic,
 // and that as a percent of a device-to-device copy measured in the same process.
-//   usage: merge_ab [reps=5]
+//   usage: merge_ab [reps=5] [filter]   filter: run only the cases whose label contains it, e.g.
+//          "backward E32 S128" (for Nsight Compute on one case: scripts/gpu_check_prebuilt.sh, LORY_AB_NCU)
 #include <cuda_bf16.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "lory/merge.cuh"
@@ -56,6 +58,11 @@ float best_ms(int reps, F&& launch) {
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 5;
+  const std::string filter = argc > 2 ? argv[2] : "";
+  auto label = [](const char* what, int E, int64_t S) {
+    return std::string(what) + " E" + std::to_string(E) + " S" + std::to_string(S);
+  };
+  auto wanted = [&](const std::string& l) { return filter.empty() || l.find(filter) != std::string::npos; };
   const int64_t P = 3LL * 1536 * 4096;
   const int64_t Smax = 512, Emax = 64;
   bf16 *G = nullptr, *W = nullptr, *dW = nullptr;
@@ -98,6 +105,7 @@ int main(int argc, char** argv) {
 
   for (int64_t S : {int64_t(128), int64_t(512)})
     for (int E : {8, 16, 32, 64}) {
+      if (!wanted(label("forward", E, S))) continue;
       lory::MergeForwardArgs<bf16, float> f;
       f.num_segments = S, f.experts = E, f.params = P, f.W = W, f.expert_stride = P, f.weights = w, f.Wbar = G,
       f.segment_stride = P;
@@ -123,6 +131,7 @@ int main(int argc, char** argv) {
                         {32, 512, true, true, "backward"},  {32, 128, true, false, "dW only"},
                         {32, 128, false, true, "de only"}};
   for (const Case& c : cases) {
+    if (!wanted(label(c.what, c.E, c.S))) continue;
     lory::MergeBackwardArgs<bf16, float> b;
     b.num_segments = c.S, b.experts = c.E, b.params = P, b.G = G, b.grad_segment_stride = P, b.W = W,
     b.expert_stride = P, b.weights = w, b.dW = c.dW ? dW : nullptr, b.dW_expert_stride = P,
