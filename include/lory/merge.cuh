@@ -520,9 +520,10 @@ struct MergePartialLayout {
   }
   LORY_HOST_DEVICE bool plain() const { return stride == E && mask == 0; }
   LORY_HOST_DEVICE int64_t size(int64_t S) const { return S * stride; }
-  LORY_HOST_DEVICE int64_t index(int64_t s, int e) const {
-    return s * stride + (e ^ (int((s >> shift) & mask) << 3));
-  }
+  // The XOR of row s depends on s % 8 only, so a row index split as (multiple of 8) + r
+  // takes xor_of(r): the kernel computes it once per thread.
+  LORY_HOST_DEVICE int xor_of(int s_mod8) const { return ((s_mod8 >> shift) & mask) << 3; }
+  LORY_HOST_DEVICE int64_t index(int64_t s, int e) const { return s * stride + (e ^ xor_of(int(s & 7))); }
 };
 
 #if LORY_HAS_DEVICE_CODE
@@ -808,6 +809,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
   // partial swizzled (MergePartialLayout).
   const bool even_e = E % 2 == 0;
   const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
+  const int part_xor = layout.xor_of(g);
 
   if (p.want_de) {
     for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
@@ -945,23 +947,26 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 
           }
         }
         // c0, c1: (segment g, experts 2t, 2t+1); c2, c3: segment g + 8. One owner per element.
+        // Rows s0 + mt*16 + 8h + g: the first three terms are a multiple of 8, so the row's XOR
+        // is the thread's part_xor.
 #pragma unroll
-        for (int hn = 0; hn < kHalves; ++hn) {
-          const int e = (nu * kHalves + hn) * 8 + 2 * t;
+        for (int h = 0; h < 2; ++h) {
+          const int64_t s = s0 + mt * 16 + g + 8 * h;
+          if (s >= p.S) continue;
+          float* row = part + s * layout.stride;
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t s = s0 + mt * 16 + g + 8 * h;
-            if (hn < halves && s < p.S) {
-              if (even_e && e + 1 < E) {  // both experts in one 8-byte access
-                float2* q = reinterpret_cast<float2*>(part + layout.index(s, e));
-                float2 v = *q;
-                v.x += c[hn][2 * h];
-                v.y += c[hn][2 * h + 1];
-                *q = v;
-              } else {
-                if (e < E) part[layout.index(s, e)] += c[hn][2 * h];
-                if (e + 1 < E) part[layout.index(s, e + 1)] += c[hn][2 * h + 1];
-              }
+          for (int hn = 0; hn < kHalves; ++hn) {
+            const int e = (nu * kHalves + hn) * 8 + 2 * t;
+            if (hn >= halves) continue;
+            if (even_e && e + 1 < E) {  // both experts in one 8-byte access
+              float2* q = reinterpret_cast<float2*>(row + (e ^ part_xor));
+              float2 v = *q;
+              v.x += c[hn][2 * h];
+              v.y += c[hn][2 * h + 1];
+              *q = v;
+            } else {
+              if (e < E) row[e ^ part_xor] += c[hn][2 * h];
+              if (e + 1 < E) row[(e + 1) ^ part_xor] += c[hn][2 * h + 1];
             }
           }
         }
