@@ -780,10 +780,11 @@ struct MergeBackwardTcConfig {
 
 #if LORY_HAS_DEVICE_CODE
 template <class T, int kKSteps, int kStages>
-// Three blocks per SM (<= 80 registers) up to E = 16, two (<= 128) up to E = 48; E = 64 needs more
-// registers than that. Measured on an H200 (bf16, paper shapes): three blocks per SM instead of two
-// made the E = 8 backward 1.2x faster.
-LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : kKSteps <= 3 ? 2 : 1) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
+// Three blocks per SM (<= 80 registers) up to E = 16, two (<= 128) above. Measured on an H200 (bf16,
+// paper shapes): three blocks per SM instead of two made the E = 8 backward 1.2x faster. E = 64 fits
+// in 128 registers without spills since the weights are split once per launch (it needed ~230, one
+// block per SM, before); that configuration has not run on a GPU yet.
+LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
   using Cfg = MergeBackwardTcConfig<T, kKSteps, kStages>;
   constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
@@ -1237,20 +1238,26 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
 }
 
 // Four pipeline stages, or two where the on-chip partial would otherwise leave room for only one
-// block per SM where two run (E <= 48, e.g. S = 512, E = 32): measured on an H200, one block with
-// four stages was 9% slower there than the earlier kernel's two blocks with two chunks in flight.
+// block per SM where two run (e.g. S = 512, E = 32; S = 128, E = 64): measured on an H200, one
+// block with four stages was 9% slower at S = 512, E = 32 than the earlier kernel's two blocks with
+// two chunks in flight. (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
+template <class T, int kKSteps>
+int merge_backward_tc_stages(int64_t S, int E, bool partial_in_smem) {
+  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(S, E, partial_in_smem);
+  const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(S, E, partial_in_smem);
+  return deep > kMergeBackwardTcTwoBlockSmem && shallow <= kMergeBackwardTcTwoBlockSmem ? 2 : 4;
+}
+
 template <class T, int kKSteps>
 Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                                 cudaStream_t stream) {
-  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(prm.S, prm.E, partial_in_smem);
-  if constexpr (kKSteps <= 3) {
-    const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(prm.S, prm.E, partial_in_smem);
-    if (deep > kMergeBackwardTcTwoBlockSmem && shallow <= kMergeBackwardTcTwoBlockSmem)
-      return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2>, prm, max_blocks, shallow,
-                                              blocks, stream);
-  }
-  return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4>, prm, max_blocks, deep, blocks,
-                                          stream);
+  if (merge_backward_tc_stages<T, kKSteps>(prm.S, prm.E, partial_in_smem) == 2)
+    return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2>, prm, max_blocks,
+                                            MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(prm.S, prm.E, partial_in_smem),
+                                            blocks, stream);
+  return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4>, prm, max_blocks,
+                                          MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(prm.S, prm.E, partial_in_smem),
+                                          blocks, stream);
 }
 
 template <class T>

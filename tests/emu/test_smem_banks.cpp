@@ -155,3 +155,34 @@ TEST_CASE("smem banks: the swizzled partial is a permutation within each padded 
     CHECK(plain.index(5, E - 1) == 5 * int64_t(E) + E - 1);
   }
 }
+
+namespace {
+// Blocks of the tensor-core backward that fit on one sm_90 SM by shared memory (228 KiB, 1 KiB
+// reserved per block) with the stage count the launcher picks for (S, E).
+template <int kKSteps>
+int blocks_per_sm(int64_t S, int E) {
+  const bool on_chip = detail::MergePartialLayout::make(E, true).size(S) <= detail::kMergeBackwardSmemPartial;
+  const int stages = detail::merge_backward_tc_stages<__nv_bfloat16, kKSteps>(S, E, on_chip);
+  const size_t smem = stages == 2 ? detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 2>::smem_bytes(S, E, on_chip)
+                                  : detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4>::smem_bytes(S, E, on_chip);
+  return static_cast<int>((228 * 1024) / (smem + 1024));
+}
+}  // namespace
+
+TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at the paper's shapes",
+          "[banks][merge]") {
+  // Registers allow three blocks per SM for E <= 16 and two above (__launch_bounds__); shared
+  // memory must not take that away where it was planned (a layout change that adds a few KiB can
+  // silently halve the blocks of a shape; this fails instead).
+  CHECK(blocks_per_sm<1>(128, 8) >= 3);
+  CHECK(blocks_per_sm<1>(512, 8) >= 3);
+  CHECK(blocks_per_sm<1>(128, 16) >= 3);
+  CHECK(blocks_per_sm<1>(512, 16) >= 2);  // four stages, two blocks
+  CHECK(blocks_per_sm<2>(128, 32) >= 2);
+  CHECK(blocks_per_sm<2>(512, 32) >= 2);  // two stages
+  CHECK(blocks_per_sm<4>(128, 64) >= 2);  // two stages
+  CHECK(blocks_per_sm<4>(512, 64) >= 2);  // partial in the workspace, four stages
+  CHECK(detail::merge_backward_tc_stages<__nv_bfloat16, 2>(512, 32, true) == 2);
+  CHECK(detail::merge_backward_tc_stages<__nv_bfloat16, 2>(128, 32, true) == 4);
+  CHECK(detail::merge_backward_tc_stages<__nv_bfloat16, 4>(128, 64, true) == 2);
+}

@@ -313,6 +313,7 @@ const std::vector<BwdCase>& backward_tc_cases() {
       {600, 32, 257, 7, 0},     // S*E past the on-chip partial: workspace partials
       {513, 33, 136, 0, 0},     // the same with E = 33 and a one-segment last chunk
       {400, 32, 1000, 8, 0},    // on-chip partial too big for two blocks with four stages: two stages
+      {100, 64, 600, 0, 0},     // the same at E = 64 (K = 4 x 16)
       {9, 20, 1000, 8, 1},      // misaligned: the forced path falls back to CUDA cores
   };
   return cases;
