@@ -821,33 +821,56 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
   // (zero-filled past S and past P) and, for dW, its split routing weights (zero past S and past
   // E in the workspace copy). Every call commits one group, empty past the last step, so
   // wait_group counts steps.
+  // Per thread, everything but the step's position is fixed: its G vectors are column vector
+  // g_vec of rows g_row, g_row + kPassRows, ... of a chunk; its split-weight vectors are fixed
+  // offsets from the chunk's first segment. So a call only advances pointers and compares
+  // (the version that recomputed 64-bit addresses and tails per vector spent ~120 instructions
+  // per thread per step here, more than both products at E = 8).
+  constexpr int kPassRows = kMergeThreads / kRowVecs;  // rows between a thread's G vectors
+  static_assert(Cfg::kGVecs * kPassRows == kChunk, "a thread's G vectors cover its rows of the chunk");
+  const int g_vec = threadIdx.x % kRowVecs, g_row = threadIdx.x / kRowVecs;
+  const int g_off = Cfg::row_vec_offset(threadIdx.x);  // vector j at g_off + j * kPassRows * kRow
+  const int64_t g_pass = kPassRows * p.g_stride, g_chunk = kChunk * p.g_stride;
+  const T* g_src = p.G;  // row g_row of the issue chunk, at this thread's column
+  int g_bytes = 0;       // bytes of this thread's column vector in the issue tile (zero past P)
+  auto start_tile = [&](int64_t tile) {
+    const int64_t col = tile * kTileN + g_vec * V;
+    g_bytes = col < p.P ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
+    g_src = p.G + g_row * p.g_stride + (col < p.P ? col : 0);
+  };
+  const T* a_src[Cfg::kAVecs];  // split-weight vector j of the chunk at segment 0
+  int a_off[Cfg::kAVecs];
+#pragma unroll
+  for (int j = 0; j < Cfg::kAVecs; ++j) {
+    const int i = threadIdx.x + j * kMergeThreads;
+    a_src[j] = want_dw && i < 8 * kEP
+                   ? p.a_split + (Cfg::a_vec_is_lo(i) * kEP + Cfg::a_vec_row(i)) * p.a_stride + Cfg::a_vec_seg(i)
+                   : nullptr;
+    a_off[j] = Cfg::a_vec_offset(i < 8 * kEP ? i : 0);
+  }
   int64_t issue_tile = blockIdx.x, issue_chunk = 0;
   int issue_stage = 0;
+  if (issue_tile < p.tiles) start_tile(issue_tile);
   auto issue = [&]() {
     if (issue_tile < p.tiles) {
-      const int64_t col0 = issue_tile * kTileN, s0 = issue_chunk * kChunk;
-      T* gs = g_st + issue_stage * (kChunk * kRow);
+      const int64_t s0 = issue_chunk * kChunk;
+      T* gs = g_st + issue_stage * (kChunk * kRow) + g_off;
 #pragma unroll
       for (int j = 0; j < Cfg::kGVecs; ++j) {
-        const int i = threadIdx.x + j * kMergeThreads;
-        const int r = i / kRowVecs, v = i % kRowVecs;
-        const int64_t s = s0 + r, col = col0 + v * V;
-        cp_async_row_vec(gs + Cfg::row_vec_offset(i), s < p.S ? p.G + s * p.g_stride : p.G, s < p.S, col, p.P);
+        const int bytes = s0 + g_row + j * kPassRows < p.S ? g_bytes : 0;
+        cp_async_16(gs + j * kPassRows * kRow, bytes ? g_src + j * g_pass : p.G, bytes);
       }
       if (want_dw) {
         T* as = a_st + issue_stage * int(Cfg::kABytes / sizeof(T));
 #pragma unroll
-        for (int j = 0; j < Cfg::kAVecs; ++j) {
-          const int i = threadIdx.x + j * kMergeThreads;
-          if (i < 8 * kEP) {
-            const T* src = p.a_split + (Cfg::a_vec_is_lo(i) * kEP + Cfg::a_vec_row(i)) * p.a_stride + s0 + Cfg::a_vec_seg(i);
-            cp_async_16(as + Cfg::a_vec_offset(i), src, 16);
-          }
-        }
+        for (int j = 0; j < Cfg::kAVecs; ++j)
+          if (a_src[j]) cp_async_16(as + a_off[j], a_src[j] + s0, 16);
       }
+      g_src += g_chunk;
       if (++issue_chunk == chunks) {
         issue_chunk = 0;
         issue_tile += gridDim.x;
+        if (issue_tile < p.tiles) start_tile(issue_tile);
       }
       issue_stage = issue_stage + 1 == kStages ? 0 : issue_stage + 1;
     }
