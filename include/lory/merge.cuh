@@ -46,8 +46,9 @@
 //   passed on an H200 at commit 6a20a9a; the changes since (step counters,
 //   three blocks per SM for E <= 16, the two-stage variant, the swizzled
 //   on-chip partial with float2 updates, 16 x 16 d_weights units, the weights
-//   split once per launch) passed them under the CPU emulator (tests/emu/)
-//   only: see docs/gpu-results.md for what ran where.
+//   split once per launch, two blocks per SM at E = 64, the per-thread issue
+//   pointers) passed them under the CPU emulator (tests/emu/) only: see
+//   docs/gpu-results.md for what ran where.
 //
 // Paths: every pointer only needs its element alignment. 16-byte vector loads
 // and stores are used when the base pointers are 16-byte aligned and the
