@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds, on this (CPU) machine, everything the short-lease GPU check runs, into .gpucarry/, so
+# that a GPU loan goes to running, not compiling (docs/gpu-check.md, "The short-lease variant"):
+# the test binaries, the benchmarks, the training demo, optionally the PyTorch extension for the
+# GPU machine's torch and A/B timing drivers of the merge kernels at given revisions.
+#   usage: scripts/prepare_gpu_carry.sh [--torch VERSION] [--ab REV...]
+#   e.g.   scripts/prepare_gpu_carry.sh --torch 2.11.0 --ab 6890d71 HEAD
+# Then one device call: carry [".gpucarry", ".deps"],
+#   LORY_COMMIT=<hash> LORY_BENCH_FILTER='merge_|lory_layer|dense_ffn' bash scripts/gpu_check_prebuilt.sh .gpucarry
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torch=""
+ab=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --torch) torch=${2:?--torch needs a version}; shift 2 ;;
+    --ab) shift; ab=("$@"); break ;;
+    *) echo "usage: $0 [--torch VERSION] [--ab REV...]" >&2; exit 2 ;;
+  esac
+done
+bash scripts/stage_gpu_deps.sh
+[ -f build/CMakeCache.txt ] || cmake --preset default
+cmake --build build --target lory_cpu_tests lory_launch_tests lory_gpu_tests lory_bench lory_train_demo
+rm -rf .gpucarry/ab
+mkdir -p .gpucarry
+cp build/tests/lory_cpu_tests build/tests/lory_launch_tests build/tests/lory_gpu_tests build/bench/lory_bench \
+  build/examples/lory_train_demo .gpucarry/
+[ -z "$torch" ] || bash scripts/build_torch_prebuilt.sh "$torch" .gpucarry/lory_torch_cuda.so 90a
+[ ${#ab[@]} -eq 0 ] || bash scripts/build_ab_drivers.sh "${ab[@]}"
+du -sh .gpucarry
+echo "carry .gpucarry and .deps; LORY_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- include tests bench examples || echo '+uncommitted')"
