@@ -536,10 +536,11 @@ LORY_DEVICE LORY_FORCEINLINE void flush_backward_partial(const MergeBackwardPara
                                                          int64_t SE, const MergePartialLayout& layout) {
   if (!p.want_de || !p.partial_in_smem) return;
   __syncthreads();
+  // An on-chip partial has at most kMergeBackwardSmemPartial elements: 32-bit index math.
   auto at = [&](int64_t i) {
     if (layout.plain()) return part[i];
-    const int64_t s = i / p.E;
-    return part[layout.index(s, int(i - s * p.E))];
+    const int s = static_cast<int>(i) / p.E;
+    return part[layout.index(s, static_cast<int>(i) - s * p.E)];
   };
   if (p.d_weights_atomic) {
     for (int64_t i = threadIdx.x; i < SE; i += kMergeThreads) atomicAdd(p.d_weights_atomic + i, at(i));
