@@ -21,11 +21,14 @@ done
 bash scripts/stage_gpu_deps.sh
 [ -f build/CMakeCache.txt ] || cmake --preset default
 cmake --build build --target lory_cpu_tests lory_launch_tests lory_gpu_tests lory_bench lory_train_demo
-rm -rf .gpucarry/ab
+rm -rf .gpucarry  # nothing stale (a torch extension or driver of another commit) rides along
 mkdir -p .gpucarry
 cp build/tests/lory_cpu_tests build/tests/lory_launch_tests build/tests/lory_gpu_tests build/bench/lory_bench \
   build/examples/lory_train_demo .gpucarry/
 [ -z "$torch" ] || bash scripts/build_torch_prebuilt.sh "$torch" .gpucarry/lory_torch_cuda.so 90a
 [ ${#ab[@]} -eq 0 ] || bash scripts/build_ab_drivers.sh "${ab[@]}"
-du -sh .gpucarry
+du -sh .gpucarry .deps
+# The device tool carries at most 64 MiB in all.
+total=$(du -sk .gpucarry .deps | awk '{s += $1} END {print s}')
+[ "$total" -le 62000 ] || echo "WARNING: .gpucarry + .deps = ${total} KiB, near or past the 64 MiB carry limit"
 echo "carry .gpucarry and .deps; LORY_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- include tests bench examples || echo '+uncommitted')"
