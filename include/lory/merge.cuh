@@ -527,6 +527,12 @@ struct MergePartialLayout {
   LORY_HOST_DEVICE int64_t index(int64_t s, int e) const { return s * stride + (e ^ xor_of(int(s & 7))); }
 };
 
+// Whether a backward kernel keeps its d_weights partial on chip (the tensor-core kernel's has
+// padded rows, MergePartialLayout).
+inline bool merge_backward_partial_fits(int64_t S, int E, bool tensor_core) {
+  return MergePartialLayout::make(E, tensor_core).size(S) <= kMergeBackwardSmemPartial;
+}
+
 #if LORY_HAS_DEVICE_CODE
 // The end of either backward kernel: a d_weights partial [S, E] kept in shared
 // memory goes to the fast mode's atomic target, or to the block's slice of the
@@ -1173,9 +1179,7 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
   plan.tiles = (a.params + tile_width - 1) / tile_width;
   plan.want_de = a.d_weights != nullptr;
   const int64_t SE = a.num_segments * a.experts;  // fits: validate() checked S * stride
-  // The tensor-core kernel's on-chip partial has padded rows (MergePartialLayout).
-  const int64_t on_chip = tensor_core ? MergePartialLayout::make(a.experts, true).size(a.num_segments) : SE;
-  plan.partial_in_smem = plan.want_de && on_chip <= kMergeBackwardSmemPartial;
+  plan.partial_in_smem = plan.want_de && merge_backward_partial_fits(a.num_segments, a.experts, tensor_core);
   plan.use_partials = plan.want_de && (a.deterministic || !plan.partial_in_smem);
   plan.max_blocks = static_cast<int>(std::min<int64_t>(plan.tiles, kMergeBackwardMaxBlocks));
   if (plan.use_partials) {
@@ -1266,23 +1270,26 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
 // block per SM where two run (e.g. S = 512, E = 32; S = 128, E = 64): measured on an H200, one
 // block with four stages was 9% slower at S = 512, E = 32 than the earlier kernel's two blocks with
 // two chunks in flight. (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
+struct MergeBackwardTcShape {
+  int stages;
+  size_t smem;  // dynamic shared memory per block
+};
 template <class T, int kKSteps>
-int merge_backward_tc_stages(int64_t S, int E, bool partial_in_smem) {
+MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem) {
   const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(S, E, partial_in_smem);
   const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(S, E, partial_in_smem);
-  return deep > kMergeBackwardTcTwoBlockSmem && shallow <= kMergeBackwardTcTwoBlockSmem ? 2 : 4;
+  if (deep > kMergeBackwardTcTwoBlockSmem && shallow <= kMergeBackwardTcTwoBlockSmem) return {2, shallow};
+  return {4, deep};
 }
 
 template <class T, int kKSteps>
 Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                                 cudaStream_t stream) {
-  if (merge_backward_tc_stages<T, kKSteps>(prm.S, prm.E, partial_in_smem) == 2)
-    return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2>, prm, max_blocks,
-                                            MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(prm.S, prm.E, partial_in_smem),
-                                            blocks, stream);
-  return launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4>, prm, max_blocks,
-                                          MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(prm.S, prm.E, partial_in_smem),
-                                          blocks, stream);
+  const auto shape = merge_backward_tc_shape<T, kKSteps>(prm.S, prm.E, partial_in_smem);
+  return shape.stages == 2 ? launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2>, prm, max_blocks,
+                                                              shape.smem, blocks, stream)
+                           : launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4>, prm, max_blocks,
+                                                              shape.smem, blocks, stream);
 }
 
 template <class T>

@@ -161,10 +161,8 @@ namespace {
 // reserved per block) with the stage count the launcher picks for (S, E).
 template <int kKSteps>
 int blocks_per_sm(int64_t S, int E) {
-  const bool on_chip = detail::MergePartialLayout::make(E, true).size(S) <= detail::kMergeBackwardSmemPartial;
-  const int stages = detail::merge_backward_tc_stages<__nv_bfloat16, kKSteps>(S, E, on_chip);
-  const size_t smem = stages == 2 ? detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 2>::smem_bytes(S, E, on_chip)
-                                  : detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4>::smem_bytes(S, E, on_chip);
+  const bool on_chip = detail::merge_backward_partial_fits(S, E, true);
+  const size_t smem = detail::merge_backward_tc_shape<__nv_bfloat16, kKSteps>(S, E, on_chip).smem;
   return static_cast<int>((228 * 1024) / (smem + 1024));
 }
 }  // namespace
@@ -182,7 +180,7 @@ TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at th
   CHECK(blocks_per_sm<2>(512, 32) >= 2);  // two stages
   CHECK(blocks_per_sm<4>(128, 64) >= 2);  // two stages
   CHECK(blocks_per_sm<4>(512, 64) >= 2);  // partial in the workspace, four stages
-  CHECK(detail::merge_backward_tc_stages<__nv_bfloat16, 2>(512, 32, true) == 2);
-  CHECK(detail::merge_backward_tc_stages<__nv_bfloat16, 2>(128, 32, true) == 4);
-  CHECK(detail::merge_backward_tc_stages<__nv_bfloat16, 4>(128, 64, true) == 2);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2>(512, 32, true).stages == 2);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2>(128, 32, true).stages == 4);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 4>(128, 64, true).stages == 2);
 }

@@ -59,9 +59,6 @@ LORY_FORCEINLINE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uin
 LORY_FORCEINLINE void cp_async_16(void* smem_dst, const void* src, int src_bytes) {
   ::lory_emu::cp_async(smem_dst, src, 16, src_bytes);
 }
-LORY_FORCEINLINE void cp_async_4(void* smem_dst, const void* src, int src_bytes) {
-  ::lory_emu::cp_async(smem_dst, src, 4, src_bytes);
-}
 LORY_FORCEINLINE void cp_async_commit() { ::lory_emu::cp_async_commit(); }
 template <int N>
 LORY_FORCEINLINE void cp_async_wait() {
@@ -119,19 +116,12 @@ LORY_DEVICE LORY_FORCEINLINE void mma_16816<__half>(float (&d)[4], const uint32_
 }
 
 // cp.async (sm_80+): copies global -> shared without a register round trip; src_bytes of the
-// 16 (or 4) are read and the rest of the destination is zero-filled (0: nothing is read). The
-// 16-byte form caches in L2 only (streamed data). The copies a thread issued are complete once it
+// 16 are read and the rest of the destination is zero-filled (0: nothing is read). Cached in L2
+// only (streamed data). The copies a thread issued are complete once it
 // has passed the wait_group that covers their commit group; others see them after a barrier.
 LORY_DEVICE LORY_FORCEINLINE void cp_async_16(void* smem_dst, const void* src, int src_bytes) {
 #if LORY_MMA_AVAILABLE
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-#endif
-}
-LORY_DEVICE LORY_FORCEINLINE void cp_async_4(void* smem_dst, const void* src, int src_bytes) {
-#if LORY_MMA_AVAILABLE
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(src),
                "r"(src_bytes)
                : "memory");
 #endif
@@ -168,14 +158,6 @@ LORY_DEVICE LORY_FORCEINLINE uint32_t pack2(float x, float y) {
   const uint32_t l = *reinterpret_cast<const uint16_t*>(&lo);
   const uint32_t h = *reinterpret_cast<const uint16_t*>(&hi);
   return l | (h << 16);
-}
-
-// Two weights split as in split_hi_lo and packed (first in the low half): hi and lo operands.
-template <class T>
-LORY_DEVICE LORY_FORCEINLINE void split_pack2(float x, float y, uint32_t& hi, uint32_t& lo) {
-  const float xh = to_float(from_float<T>(x)), yh = to_float(from_float<T>(y));
-  hi = pack2<T>(xh, yh);
-  lo = pack2<T>(x - xh, y - yh);
 }
 
 #endif  // LORY_HAS_DEVICE_CODE
