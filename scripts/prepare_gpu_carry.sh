@@ -19,12 +19,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 bash scripts/stage_gpu_deps.sh
-[ -f build/CMakeCache.txt ] || cmake --preset default
-cmake --build build --target lory_cpu_tests lory_launch_tests lory_gpu_tests lory_bench lory_train_demo
+# The GPU machine is an H200: its own build dir, sm_90a only (half the size of the default
+# preset's sm_80 + sm_90a binaries, so more A/B drivers fit in the carry).
+bdir=build-carry
+[ -f $bdir/CMakeCache.txt ] || cmake -S . -B $bdir -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a-real
+cmake --build $bdir --target lory_cpu_tests lory_launch_tests lory_gpu_tests lory_bench lory_train_demo
 rm -rf .gpucarry  # nothing stale (a torch extension or driver of another commit) rides along
 mkdir -p .gpucarry
-cp build/tests/lory_cpu_tests build/tests/lory_launch_tests build/tests/lory_gpu_tests build/bench/lory_bench \
-  build/examples/lory_train_demo .gpucarry/
+cp $bdir/tests/lory_cpu_tests $bdir/tests/lory_launch_tests $bdir/tests/lory_gpu_tests $bdir/bench/lory_bench \
+  $bdir/examples/lory_train_demo .gpucarry/
 [ -z "$torch" ] || bash scripts/build_torch_prebuilt.sh "$torch" .gpucarry/lory_torch_cuda.so 90a
 [ ${#ab[@]} -eq 0 ] || bash scripts/build_ab_drivers.sh "${ab[@]}"
 du -sh .gpucarry .deps

@@ -7,8 +7,12 @@
 // Paper shape d = 1536, f = 4096 (P = 3 d f per expert), bf16, routing weights fp32. Prints one line
 // per case: best of N launches (CUDA events on the default stream), GB/s of compulsory traffic,
 // and that as a percent of a device-to-device copy measured in the same process.
+// Revisions whose merge.cuh has the tensor-core backward's tuning knobs (LORY_MERGE_BACKWARD_TC_TUNING)
+// also time each variant (lory::detail::for_each_merge_backward_tc_variant) on every backward case,
+// one line each, named at the end of the line.
 //   usage: merge_ab [reps=5] [filter]   filter: run only the cases whose label contains it, e.g.
-//          "backward E32 S128" (for Nsight Compute on one case: scripts/gpu_check_prebuilt.sh, LORY_AB_NCU)
+//          "backward E32 S128" (for Nsight Compute on one case: scripts/gpu_check_prebuilt.sh, LORY_AB_NCU;
+//          "backward E32 S128 dw2x4+de32" picks one variant)
 #include <cuda_bf16.h>
 
 #include <cstdio>
@@ -93,14 +97,14 @@ int main(int argc, char** argv) {
   std::printf("device %s, copy %.0f GB/s, d1536 f4096 bf16, best of %d\n", prop.name, copy_gbs, reps);
   fill<<<1024, 256>>>(G, Smax * P, 1.f);
 
-  auto report = [&](const char* what, int E, int64_t S, float ms, double bytes) {
+  auto report = [&](const char* what, int E, int64_t S, float ms, double bytes, const char* variant = "") {
     if (ms < 0.f) {
-      std::printf("%-9s E%-2d S%-4lld failed\n", what, E, static_cast<long long>(S));
+      std::printf("%-9s E%-2d S%-4lld failed %s\n", what, E, static_cast<long long>(S), variant);
       return;
     }
     const double gbs = bytes / ms / 1e6;
-    std::printf("%-9s E%-2d S%-4lld %9.3f ms %8.0f GB/s %5.1f%% of copy\n", what, E, static_cast<long long>(S), ms, gbs,
-                100.0 * gbs / copy_gbs);
+    std::printf("%-9s E%-2d S%-4lld %9.3f ms %8.0f GB/s %5.1f%% of copy %s\n", what, E, static_cast<long long>(S), ms,
+                gbs, 100.0 * gbs / copy_gbs, variant);
   };
 
   for (int64_t S : {int64_t(128), int64_t(512)})
@@ -141,8 +145,27 @@ int main(int argc, char** argv) {
       report(c.what, c.E, c.S, -1.f, 0);
       continue;
     }
+    const double moved = (double(c.S) + (c.de ? c.E : 0) + (c.dW ? c.E : 0)) * P * sizeof(bf16);
     const float ms = best_ms(reps, [&] { return lory::merge_backward(b, ws, bytes, nullptr) == lory::Status::kSuccess; });
-    report(c.what, c.E, c.S, ms, (double(c.S) + (c.de ? c.E : 0) + (c.dW ? c.E : 0)) * P * sizeof(bf16));
+    report(c.what, c.E, c.S, ms, moved);
+#ifdef LORY_MERGE_BACKWARD_TC_TUNING
+    // Revisions with tuning knobs: every variant of the tensor-core kernel on the same case, named
+    // after its label ("backward E32 S128 dw2x4"; a filter of the bare label matches them all).
+    lory::detail::for_each_merge_backward_tc_variant([&](auto tag) {
+      using V = typename decltype(tag)::type;
+      if (!wanted(label(c.what, c.E, c.S) + " " + V::kName)) return;
+      size_t vbytes = 0;
+      auto run = [&](void* w_, size_t& n_) {
+        return lory::detail::merge_backward_on_path<bf16, V>(b, w_, n_, nullptr, lory::detail::MergePath::kAuto);
+      };
+      if (run(nullptr, vbytes) != lory::Status::kSuccess || vbytes > ws_cap) {
+        report(c.what, c.E, c.S, -1.f, 0, V::kName);
+        return;
+      }
+      const float vms = best_ms(reps, [&] { return run(ws, vbytes) == lory::Status::kSuccess; });
+      report(c.what, c.E, c.S, vms, moved, V::kName);
+    });
+#endif
   }
   const cudaError_t last = cudaDeviceSynchronize();
   std::printf("last error: %s\n", cudaGetErrorString(last));

@@ -89,9 +89,10 @@ constexpr int kMergeBackwardChunk = 16;
 constexpr int64_t kMergeBackwardSmemPartial = 16384;  // floats (64 KiB)
 // Backward, tensor cores: segments per pipeline step (the K of its dW product).
 constexpr int kMergeBackwardTcChunk = 32;
-// Backward, tensor cores: the most dynamic shared memory per block that keeps two blocks on an
-// sm_90 SM (228 KiB, less 1 KiB per block for the runtime).
-constexpr size_t kMergeBackwardTcTwoBlockSmem = 112 * 1024;
+// Backward, tensor cores: the dynamic shared memory an sm_90 SM gives its blocks (228 KiB, less
+// 1 KiB per block for the runtime, rounded down): kMergeBackwardTcSmemPerSm / B per block keeps B
+// blocks on an SM.
+constexpr size_t kMergeBackwardTcSmemPerSm = 224 * 1024;
 
 // ---------------------------------------------------------------------------
 // Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
@@ -715,21 +716,102 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 // experts past E are zero in W and in the weights, so no 0 * garbage (NaN) is ever
 // summed into a stored value.
 // ---------------------------------------------------------------------------
-template <class T, int kKSteps, int kStagesT = 4>
+// Tuning knobs of the tensor-core backward (CUTLASS style: one kernel template, each variant a set
+// of compile-time knobs). lory::merge_backward runs MergeBackwardTcDefault; the variants in
+// MergeBackwardTcVariants are tested like it (tests/gpu/test_merge.cu, also emulated) and timed
+// against it in one GPU run (bench/ab/merge_ab.cu), so a layout question is answered by measurement.
+//   kMinBlocks  __launch_bounds__' blocks per SM (registers: 65536 / (256 * kMinBlocks) per thread).
+//   kFitBlocks  blocks per SM the pipeline depth aims at: four stages where kFitBlocks blocks fit in
+//               shared memory with four, else two where they fit with two, else four.
+//   kDwGroups   dW warp layout: 1 = 8 warps x 16 params, all experts; 2 = 2 expert groups x 4 warps
+//               x 32 params (kKSteps even): a warp reads half the routing weights and twice the G
+//               columns per step.
+//   kDeN        experts per d_weights unit: 8 or 16 (16: a unit reads its G rows once per 16
+//               experts, not per 8; 8: the product spreads over twice as many warps).
+//   kDeM        segment m-tiles per d_weights unit: 1 or 2 (2: a unit reads its W fragments once per
+//               32-segment chunk, not once per 16 segments; half as many units).
+template <int kMinBlocks_, int kFitBlocks_, int kDwGroups_, int kDeN_, int kDeM_>
+struct MergeBackwardTcKnobs {
+  static constexpr int kMinBlocks = kMinBlocks_, kFitBlocks = kFitBlocks_, kDwGroups = kDwGroups_;
+  static constexpr int kDeN = kDeN_, kDeM = kDeM_;
+  static_assert(kMinBlocks >= 1 && kMinBlocks <= 4 && kFitBlocks >= 1 && kFitBlocks <= 4, "blocks per SM");
+  static_assert(kDwGroups == 1 || kDwGroups == 2, "dW expert groups: 1 or 2");
+  static_assert(kDeN == 8 || kDeN == 16, "d_weights unit width: 8 or 16 experts");
+  static_assert(kDeM == 1 || kDeM == 2, "d_weights unit height: 1 or 2 m-tiles");
+};
+
+// A tuning gives the knobs for each kKSteps (E up to 16 kKSteps). The knobs that do not apply at a
+// kKSteps fall back to the default's there: two dW groups need an even kKSteps; 32-segment
+// d_weights units stop at E = 32 (above, their 16 more accumulators spill on sm_80 within the
+// 128 registers of two blocks per SM).
+//   kFitK1, kDeNK1: kFitBlocks and kDeN at kKSteps = 1 (E <= 16, where three blocks fit by
+//   registers); from kKSteps = 2 on, two blocks and 16-expert units.
+template <int kFitK1, int kDwGroups, int kDeNK1, int kDeM>
+struct MergeBackwardTcTuning {
+  template <int kKSteps>
+  using At = MergeBackwardTcKnobs<kKSteps == 1 ? 3 : 2, kKSteps == 1 ? kFitK1 : 2, kKSteps % 2 == 0 ? kDwGroups : 1,
+                                  kKSteps == 1 ? kDeNK1 : 16, kKSteps <= 2 ? kDeM : 1>;
+};
+// What lory::merge_backward runs. Measured on an H200 (bf16, paper shapes, at e089aee): three
+// blocks per SM instead of two made E = 8 1.2x faster; 16-expert units from E = 17 are a
+// shared-memory model result (tests/emu/test_smem_banks.cpp), not yet timed.
+using MergeBackwardTcDefault = MergeBackwardTcTuning<2, 1, 8, 1>;
+// The variants, each with a name for the timing driver and the tests. None is faster than the
+// default on a GPU yet: none has run on one (docs/gpu-results.md, "Pending").
+struct MergeBackwardTcVariantK1Fit3 : MergeBackwardTcTuning<3, 1, 8, 1> {
+  static constexpr const char* kName = "k1-fit3";  // E <= 16: two stages where four leave two blocks
+};
+struct MergeBackwardTcVariantK1De16 : MergeBackwardTcTuning<2, 1, 16, 1> {
+  static constexpr const char* kName = "k1-de16";  // E <= 16: 16-expert d_weights units
+};
+struct MergeBackwardTcVariantDw2x4 : MergeBackwardTcTuning<2, 2, 8, 1> {
+  static constexpr const char* kName = "dw2x4";  // dW warps 2 expert groups x 4 param slices
+};
+struct MergeBackwardTcVariantDe32 : MergeBackwardTcTuning<2, 1, 8, 2> {
+  static constexpr const char* kName = "de32";  // d_weights units of 32 segments
+};
+struct MergeBackwardTcVariantDw2x4De32 : MergeBackwardTcTuning<2, 2, 8, 2> {
+  static constexpr const char* kName = "dw2x4+de32";
+};
+// Feature macro: this merge.cuh has the tuning knobs (bench/ab/merge_ab.cu builds against older ones).
+#define LORY_MERGE_BACKWARD_TC_TUNING 1
+template <class X>
+struct TypeTag {
+  using type = X;
+};
+// Calls f(TypeTag<V>{}) for every variant V, in a fixed order.
+template <class F>
+void for_each_merge_backward_tc_variant(F&& f) {
+  f(TypeTag<MergeBackwardTcVariantK1Fit3>{});
+  f(TypeTag<MergeBackwardTcVariantK1De16>{});
+  f(TypeTag<MergeBackwardTcVariantDw2x4>{});
+  f(TypeTag<MergeBackwardTcVariantDe32>{});
+  f(TypeTag<MergeBackwardTcVariantDw2x4De32>{});
+}
+
+template <class T, int kKSteps, int kStagesT = 4, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
 struct MergeBackwardTcConfig {
   static constexpr int kTileN = 128;
   static constexpr int kChunk = kMergeBackwardTcChunk;  // segments per step (K of the dW product)
   static constexpr int kStages = kStagesT;  // pipeline depth (steps resident in shared memory)
   static constexpr int kEP = 16 * kKSteps;
   static constexpr int kWarps = kMergeThreads / 32;
-  static constexpr int kWarpN = kTileN / kWarps;  // 16 params per warp for dW
-  // d_weights units: 16 segments x kDeN experts over the whole tile. 16 experts (two n8 halves)
-  // from E = 17 on, where the shared-memory reads bound the kernel: a 16 x 16 unit reads its G rows
-  // once for 16 experts (16 x 8 units read them once per 8), 2/3 of the bytes per output. Up to
-  // E = 16 the 8-wide units spread the product over twice as many warps (latency-bound there).
-  static constexpr int kDeHalves = kKSteps >= 2 ? 2 : 1;
-  static constexpr int kDeN = 8 * kDeHalves;
-  static constexpr int kDeUnits = (kChunk / 16) * (kEP / kDeN);
+  static constexpr int kMinBlocks = Knobs::kMinBlocks;
+  // dW warp layout: kDwGroups expert groups x (kWarps / kDwGroups) param slices of kWarpN.
+  static constexpr int kDwGroups = Knobs::kDwGroups;
+  static_assert(kKSteps % kDwGroups == 0, "the dW expert groups split the m-tiles evenly");
+  static constexpr int kDwMt = kKSteps / kDwGroups;           // expert m-tiles per warp
+  static constexpr int kWarpN = kTileN * kDwGroups / kWarps;  // params per warp for dW: 16 or 32
+  static constexpr int kDwNp = kWarpN / 16;                   // 16-param column pairs per warp
+  LORY_HOST_DEVICE static constexpr int dw_group(int warp) { return warp / (kWarps / kDwGroups); }
+  LORY_HOST_DEVICE static constexpr int dw_col(int warp) { return (warp % (kWarps / kDwGroups)) * kWarpN; }
+  // d_weights units: kDeM x 16 segments x kDeN experts over the whole tile (Knobs). Unit u is
+  // m-tile group u % kDeMGroups, expert group u / kDeMGroups, and goes to warp u % kWarps.
+  static constexpr int kDeHalves = Knobs::kDeN / 8;
+  static constexpr int kDeN = Knobs::kDeN;
+  static constexpr int kDeM = Knobs::kDeM;
+  static constexpr int kDeMGroups = kChunk / 16 / kDeM;
+  static constexpr int kDeUnits = kDeMGroups * ((kEP + kDeN - 1) / kDeN);
   static constexpr int kDeUnitsPerWarp = (kDeUnits + kWarps - 1) / kWarps;
   // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
   static constexpr int kRow = kTileN + 8;       // W tile and G chunk rows
@@ -740,7 +822,7 @@ struct MergeBackwardTcConfig {
   static constexpr int kARow = kChunk + 8;
   static constexpr int kALo = kEP * kARow + 32;  // elements from the hi block to the lo block
   static constexpr int kAVecs = (8 * kEP + kMergeThreads - 1) / kMergeThreads;  // split-weight vectors per thread per step
-  static constexpr int kStageRow = kWarpN + 4;  // fp32 staging of a warp's 16 x 16 dW block
+  static constexpr int kStageRow = 16 + 4;  // fp32 staging of a 16 x 16 dW block (one column pair at a time)
   static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;  // G vectors per thread per step
   static constexpr int kWVecs = kEP * kTileN / 8 / kMergeThreads;     // W tile vectors per thread
   static constexpr size_t kWBytes = size_t(kEP) * kRow * sizeof(T);
@@ -763,9 +845,10 @@ struct MergeBackwardTcConfig {
   LORY_HOST_DEVICE static constexpr int a_vec_offset(int i) {
     return a_vec_row(i) * kARow + a_vec_is_lo(i) * kALo + a_vec_seg(i);
   }
-  // dW, B operand: row address of lane's 8 params for the transposed ldmatrix_x4 of G (k-step ks).
-  LORY_HOST_DEVICE static constexpr int g_dw_offset(int ks, int warp, int lane) {
-    return (ks * 16 + ((lane / 8) & 1) * 8 + lane % 8) * kRow + warp * kWarpN + (lane / 16) * 8;
+  // dW, B operand: row address of lane's 8 params for the transposed ldmatrix_x4 of G (k-step ks,
+  // the warp's 16-param column pair np).
+  LORY_HOST_DEVICE static constexpr int g_dw_offset(int ks, int warp, int np, int lane) {
+    return (ks * 16 + ((lane / 8) & 1) * 8 + lane % 8) * kRow + dw_col(warp) + np * 16 + (lane / 16) * 8;
   }
   // dW, A operand: row address for the ldmatrix_x4 of the hi weights (experts mt*16..,
   // segments ks*16..); the lo operand is kALo further.
@@ -787,14 +870,13 @@ struct MergeBackwardTcConfig {
 };
 
 #if LORY_HAS_DEVICE_CODE
-template <class T, int kKSteps, int kStages>
-// Three blocks per SM (<= 80 registers) up to E = 16, two (<= 128) above. Measured on an H200 (bf16,
-// paper shapes): three blocks per SM instead of two made the E = 8 backward 1.2x faster. E = 64 fits
-// in 128 registers without spills since the weights are split once per launch (it needed ~230, one
-// block per SM, before); that configuration has not run on a GPU yet.
-LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
+template <class T, int kKSteps, int kStages, class Knobs>
+// Knobs::kMinBlocks blocks per SM by registers: by default three (<= 80 registers) up to E = 16 and
+// two (<= 128) above. E = 64 fits in 128 registers without spills since the weights are split once
+// per launch (it needed ~230, one block per SM, before); that has not run on a GPU yet.
+LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
-  using Cfg = MergeBackwardTcConfig<T, kKSteps, kStages>;
+  using Cfg = MergeBackwardTcConfig<T, kKSteps, kStages, Knobs>;
   constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
   constexpr int kRow = Cfg::kRow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
@@ -899,7 +981,9 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
 #pragma unroll 1
   for (int k = 0; k < kStages - 1; ++k) issue();
 
-  float acc[kKSteps][2][4] = {};  // dW: [expert m-tile][param n-tile of this warp][fragment], reset per tile
+  constexpr int kDwMt = Cfg::kDwMt, kDwNt = 2 * Cfg::kDwNp;
+  float acc[kDwMt][kDwNt][4] = {};  // dW: [expert m-tile of this warp][param n-tile of this warp][fragment], reset per tile
+  const int dw_mt0 = Cfg::dw_group(warp) * kDwMt;  // the warp's first expert m-tile
   int64_t tile = blockIdx.x, chunk = 0;
   int stage_k = 0;  // the stage of the step being computed
 #pragma unroll 1
@@ -908,11 +992,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
     const int64_t s0 = chunk * kChunk;
     if (chunk == 0) {
 #pragma unroll
-      for (int mt = 0; mt < kKSteps; ++mt)
+      for (int ml = 0; ml < kDwMt; ++ml)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < kDwNt; ++nt)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+          for (int i = 0; i < 4; ++i) acc[ml][nt][i] = 0.f;
       if (p.want_de) {
         __syncthreads();  // the previous tile's readers of w_s are done
 #pragma unroll
@@ -933,39 +1017,48 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
 #pragma unroll
       for (int ks = 0; ks < kChunk / 16; ++ks) {
         // B = G chunk [K = segments][N = params], row-major: transposed ldmatrix.
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, gs + Cfg::g_dw_offset(ks, warp, lane));
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        uint32_t b[kDwNt][2];
 #pragma unroll
-        for (int mt = 0; mt < kKSteps; ++mt) {
+        for (int np = 0; np < Cfg::kDwNp; ++np) {
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, gs + Cfg::g_dw_offset(ks, warp, np, lane));
+          b[2 * np][0] = r[0], b[2 * np][1] = r[1], b[2 * np + 1][0] = r[2], b[2 * np + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int ml = 0; ml < kDwMt; ++ml) {
           // A = e^T [M = experts][K = segments], row-major, as hi and lo operands.
           uint32_t ah[4], al[4];
-          ldmatrix_x4(ah, as + Cfg::a_frag_offset(ks, mt, lane));
-          ldmatrix_x4(al, as + Cfg::a_frag_offset(ks, mt, lane) + Cfg::kALo);
-          mma_16816<T>(acc[mt][0], al, b0);
-          mma_16816<T>(acc[mt][0], ah, b0);
-          mma_16816<T>(acc[mt][1], al, b1);
-          mma_16816<T>(acc[mt][1], ah, b1);
+          ldmatrix_x4(ah, as + Cfg::a_frag_offset(ks, dw_mt0 + ml, lane));
+          ldmatrix_x4(al, as + Cfg::a_frag_offset(ks, dw_mt0 + ml, lane) + Cfg::kALo);
+#pragma unroll
+          for (int nt = 0; nt < kDwNt; ++nt) {
+            mma_16816<T>(acc[ml][nt], al, b[nt]);
+            mma_16816<T>(acc[ml][nt], ah, b[nt]);
+          }
         }
       }
     }
     if (p.want_de) {
 #pragma unroll
       for (int j = 0; j < Cfg::kDeUnitsPerWarp; ++j) {
-        constexpr int kHalves = Cfg::kDeHalves;
+        constexpr int kHalves = Cfg::kDeHalves, kDeM = Cfg::kDeM;
         const int u = warp + j * Cfg::kWarps;
-        const int mt = u % (kChunk / 16), nu = u / (kChunk / 16);
+        const int mt0 = (u % Cfg::kDeMGroups) * kDeM, nu = u / Cfg::kDeMGroups;
         // Warp-uniform: skip units wholly past E or past the chunk's last segment, and a unit's
-        // second n8 half when it is past E.
-        if (u >= Cfg::kDeUnits || nu * Cfg::kDeN >= E || s0 + mt * 16 >= p.S) continue;
+        // second n8 half when it is past E. (An m-tile of the unit past S reads zero rows of the
+        // chunk; its results are not added.)
+        if (u >= Cfg::kDeUnits || nu * Cfg::kDeN >= E || s0 + mt0 * 16 >= p.S) continue;
         const int halves = (E - nu * Cfg::kDeN + 7) / 8 < kHalves ? (E - nu * Cfg::kDeN + 7) / 8 : kHalves;
-        float c[kHalves][4] = {};
+        float c[kDeM][kHalves][4] = {};
 #pragma unroll
         for (int kk = 0; kk < kTileN / 16; kk += 2) {
           // A = G chunk [M = segments][K = params], row-major.
-          uint32_t a0[4], a1[4];
-          ldmatrix_x4(a0, gs + Cfg::g_de_offset(mt, kk, lane));
-          ldmatrix_x4(a1, gs + Cfg::g_de_offset(mt, kk + 1, lane));
+          uint32_t a[kDeM][2][4];
+#pragma unroll
+          for (int m = 0; m < kDeM; ++m) {
+            ldmatrix_x4(a[m][0], gs + Cfg::g_de_offset(mt0 + m, kk, lane));
+            ldmatrix_x4(a[m][1], gs + Cfg::g_de_offset(mt0 + m, kk + 1, lane));
+          }
 #pragma unroll
           for (int hn = 0; hn < kHalves; ++hn) {
             if (hn < halves) {
@@ -973,8 +1066,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
               uint32_t rb[4];
               ldmatrix_x4(rb, w_s + Cfg::w_de_offset(nu * kHalves + hn, kk, lane));
               const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
-              mma_16816<T>(c[hn], a0, b0);
-              mma_16816<T>(c[hn], a1, b1);
+#pragma unroll
+              for (int m = 0; m < kDeM; ++m) {
+                mma_16816<T>(c[m][hn], a[m][0], b0);
+                mma_16816<T>(c[m][hn], a[m][1], b1);
+              }
             }
           }
         }
@@ -982,23 +1078,26 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
         // Rows s0 + mt*16 + 8h + g: the first three terms are a multiple of 8, so the row's XOR
         // is the thread's part_xor.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t s = s0 + mt * 16 + g + 8 * h;
-          if (s >= p.S) continue;
-          float* row = part + s * layout.stride;
+        for (int m = 0; m < kDeM; ++m) {
 #pragma unroll
-          for (int hn = 0; hn < kHalves; ++hn) {
-            const int e = (nu * kHalves + hn) * 8 + 2 * t;
-            if (hn >= halves) continue;
-            if (even_e && e + 1 < E) {  // both experts in one 8-byte access
-              float2* q = reinterpret_cast<float2*>(row + (e ^ part_xor));
-              float2 v = *q;
-              v.x += c[hn][2 * h];
-              v.y += c[hn][2 * h + 1];
-              *q = v;
-            } else {
-              if (e < E) row[e ^ part_xor] += c[hn][2 * h];
-              if (e + 1 < E) row[(e + 1) ^ part_xor] += c[hn][2 * h + 1];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t s = s0 + (mt0 + m) * 16 + g + 8 * h;
+            if (s >= p.S) continue;
+            float* row = part + s * layout.stride;
+#pragma unroll
+            for (int hn = 0; hn < kHalves; ++hn) {
+              const int e = (nu * kHalves + hn) * 8 + 2 * t;
+              if (hn >= halves) continue;
+              if (even_e && e + 1 < E) {  // both experts in one 8-byte access
+                float2* q = reinterpret_cast<float2*>(row + (e ^ part_xor));
+                float2 v = *q;
+                v.x += c[m][hn][2 * h];
+                v.y += c[m][hn][2 * h + 1];
+                *q = v;
+              } else {
+                if (e < E) row[e ^ part_xor] += c[m][hn][2 * h];
+                if (e + 1 < E) row[(e + 1) ^ part_xor] += c[m][hn][2 * h + 1];
+              }
             }
           }
         }
@@ -1006,34 +1105,38 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps == 1 ? 3 : 2) merge_ba
     }
 
     if (want_dw && chunk == chunks - 1) {
-      // Per expert m-tile: fp32 accumulators -> this warp's staging block -> 16-byte rows
-      // (two lanes per expert row), adding the old dW in fp32 when accumulating.
+      // Per expert m-tile and 16-param column pair: fp32 accumulators -> this warp's staging
+      // block -> 16-byte rows (two lanes per expert row), adding the old dW in fp32 when accumulating.
       const int row = lane / 2, half = lane % 2;
-      const int64_t col = tile_col + warp * Cfg::kWarpN + half * V;
 #pragma unroll
-      for (int mt = 0; mt < kKSteps; ++mt) {
+      for (int ml = 0; ml < kDwMt; ++ml) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          *reinterpret_cast<float2*>(stage + g * kStageRow + nt * 8 + 2 * t) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
-          *reinterpret_cast<float2*>(stage + (g + 8) * kStageRow + nt * 8 + 2 * t) =
-              make_float2(acc[mt][nt][2], acc[mt][nt][3]);
-        }
-        __syncwarp();
-        const int e = mt * 16 + row;
-        if (e < E && col < p.P) {
-          float f[V];
+        for (int np = 0; np < Cfg::kDwNp; ++np) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
-          T* dst = p.dW + e * p.dw_stride;
-          if (p.accumulate_dW) {
-            float old[V];
-            vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
-#pragma unroll
-            for (int v = 0; v < V; ++v) f[v] += old[v];
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const int nt = 2 * np + h2;
+            *reinterpret_cast<float2*>(stage + g * kStageRow + h2 * 8 + 2 * t) = make_float2(acc[ml][nt][0], acc[ml][nt][1]);
+            *reinterpret_cast<float2*>(stage + (g + 8) * kStageRow + h2 * 8 + 2 * t) =
+                make_float2(acc[ml][nt][2], acc[ml][nt][3]);
           }
-          store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
+          __syncwarp();
+          const int e = (dw_mt0 + ml) * 16 + row;
+          const int64_t col = tile_col + Cfg::dw_col(warp) + np * 16 + half * V;
+          if (e < E && col < p.P) {
+            float f[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
+            T* dst = p.dW + e * p.dw_stride;
+            if (p.accumulate_dW) {
+              float old[V];
+              vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
+#pragma unroll
+              for (int v = 0; v < V; ++v) f[v] += old[v];
+            }
+            store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
+          }
+          __syncwarp();  // the staging block is rewritten next
         }
-        __syncwarp();  // the staging block is rewritten by the next m-tile
       }
     }
     // The next step, on the compute side.
@@ -1266,40 +1369,43 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
                                           stream);
 }
 
-// Four pipeline stages, or two where the on-chip partial would otherwise leave room for only one
-// block per SM where two run (e.g. S = 512, E = 32; S = 128, E = 64): measured on an H200, one
-// block with four stages was 9% slower at S = 512, E = 32 than the earlier kernel's two blocks with
-// two chunks in flight. (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
+// Four pipeline stages, or two where four would leave room for fewer blocks per SM than the knobs
+// aim at (Knobs::kFitBlocks; by default two: e.g. S = 512, E = 32; S = 128, E = 64, whose on-chip
+// partials are large): measured on an H200, one block with four stages was 9% slower at S = 512,
+// E = 32 than the earlier kernel's two blocks with two chunks in flight.
+// (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
 struct MergeBackwardTcShape {
   int stages;
   size_t smem;  // dynamic shared memory per block
 };
-template <class T, int kKSteps>
+template <class T, int kKSteps, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
 MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem) {
-  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4>::smem_bytes(S, E, partial_in_smem);
-  const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2>::smem_bytes(S, E, partial_in_smem);
-  if (deep > kMergeBackwardTcTwoBlockSmem && shallow <= kMergeBackwardTcTwoBlockSmem) return {2, shallow};
+  const size_t limit = kMergeBackwardTcSmemPerSm / Knobs::kFitBlocks;
+  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4, Knobs>::smem_bytes(S, E, partial_in_smem);
+  const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2, Knobs>::smem_bytes(S, E, partial_in_smem);
+  if (deep > limit && shallow <= limit) return {2, shallow};
   return {4, deep};
 }
 
-template <class T, int kKSteps>
+template <class T, int kKSteps, class Knobs>
 Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                                 cudaStream_t stream) {
-  const auto shape = merge_backward_tc_shape<T, kKSteps>(prm.S, prm.E, partial_in_smem);
-  return shape.stages == 2 ? launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2>, prm, max_blocks,
-                                                              shape.smem, blocks, stream)
-                           : launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4>, prm, max_blocks,
-                                                              shape.smem, blocks, stream);
+  const auto shape = merge_backward_tc_shape<T, kKSteps, Knobs>(prm.S, prm.E, partial_in_smem);
+  return shape.stages == 2 ? launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2, Knobs>, prm,
+                                                              max_blocks, shape.smem, blocks, stream)
+                           : launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4, Knobs>, prm,
+                                                              max_blocks, shape.smem, blocks, stream);
 }
 
-template <class T>
+template <class T, class Tuning>
 Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                          cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
     switch ((prm.E + 15) / 16) {
-#define LORY_MERGE_BWD_TC_CASE(K)                                                                          \
-  case K:                                                                                                  \
-    return launch_merge_backward_tc<T, K>(prm, max_blocks, partial_in_smem, blocks, stream);
+#define LORY_MERGE_BWD_TC_CASE(K)                                                                                  \
+  case K:                                                                                                          \
+    return launch_merge_backward_tc<T, K, typename Tuning::template At<K>>(prm, max_blocks, partial_in_smem, blocks, \
+                                                                           stream);
       LORY_MERGE_BWD_TC_CASE(1)
       LORY_MERGE_BWD_TC_CASE(2)
       LORY_MERGE_BWD_TC_CASE(3)
@@ -1324,7 +1430,8 @@ bool merge_backward_uses_tc(const MergeBackwardArgs<T, float>& a, MergePath path
          (!a.dW || merge_vec_io(a.dW, a.dW_expert_stride, a.dW, a.dW_expert_stride));
 }
 
-template <class T>
+// Tuning: the tensor-core kernel's knobs (MergeBackwardTcDefault, or a variant for tests and timing).
+template <class T, class Tuning = MergeBackwardTcDefault>
 Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
                               cudaStream_t stream, MergePath path) {
   LORY_RETURN_IF_ERROR(merge_backward_can_implement(a));
@@ -1391,7 +1498,7 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
     prm.a_split = split;
     prm.a_stride = shape.s_pad;
   }
-  if (tc) st = merge_backward_tc<T>(prm, plan.max_blocks, plan.partial_in_smem, blocks, stream);
+  if (tc) st = merge_backward_tc<T, Tuning>(prm, plan.max_blocks, plan.partial_in_smem, blocks, stream);
 #define LORY_MERGE_BWD_CASE(EPT)                                                                    \
   case EPT:                                                                                          \
     st = vec ? launch_merge_backward_simt<T, true, EPT>(prm, plan.max_blocks, smem, blocks, stream)  \

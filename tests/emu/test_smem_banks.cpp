@@ -11,7 +11,9 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdio>
 #include <set>
 #include <vector>
 
@@ -54,11 +56,11 @@ std::array<int64_t, 32> lanes(F&& byte_offset) {
   return a;
 }
 
-template <int kKSteps>
+template <int kKSteps, class Knobs = typename detail::MergeBackwardTcDefault::template At<kKSteps>>
 void check_backward_main_loop() {
-  using Cfg = detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4>;
+  using Cfg = detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4, Knobs>;
   constexpr int kElem = sizeof(__nv_bfloat16);
-  CAPTURE(kKSteps);
+  CAPTURE(kKSteps, Cfg::kDwGroups, Cfg::kDeN, Cfg::kDeM);
   // cp.async of a G chunk's rows and stores of W-tile rows: 16 bytes per lane.
   for (int warp = 0; warp < Cfg::kWarps; ++warp)
     for (int j = 0; j < Cfg::kGVecs; ++j)
@@ -74,7 +76,9 @@ void check_backward_main_loop() {
   // dW product: the transposed ldmatrix_x4 of G, and the ldmatrix_x4 of the hi and lo weights.
   for (int warp = 0; warp < Cfg::kWarps; ++warp)
     for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
-      CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_dw_offset(ks, warp, lane)) * kElem; }), 16) == ideal(16));
+      for (int np = 0; np < Cfg::kDwNp; ++np)
+        CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_dw_offset(ks, warp, np, lane)) * kElem; }), 16) ==
+              ideal(16));
   for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
     for (int mt = 0; mt < kKSteps; ++mt)
       for (int lo = 0; lo < 2; ++lo)
@@ -107,6 +111,74 @@ int worst_partial_update(int E, bool swizzle) {
   return worst;
 }
 
+// Shared-memory wavefronts of one main-loop step (a 32-segment chunk of a 128-param tile, E experts,
+// dW and d_weights both wanted, on-chip partial), summed over the block's warps from the kernel's
+// own offset functions and loop structure: the copies into the stage, the dW product's ldmatrix of
+// G and of the split weights, the d_weights units' ldmatrix of G and W, and the partial's
+// read-modify-write. (Per tile, not per step, and left out: the W tile's stores and the dW epilogue.)
+struct StepWavefronts {
+  int copy = 0, dw_g = 0, dw_weights = 0, de_g = 0, de_w = 0, partial = 0;
+  int total() const { return copy + dw_g + dw_weights + de_g + de_w + partial; }
+};
+
+template <int kKSteps, class Knobs>
+StepWavefronts step_wavefronts(int E) {
+  using Cfg = detail::MergeBackwardTcConfig<__nv_bfloat16, kKSteps, 4, Knobs>;
+  constexpr int kElem = sizeof(__nv_bfloat16);
+  constexpr int kThreads = detail::kMergeThreads;
+  StepWavefronts w;
+  for (int warp = 0; warp < Cfg::kWarps; ++warp) {
+    for (int j = 0; j < Cfg::kGVecs; ++j)
+      w.copy += wavefronts(lanes([&](int lane) { return int64_t(Cfg::row_vec_offset(warp * 32 + lane + j * kThreads)) * kElem; }), 16);
+    for (int j = 0; j < Cfg::kAVecs; ++j)
+      w.copy += wavefronts(lanes([&](int lane) {
+                             const int i = warp * 32 + lane + j * kThreads;
+                             return i < 8 * Cfg::kEP ? int64_t(Cfg::a_vec_offset(i)) * kElem : int64_t(kInactive);
+                           }),
+                           16);
+    for (int ks = 0; ks < Cfg::kChunk / 16; ++ks) {
+      for (int np = 0; np < Cfg::kDwNp; ++np)
+        w.dw_g += wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_dw_offset(ks, warp, np, lane)) * kElem; }), 16);
+      for (int ml = 0; ml < Cfg::kDwMt; ++ml)
+        for (int lo = 0; lo < 2; ++lo)
+          w.dw_weights += wavefronts(lanes([&](int lane) {
+                                       return int64_t(Cfg::a_frag_offset(ks, Cfg::dw_group(warp) * Cfg::kDwMt + ml, lane) +
+                                                      lo * Cfg::kALo) * kElem;
+                                     }),
+                                     16);
+    }
+  }
+  const auto layout = detail::MergePartialLayout::make(E, true);
+  for (int u = 0; u < Cfg::kDeUnits; ++u) {
+    const int mt0 = (u % Cfg::kDeMGroups) * Cfg::kDeM, nu = u / Cfg::kDeMGroups;
+    if (nu * Cfg::kDeN >= E) continue;
+    const int halves = std::min((E - nu * Cfg::kDeN + 7) / 8, Cfg::kDeHalves);
+    for (int kk = 0; kk < Cfg::kTileN / 16; ++kk) {
+      for (int m = 0; m < Cfg::kDeM; ++m)
+        w.de_g += wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_de_offset(mt0 + m, kk, lane)) * kElem; }), 16);
+      // One ldmatrix_x4 of W per half covers two k16 steps.
+      if (kk % 2 == 0)
+        for (int hn = 0; hn < halves; ++hn)
+          w.de_w += wavefronts(lanes([&](int lane) { return int64_t(Cfg::w_de_offset(nu * Cfg::kDeHalves + hn, kk, lane)) * kElem; }), 16);
+    }
+    for (int m = 0; m < Cfg::kDeM; ++m)
+      for (int h = 0; h < 2; ++h)
+        for (int hn = 0; hn < halves; ++hn)
+          w.partial += 2 * wavefronts(lanes([&](int lane) {
+                                        const int e = (nu * Cfg::kDeHalves + hn) * 8 + 2 * (lane % 4);
+                                        if (e + 1 >= E) return int64_t(kInactive);
+                                        return layout.index((mt0 + m) * 16 + lane / 4 + 8 * h, e) * 4;
+                                      }),
+                                      8);
+  }
+  return w;
+}
+
+template <class Tuning, int kKSteps>
+int step_total(int E) {
+  return step_wavefronts<kKSteps, typename Tuning::template At<kKSteps>>(E).total();
+}
+
 }  // namespace
 
 TEST_CASE("smem banks: the merge backward's main-loop accesses take the fewest wavefronts", "[banks][merge]") {
@@ -114,6 +186,45 @@ TEST_CASE("smem banks: the merge backward's main-loop accesses take the fewest w
   check_backward_main_loop<2>();
   check_backward_main_loop<3>();
   check_backward_main_loop<4>();
+  detail::for_each_merge_backward_tc_variant([](auto tag) {
+    using V = typename decltype(tag)::type;
+    CAPTURE(V::kName);
+    check_backward_main_loop<1, typename V::template At<1>>();
+    check_backward_main_loop<2, typename V::template At<2>>();
+    check_backward_main_loop<3, typename V::template At<3>>();
+    check_backward_main_loop<4, typename V::template At<4>>();
+  });
+}
+
+TEST_CASE("smem model: wavefronts per step of the tensor-core backward and its variants", "[banks][merge]") {
+  using Default = detail::MergeBackwardTcDefault;
+  const auto d32 = step_wavefronts<2, Default::At<2>>(32);
+  std::printf("smem model, wavefronts per step (32 segments x 128 params; copy + dW G + dW weights + de G + de W + "
+              "partial = total)\n");
+  auto row = [](const char* name, int E, const StepWavefronts& w) {
+    std::printf("  %-12s E = %2d: %3d + %3d + %3d + %3d + %3d + %3d = %4d\n", name, E, w.copy, w.dw_g, w.dw_weights,
+                w.de_g, w.de_w, w.partial, w.total());
+  };
+  auto rows = [&](const char* name, auto tag) {
+    using V = typename decltype(tag)::type;
+    row(name, 8, step_wavefronts<1, typename V::template At<1>>(8));
+    row(name, 16, step_wavefronts<1, typename V::template At<1>>(16));
+    row(name, 32, step_wavefronts<2, typename V::template At<2>>(32));
+    row(name, 64, step_wavefronts<4, typename V::template At<4>>(64));
+  };
+  rows("default", detail::TypeTag<Default>{});
+  detail::for_each_merge_backward_tc_variant([&](auto tag) { rows(decltype(tag)::type::kName, tag); });
+  // The default at E = 32, term by term (docs/gpu-results.md quotes these).
+  CHECK(d32.copy == 96);
+  CHECK(d32.dw_g == 64);
+  CHECK(d32.dw_weights == 256);
+  CHECK(d32.de_g + d32.de_w == 256);
+  CHECK(d32.partial == 64);
+  // Each variant that targets the shared-memory traffic at E = 32 and 64 takes less than the default.
+  CHECK(step_total<detail::MergeBackwardTcVariantDw2x4, 2>(32) < d32.total());
+  CHECK(step_total<detail::MergeBackwardTcVariantDe32, 2>(32) < d32.total());
+  CHECK(step_total<detail::MergeBackwardTcVariantDw2x4De32, 2>(32) < step_total<detail::MergeBackwardTcVariantDw2x4, 2>(32));
+  CHECK(step_total<detail::MergeBackwardTcVariantDw2x4, 4>(64) < step_total<Default, 4>(64));
 }
 
 TEST_CASE("smem banks: the on-chip d_weights partial's updates", "[banks][merge]") {
@@ -159,10 +270,11 @@ TEST_CASE("smem banks: the swizzled partial is a permutation within each padded 
 namespace {
 // Blocks of the tensor-core backward that fit on one sm_90 SM by shared memory (228 KiB, 1 KiB
 // reserved per block) with the stage count the launcher picks for (S, E).
-template <int kKSteps>
+template <int kKSteps, class Tuning = detail::MergeBackwardTcDefault>
 int blocks_per_sm(int64_t S, int E) {
   const bool on_chip = detail::merge_backward_partial_fits(S, E, true);
-  const size_t smem = detail::merge_backward_tc_shape<__nv_bfloat16, kKSteps>(S, E, on_chip).smem;
+  const size_t smem =
+      detail::merge_backward_tc_shape<__nv_bfloat16, kKSteps, typename Tuning::template At<kKSteps>>(S, E, on_chip).smem;
   return static_cast<int>((228 * 1024) / (smem + 1024));
 }
 }  // namespace
@@ -183,4 +295,18 @@ TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at th
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2>(512, 32, true).stages == 2);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2>(128, 32, true).stages == 4);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 4>(128, 64, true).stages == 2);
+  // The k1-fit3 variant keeps three blocks at E = 16, S = 512 with two stages.
+  using Fit3 = detail::MergeBackwardTcVariantK1Fit3;
+  CHECK(blocks_per_sm<1, Fit3>(512, 16) >= 3);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 1, Fit3::At<1>>(512, 16, true).stages == 2);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 1, Fit3::At<1>>(128, 8, true).stages == 4);
+  // Every variant keeps the default's blocks per SM at the paper's shapes (same shared memory).
+  detail::for_each_merge_backward_tc_variant([](auto tag) {
+    using V = typename decltype(tag)::type;
+    CAPTURE(V::kName);
+    CHECK(blocks_per_sm<2, V>(128, 32) >= 2);
+    CHECK(blocks_per_sm<2, V>(512, 32) >= 2);
+    CHECK(blocks_per_sm<4, V>(128, 64) >= 2);
+    CHECK(blocks_per_sm<1, V>(128, 8) >= 3);
+  });
 }

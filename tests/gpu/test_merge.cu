@@ -10,6 +10,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/catch.hpp"
@@ -189,13 +190,20 @@ struct BwdResult {
   std::vector<float> de;
 };
 
+// Tuning: the tensor-core kernel's knobs (the default, or a variant with a kName).
+template <class Tuning>
+std::string tuning_tag() {
+  if constexpr (std::is_same<Tuning, lory::detail::MergeBackwardTcDefault>::value) return "";
+  else return std::string("/") + Tuning::kName;
+}
+
 // `repeats` > 1 checks that the outputs are bitwise identical run to run.
-template <class T>
+template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
 BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, int repeats = 1) {
   const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
                           std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
                           "/off" + std::to_string(c.offset) + "/path" + std::to_string(static_cast<int>(path)) +
-                          "/" + m.name();
+                          "/" + m.name() + tuning_tag<Tuning>();
   INFO(tag);
   auto rng = make_rng(tag);
   int64_t w_pad = 0, dw_pad = 0;
@@ -232,13 +240,13 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, in
     CHECK(lory::detail::merge_backward_uses_tc(a, path) == aligned);
   }
   size_t bytes = 0;
-  REQUIRE(lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
+  REQUIRE(lory::detail::merge_backward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
   DeviceBytes ws(bytes);
   BwdResult<T> first;
   for (int rep = 0; rep < repeats; ++rep) {
     ddW.upload(dW.data);  // fresh initial values each repeat (accumulate modes)
     dde.upload(de);
-    REQUIRE(lory::detail::merge_backward_on_path(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+    REQUIRE(lory::detail::merge_backward_on_path<T, Tuning>(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
     LORY_TEST_SYNC();
     BwdResult<T> r;
     r.dW = ddW.download(dW.data.size());
@@ -314,15 +322,16 @@ const std::vector<BwdCase>& backward_tc_cases() {
       {513, 33, 136, 0, 0},     // the same with E = 33 and a one-segment last chunk
       {400, 32, 1000, 8, 0},    // on-chip partial too big for two blocks with four stages: two stages
       {100, 64, 600, 0, 0},     // the same at E = 64 (K = 4 x 16)
+      {512, 16, 264, 0, 0},     // E = 16, S = 512: the k1-fit3 variant's two stages for three blocks
       {9, 20, 1000, 8, 1},      // misaligned: the forced path falls back to CUDA cores
   };
   return cases;
 }
 
 // The full mode matrix on some cases, the default mode on all of them.
-template <class T>
+template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
 void run_backward_modes(const std::vector<BwdCase>& cases, std::initializer_list<int> matrix, MergePath path) {
-  for (const auto& c : cases) run_backward<T>(c, BwdMode{}, path);
+  for (const auto& c : cases) run_backward<T, Tuning>(c, BwdMode{}, path);
   for (int ci : matrix) {
     for (bool det : {true, false})
       for (int outs = 0; outs < 3; ++outs)
@@ -333,7 +342,7 @@ void run_backward_modes(const std::vector<BwdCase>& cases, std::initializer_list
           m.want_de = outs != 1;
           m.accumulate_dW = acc;
           m.accumulate_de = acc;
-          run_backward<T>(cases[ci], m, path);
+          run_backward<T, Tuning>(cases[ci], m, path);
         }
   }
 }
@@ -363,6 +372,16 @@ TEMPLATE_TEST_CASE("merge_backward (CUDA cores) matches the CPU twin in every mo
 TEMPLATE_TEST_CASE("merge_backward (tensor cores) matches the CPU twin in every mode", "[gpu][merge]", __half,
                    __nv_bfloat16) {
   run_backward_modes<TestType>(backward_tc_cases(), {1, 3, 6, 8, 9}, MergePath::kTensorCore);
+}
+
+// The variants of the tensor-core kernel (other dW warp layouts, d_weights unit shapes, pipeline
+// depths) that bench/ab/merge_ab.cu times against the default: each must be right before its speed
+// matters. Every case and the mode matrix on the every-tail, workspace-partial and two-stage cases.
+TEMPLATE_TEST_CASE("merge_backward (tensor-core variants) matches the CPU twin", "[gpu][merge]", __nv_bfloat16) {
+  lory::detail::for_each_merge_backward_tc_variant([](auto tag) {
+    using V = typename decltype(tag)::type;
+    run_backward_modes<TestType, V>(backward_tc_cases(), {1, 8, 10}, MergePath::kTensorCore);
+  });
 }
 
 TEMPLATE_TEST_CASE("merge_backward (launcher's choice) matches the CPU twin", "[gpu][merge]", float, __half,
