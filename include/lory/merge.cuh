@@ -693,24 +693,25 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Backward, tensor cores (bf16 / fp16 storage, E <= 64, 16-byte aligned views).
 //
-// Block tile: 128 params x all experts (K padded to EP = 16 * kKSteps). The
-// block's steps -- (tile, chunk of 32 segments) pairs over all its tiles --
-// run through a kStages-deep cp.async pipeline: each stage holds a chunk of G
-// rows and the chunk's routing weights (hi and lo), and kStages - 1 steps are in
-// flight while one is computed (the version that staged one chunk through
-// registers kept ~8 KB in flight per block and measured 19-29% of copy
-// bandwidth on an H200). Per step:
-//   dW  [EP x 128] += e^T [EP x 32] . G [32 x 128]  (M = experts, N = params,
-//       K = segments). Warp w owns params 16w..16w+15 for all experts; the fp32
-//       accumulators stay in registers over all of S and are written once per tile.
+// Block tile: N = 128 params (kTileN; 256 in some variants) x all experts (K
+// padded to EP = 16 * kKSteps). The block's steps -- (tile, chunk of 32
+// segments) pairs over all its tiles -- run through a kStages-deep cp.async
+// pipeline: each stage holds a chunk of G rows and the chunk's routing weights
+// (hi and lo), and kStages - 1 steps are in flight while one is computed (the
+// version that staged one chunk through registers kept ~8 KB in flight per block
+// and measured 19-29% of copy bandwidth on an H200). Per step:
+//   dW  [EP x N] += e^T [EP x 32] . G [32 x N]  (M = experts, N = params,
+//       K = segments). By default warp w owns params 16w..16w+15 for all experts
+//       (kDwGroups: or 32 params of half the experts); the fp32 accumulators stay
+//       in registers over all of S and are written once per tile.
 //       The routing weights enter as hi + lo 16-bit operands (two mmas): split
 //       and transposed to e^T once per launch (merge_backward_split_weights_kernel),
 //       so each warp loads its A fragments with ldmatrix (before: 8 scalar loads
 //       and 4 conversions per fragment, in every warp).
-//   de  [32 x EP] = G [32 x 128] . W^T [128 x EP]   (M = segments, N = experts,
-//       K = params). Unit (m16, n8 or n16: kDeN) u goes to warp u % 8, which runs
-//       the whole K of the tile: every (segment, expert) of the partial has one
-//       owner thread, so it is added without atomics and in a fixed order.
+//   de  [32 x EP] = G [32 x N] . W^T [N x EP]   (M = segments, N = experts,
+//       K = params). Unit (kDeM m16 tiles x kDeN experts) u goes to warp u % 8,
+//       which runs the whole K of the tile: every (segment, expert) of the partial
+//       has one owner thread, so it is added without atomics and in a fixed order.
 // The W tile of the block's next tile travels in registers during the current tile.
 // Padding: segments past S and params past P are zero in G and in the weights,
 // experts past E are zero in W and in the weights, so no 0 * garbage (NaN) is ever
@@ -730,10 +731,14 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 //               experts, not per 8; 8: the product spreads over twice as many warps).
 //   kDeM        segment m-tiles per d_weights unit: 1 or 2 (2: a unit reads its W fragments once per
 //               32-segment chunk, not once per 16 segments; half as many units).
-template <int kMinBlocks_, int kFitBlocks_, int kDwGroups_, int kDeN_, int kDeM_>
+//   kTileN      params per tile: 128 or 256 (256: every warp reads the step's routing weights and
+//               updates the partial once per 256 params, not per 128; the W tile and the G stages
+//               take twice the shared memory, the dW accumulators twice the registers).
+template <int kMinBlocks_, int kFitBlocks_, int kDwGroups_, int kDeN_, int kDeM_, int kTileN_ = 128>
 struct MergeBackwardTcKnobs {
   static constexpr int kMinBlocks = kMinBlocks_, kFitBlocks = kFitBlocks_, kDwGroups = kDwGroups_;
-  static constexpr int kDeN = kDeN_, kDeM = kDeM_;
+  static constexpr int kDeN = kDeN_, kDeM = kDeM_, kTileN = kTileN_;
+  static_assert(kTileN == 128 || kTileN == 256, "params per tile: 128 or 256");
   static_assert(kMinBlocks >= 1 && kMinBlocks <= 4 && kFitBlocks >= 1 && kFitBlocks <= 4, "blocks per SM");
   static_assert(kDwGroups == 1 || kDwGroups == 2, "dW expert groups: 1 or 2");
   static_assert(kDeN == 8 || kDeN == 16, "d_weights unit width: 8 or 16 experts");
@@ -742,16 +747,23 @@ struct MergeBackwardTcKnobs {
 
 // A tuning gives the knobs for each kKSteps (E up to 16 kKSteps). The knobs that do not apply at a
 // kKSteps fall back to the default's there: two dW groups need an even kKSteps; 32-segment
-// d_weights units stop at E = 32 (above, their 16 more accumulators spill on sm_80 within the
-// 128 registers of two blocks per SM).
+// d_weights units stop at E = 32 (above, their extra accumulators spill on sm_80 within the 128
+// registers of two blocks per SM); 256-param tiles apply from E = 17 to 32 only (above they spill
+// the same way; up to E = 16 they cost the third block per SM) and fall back to 128 params where
+// their shared memory would cost a block (E = 32, S = 512).
 //   kFitK1, kDeNK1: kFitBlocks and kDeN at kKSteps = 1 (E <= 16, where three blocks fit by
 //   registers); from kKSteps = 2 on, two blocks and 16-expert units.
-template <int kFitK1, int kDwGroups, int kDeNK1, int kDeM>
+template <int kFitK1, int kDwGroups, int kDeNK1, int kDeM, int kTileN = 128>
 struct MergeBackwardTcTuning {
   template <int kKSteps>
   using At = MergeBackwardTcKnobs<kKSteps == 1 ? 3 : 2, kKSteps == 1 ? kFitK1 : 2, kKSteps % 2 == 0 ? kDwGroups : 1,
-                                  kKSteps == 1 ? kDeNK1 : 16, kKSteps <= 2 ? kDeM : 1>;
+                                  kKSteps == 1 ? kDeNK1 : 16, kKSteps <= 2 ? kDeM : 1, kKSteps == 2 ? kTileN : 128>;
 };
+// The same knobs with 128-param tiles: what a wider-tiled tuning runs where its shared memory would
+// cost blocks per SM (merge_backward_tc_shape).
+template <class Knobs>
+using MergeBackwardTcNarrow = MergeBackwardTcKnobs<Knobs::kMinBlocks, Knobs::kFitBlocks, Knobs::kDwGroups, Knobs::kDeN,
+                                                   Knobs::kDeM, 128>;
 // What lory::merge_backward runs. Measured on an H200 (bf16, paper shapes, at e089aee): three
 // blocks per SM instead of two made E = 8 1.2x faster; 16-expert units from E = 17 are a
 // shared-memory model result (tests/emu/test_smem_banks.cpp), not yet timed.
@@ -773,6 +785,11 @@ struct MergeBackwardTcVariantDe32 : MergeBackwardTcTuning<2, 1, 8, 2> {
 struct MergeBackwardTcVariantDw2x4De32 : MergeBackwardTcTuning<2, 2, 8, 2> {
   static constexpr const char* kName = "dw2x4+de32";
 };
+struct MergeBackwardTcVariantTile256 : MergeBackwardTcTuning<2, 1, 8, 1, 256> {
+  // 256-param tiles (E = 17..32). With dw2x4 the model gives the same traffic (its warps already
+  // span 32 params); with de32 it spills on sm_80.
+  static constexpr const char* kName = "tile256";
+};
 // Feature macro: this merge.cuh has the tuning knobs (bench/ab/merge_ab.cu builds against older ones).
 #define LORY_MERGE_BACKWARD_TC_TUNING 1
 template <class X>
@@ -787,11 +804,12 @@ void for_each_merge_backward_tc_variant(F&& f) {
   f(TypeTag<MergeBackwardTcVariantDw2x4>{});
   f(TypeTag<MergeBackwardTcVariantDe32>{});
   f(TypeTag<MergeBackwardTcVariantDw2x4De32>{});
+  f(TypeTag<MergeBackwardTcVariantTile256>{});
 }
 
 template <class T, int kKSteps, int kStagesT = 4, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
 struct MergeBackwardTcConfig {
-  static constexpr int kTileN = 128;
+  static constexpr int kTileN = Knobs::kTileN;
   static constexpr int kChunk = kMergeBackwardTcChunk;  // segments per step (K of the dW product)
   static constexpr int kStages = kStagesT;  // pipeline depth (steps resident in shared memory)
   static constexpr int kEP = 16 * kKSteps;
@@ -801,7 +819,7 @@ struct MergeBackwardTcConfig {
   static constexpr int kDwGroups = Knobs::kDwGroups;
   static_assert(kKSteps % kDwGroups == 0, "the dW expert groups split the m-tiles evenly");
   static constexpr int kDwMt = kKSteps / kDwGroups;           // expert m-tiles per warp
-  static constexpr int kWarpN = kTileN * kDwGroups / kWarps;  // params per warp for dW: 16 or 32
+  static constexpr int kWarpN = kTileN * kDwGroups / kWarps;  // params per warp for dW: 16, 32 or 64
   static constexpr int kDwNp = kWarpN / 16;                   // 16-param column pairs per warp
   LORY_HOST_DEVICE static constexpr int dw_group(int warp) { return warp / (kWarps / kDwGroups); }
   LORY_HOST_DEVICE static constexpr int dw_col(int warp) { return (warp % (kWarps / kDwGroups)) * kWarpN; }
@@ -880,7 +898,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
   constexpr int kRow = Cfg::kRow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
-  constexpr int kRowVecs = kTileN / V;  // 16
+  constexpr int kRowVecs = kTileN / V;  // 16 or 32
   LORY_DYNAMIC_SMEM(merge_smem);
   T* w_s = reinterpret_cast<T*>(merge_smem);                                   // [kEP][kRow]
   T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                   // [kStages][kChunk][kRow]
@@ -1374,23 +1392,37 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
 // partials are large): measured on an H200, one block with four stages was 9% slower at S = 512,
 // E = 32 than the earlier kernel's two blocks with two chunks in flight.
 // (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
+// Knobs with tiles wider than 128 params fall back to 128 where even two stages would not fit.
 struct MergeBackwardTcShape {
   int stages;
   size_t smem;  // dynamic shared memory per block
+  int tile_n;   // params per tile
 };
 template <class T, int kKSteps, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
 MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem) {
   const size_t limit = kMergeBackwardTcSmemPerSm / Knobs::kFitBlocks;
   const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4, Knobs>::smem_bytes(S, E, partial_in_smem);
   const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2, Knobs>::smem_bytes(S, E, partial_in_smem);
-  if (deep > limit && shallow <= limit) return {2, shallow};
-  return {4, deep};
+  if constexpr (Knobs::kTileN != 128) {
+    if (shallow > limit) return merge_backward_tc_shape<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(S, E, partial_in_smem);
+  }
+  if (deep > limit && shallow <= limit) return {2, shallow, Knobs::kTileN};
+  return {4, deep, Knobs::kTileN};
 }
 
+// The plan counted 128-param tiles (its workspace holds the partials of that many blocks at most);
+// a tuning with wider tiles has fewer, and no more blocks than tiles.
 template <class T, int kKSteps, class Knobs>
-Status launch_merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
+Status launch_merge_backward_tc(MergeBackwardParams<T> prm, int max_blocks, bool partial_in_smem, int& blocks,
                                 cudaStream_t stream) {
   const auto shape = merge_backward_tc_shape<T, kKSteps, Knobs>(prm.S, prm.E, partial_in_smem);
+  if constexpr (Knobs::kTileN != 128) {
+    if (shape.tile_n == 128)
+      return launch_merge_backward_tc<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(prm, max_blocks, partial_in_smem, blocks,
+                                                                                stream);
+  }
+  prm.tiles = (prm.P + Knobs::kTileN - 1) / Knobs::kTileN;
+  max_blocks = static_cast<int>(std::min<int64_t>(max_blocks, prm.tiles));
   return shape.stages == 2 ? launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 2, Knobs>, prm,
                                                               max_blocks, shape.smem, blocks, stream)
                            : launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4, Knobs>, prm,

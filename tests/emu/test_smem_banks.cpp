@@ -117,8 +117,11 @@ int worst_partial_update(int E, bool swizzle) {
 // G and of the split weights, the d_weights units' ldmatrix of G and W, and the partial's
 // read-modify-write. (Per tile, not per step, and left out: the W tile's stores and the dW epilogue.)
 struct StepWavefronts {
+  int tile_n = 0;  // params per tile (the step's width)
   int copy = 0, dw_g = 0, dw_weights = 0, de_g = 0, de_w = 0, partial = 0;
   int total() const { return copy + dw_g + dw_weights + de_g + de_w + partial; }
+  // Per 128 params of G (8 KiB at 32 segments), so that tile widths compare.
+  int per_128() const { return total() * 128 / tile_n; }
 };
 
 template <int kKSteps, class Knobs>
@@ -127,6 +130,7 @@ StepWavefronts step_wavefronts(int E) {
   constexpr int kElem = sizeof(__nv_bfloat16);
   constexpr int kThreads = detail::kMergeThreads;
   StepWavefronts w;
+  w.tile_n = Cfg::kTileN;
   for (int warp = 0; warp < Cfg::kWarps; ++warp) {
     for (int j = 0; j < Cfg::kGVecs; ++j)
       w.copy += wavefronts(lanes([&](int lane) { return int64_t(Cfg::row_vec_offset(warp * 32 + lane + j * kThreads)) * kElem; }), 16);
@@ -176,7 +180,7 @@ StepWavefronts step_wavefronts(int E) {
 
 template <class Tuning, int kKSteps>
 int step_total(int E) {
-  return step_wavefronts<kKSteps, typename Tuning::template At<kKSteps>>(E).total();
+  return step_wavefronts<kKSteps, typename Tuning::template At<kKSteps>>(E).per_128();
 }
 
 }  // namespace
@@ -199,11 +203,11 @@ TEST_CASE("smem banks: the merge backward's main-loop accesses take the fewest w
 TEST_CASE("smem model: wavefronts per step of the tensor-core backward and its variants", "[banks][merge]") {
   using Default = detail::MergeBackwardTcDefault;
   const auto d32 = step_wavefronts<2, Default::At<2>>(32);
-  std::printf("smem model, wavefronts per step (32 segments x 128 params; copy + dW G + dW weights + de G + de W + "
-              "partial = total)\n");
+  std::printf("smem model, wavefronts per step (32 segments x tile params; copy + dW G + dW weights + de G + de W + "
+              "partial = total; per 128 params)\n");
   auto row = [](const char* name, int E, const StepWavefronts& w) {
-    std::printf("  %-12s E = %2d: %3d + %3d + %3d + %3d + %3d + %3d = %4d\n", name, E, w.copy, w.dw_g, w.dw_weights,
-                w.de_g, w.de_w, w.partial, w.total());
+    std::printf("  %-14s E = %2d, tile %3d: %3d + %3d + %3d + %3d + %3d + %3d = %4d; %4d\n", name, E, w.tile_n, w.copy,
+                w.dw_g, w.dw_weights, w.de_g, w.de_w, w.partial, w.total(), w.per_128());
   };
   auto rows = [&](const char* name, auto tag) {
     using V = typename decltype(tag)::type;
@@ -225,6 +229,8 @@ TEST_CASE("smem model: wavefronts per step of the tensor-core backward and its v
   CHECK(step_total<detail::MergeBackwardTcVariantDe32, 2>(32) < d32.total());
   CHECK(step_total<detail::MergeBackwardTcVariantDw2x4De32, 2>(32) < step_total<detail::MergeBackwardTcVariantDw2x4, 2>(32));
   CHECK(step_total<detail::MergeBackwardTcVariantDw2x4, 4>(64) < step_total<Default, 4>(64));
+  CHECK(step_total<detail::MergeBackwardTcVariantTile256, 2>(32) < d32.total());
+  CHECK(step_total<detail::MergeBackwardTcVariantTile256, 2>(32) < step_total<detail::MergeBackwardTcVariantDw2x4De32, 2>(32));
 }
 
 TEST_CASE("smem banks: the on-chip d_weights partial's updates", "[banks][merge]") {
@@ -300,7 +306,13 @@ TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at th
   CHECK(blocks_per_sm<1, Fit3>(512, 16) >= 3);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 1, Fit3::At<1>>(512, 16, true).stages == 2);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 1, Fit3::At<1>>(128, 8, true).stages == 4);
-  // Every variant keeps the default's blocks per SM at the paper's shapes (same shared memory).
+  // The 256-param tiles at E = 32: S = 128 keeps them (two stages), S = 512 falls back to 128.
+  using Wide = detail::MergeBackwardTcVariantTile256::At<2>;
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(128, 32, true).tile_n == 256);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(128, 32, true).stages == 2);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(512, 32, true).tile_n == 128);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(512, 32, false).tile_n == 256);
+  // Every variant keeps the default's blocks per SM at the paper's shapes.
   detail::for_each_merge_backward_tc_variant([](auto tag) {
     using V = typename decltype(tag)::type;
     CAPTURE(V::kName);
