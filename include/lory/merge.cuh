@@ -718,9 +718,10 @@ LORY_KERNEL void __launch_bounds__(kThreads)
 // summed into a stored value.
 // ---------------------------------------------------------------------------
 // Tuning knobs of the tensor-core backward (CUTLASS style: one kernel template, each variant a set
-// of compile-time knobs). lory::merge_backward runs MergeBackwardTcDefault; the variants in
-// MergeBackwardTcVariants are tested like it (tests/gpu/test_merge.cu, also emulated) and timed
-// against it in one GPU run (bench/ab/merge_ab.cu), so a layout question is answered by measurement.
+// of compile-time knobs). lory::merge_backward runs MergeBackwardTcDefault; the variants that
+// for_each_merge_backward_tc_variant lists are tested like it (tests/gpu/test_merge.cu, also
+// emulated) and timed against it in one GPU run (bench/ab/merge_ab.cu), so a layout question is
+// answered by measurement.
 //   kMinBlocks  __launch_bounds__' blocks per SM (registers: 65536 / (256 * kMinBlocks) per thread).
 //   kFitBlocks  blocks per SM the pipeline depth aims at: four stages where kFitBlocks blocks fit in
 //               shared memory with four, else two where they fit with two, else four.
@@ -814,7 +815,6 @@ struct MergeBackwardTcConfig {
   static constexpr int kStages = kStagesT;  // pipeline depth (steps resident in shared memory)
   static constexpr int kEP = 16 * kKSteps;
   static constexpr int kWarps = kMergeThreads / 32;
-  static constexpr int kMinBlocks = Knobs::kMinBlocks;
   // dW warp layout: kDwGroups expert groups x (kWarps / kDwGroups) param slices of kWarpN.
   static constexpr int kDwGroups = Knobs::kDwGroups;
   static_assert(kKSteps % kDwGroups == 0, "the dW expert groups split the m-tiles evenly");
