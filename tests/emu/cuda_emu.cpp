@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -41,7 +42,7 @@ bool reverse_order() {
   return r;
 }
 
-enum class Wait { kNone, kBlock, kWarp };
+enum class Wait { kNone, kBlock, kWarp, kGroup };
 
 // ---- fiber contexts --------------------------------------------------------
 // x86-64: a switch that saves the callee-saved registers, MXCSR and the x87
@@ -128,9 +129,16 @@ struct AsyncCopy {
   int bytes, src_bytes;
 };
 
+struct PendingWgmma {
+  float* d;
+  std::vector<float> value;
+};
+
 struct Fiber {
   std::vector<AsyncCopy> copies;   // cp.async queue, oldest first
   std::vector<size_t> group_ends;  // end index in `copies` of each committed group, oldest first
+  std::vector<PendingWgmma> wgmma;        // issued wgmma results not yet written, oldest first
+  std::vector<size_t> wgmma_group_ends;   // end index in `wgmma` of each committed group
   FiberCtx ctx;
   char* stack = nullptr;
   uint3 tid;
@@ -149,6 +157,8 @@ struct Block {
   uint64_t gen = 0;
   std::vector<int> wsize, wlive, warrived;
   std::vector<uint64_t> wgen;
+  std::vector<int> gsize, glive, garrived;  // per warpgroup (4 warps)
+  std::vector<uint64_t> ggen;
   std::vector<unsigned char> smem;
   std::map<const void*, std::vector<unsigned char>> statics;  // LORY_BLOCK_SHARED variables
   uint3 bid;
@@ -204,6 +214,34 @@ void release_warp_if_complete(Block& b, int w) {
   ++b.wgen[w];
 }
 
+// Runs the warpgroup's collective once every live thread of it has arrived.
+void release_group_if_complete(Block& b, int wg) {
+  if (b.garrived[wg] == 0 || b.garrived[wg] != b.glive[wg]) return;
+  const int first = wg * 128;
+  Combine fn = nullptr;
+  bool seen = false;
+  for (int l = 0; l < b.gsize[wg]; ++l) {
+    const Fiber& f = b.fibers[first + l];
+    if (f.done) continue;
+    if (seen && f.xfn != fn) fail("the threads of a warpgroup met at different collectives");
+    fn = f.xfn;
+    seen = true;
+  }
+  if (fn) {
+    if (b.glive[wg] != 128) fail("a warpgroup collective (wgmma) ran with fewer than 128 live threads");
+    const void* ins[128];
+    void* outs[128];
+    for (int l = 0; l < 128; ++l) {
+      ins[l] = b.fibers[first + l].xin;
+      outs[l] = b.fibers[first + l].xout;
+    }
+    fn(ins, outs);
+  }
+  for (int l = 0; l < b.gsize[wg]; ++l) b.fibers[first + l].xfn = nullptr;
+  b.garrived[wg] = 0;
+  ++b.ggen[wg];
+}
+
 void release_block_if_complete(Block& b) {
   if (b.arrived == 0 || b.arrived != b.live) return;
   b.arrived = 0;
@@ -230,9 +268,11 @@ void perform_copies(Fiber& f, size_t n) {
   f.done = true;
   --b.live;
   --b.wlive[f.warp];
+  --b.glive[f.warp / 4];
   // A thread that exits no longer counts at a barrier (as on hardware).
   release_block_if_complete(b);
   release_warp_if_complete(b, f.warp);
+  release_group_if_complete(b, f.warp / 4);
   ctx_switch(f.ctx, b.sched);  // never resumed
   fail("a finished fiber was resumed");
 }
@@ -243,6 +283,7 @@ bool runnable(const Block& b, const Fiber& f) {
     case Wait::kNone: return true;
     case Wait::kBlock: return b.gen != f.gen;
     case Wait::kWarp: return b.wgen[f.warp] != f.gen;
+    case Wait::kGroup: return b.ggen[f.warp / 4] != f.gen;
   }
   return false;
 }
@@ -269,6 +310,11 @@ void run_block(Block& b, StackPool& pool) {
   b.wlive.assign(warps, 0);
   b.warrived.assign(warps, 0);
   b.wgen.assign(warps, 0);
+  const int groups = (warps + 3) / 4;
+  b.gsize.assign(groups, 0);
+  b.glive.assign(groups, 0);
+  b.garrived.assign(groups, 0);
+  b.ggen.assign(groups, 0);
   std::fill(b.smem.begin(), b.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every float type
   b.statics.clear();
   for (int i = 0; i < n; ++i) {
@@ -277,6 +323,8 @@ void run_block(Block& b, StackPool& pool) {
     f.warp = i / 32;
     ++b.wsize[f.warp];
     ++b.wlive[f.warp];
+    ++b.gsize[f.warp / 4];
+    ++b.glive[f.warp / 4];
     f.stack = pool.get(i);
     ctx_init(f.ctx, f.stack, kStackBytes, fiber_entry);
   }
@@ -362,6 +410,137 @@ void warp_collective(const void* in, void* out, Combine combine) {
   const uint64_t gen = b.wgen[f.warp];
   release_warp_if_complete(b, f.warp);
   if (b.wgen[f.warp] == gen) park(Wait::kWarp, gen);
+}
+
+void warpgroup_collective(const void* in, void* out, Combine combine) {
+  Block& b = block();
+  Fiber& f = b.fibers[b.cur];
+  const int wg = f.warp / 4;
+  f.xin = in;
+  f.xout = out;
+  f.xfn = combine;
+  ++b.garrived[wg];
+  const uint64_t gen = b.ggen[wg];
+  release_group_if_complete(b, wg);
+  if (b.ggen[wg] == gen) park(Wait::kGroup, gen);
+}
+
+uint32_t smem_offset(const void* p) {
+  const Block& b = block();
+  const unsigned char* q = static_cast<const unsigned char*>(p);
+  if (b.smem.empty() || q < b.smem.data() || q >= b.smem.data() + b.smem.size())
+    fail("a shared-memory address outside the block's dynamic shared memory");
+  return static_cast<uint32_t>(q - b.smem.data());
+}
+
+namespace {
+struct WgmmaIn {
+  uint64_t desc_a, desc_b;
+  uint32_t a[4];
+  bool a_regs, bf16, accumulate;
+  int n;
+  float c[64];
+};
+struct WgmmaOut {
+  float d[64];
+};
+
+// Element (r, k) of a K-major operand without swizzling (lory/detail/wgmma.cuh, PTX ISA "Shared
+// Memory Matrix Layout"): start + (r / 8) SBO + (k / 8) LBO + (r % 8) 16 + (k % 8) 2 bytes.
+float wgmma_smem_element(uint64_t desc, int r, int k, bool bf16) {
+  if ((desc >> 62) != 0) fail("wgmma: only the no-swizzle layout is emulated");
+  if (((desc >> 49) & 7) != 0) fail("wgmma: a nonzero matrix base offset is not emulated");
+  const size_t start = size_t(desc & 0x3fff) << 4, lbo = size_t((desc >> 16) & 0x3fff) << 4,
+               sbo = size_t((desc >> 32) & 0x3fff) << 4;
+  const size_t off = start + size_t(r / 8) * sbo + size_t(k / 8) * lbo + size_t(r % 8) * 16 + size_t(k % 8) * 2;
+  const unsigned char* p = dynamic_smem() + off;
+  check_smem(p, 2, "wgmma operand element");
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return b16_to_float(bits, bf16);
+}
+
+void wgmma_combine(const void* const* ins, void* const* outs) {
+  const WgmmaIn& x0 = *static_cast<const WgmmaIn*>(ins[0]);
+  const int n = x0.n;
+  for (int l = 1; l < 128; ++l) {
+    const WgmmaIn& x = *static_cast<const WgmmaIn*>(ins[l]);
+    if (x.desc_a != x0.desc_a || x.desc_b != x0.desc_b || x.a_regs != x0.a_regs || x.bf16 != x0.bf16 ||
+        x.accumulate != x0.accumulate || x.n != n)
+      fail("wgmma: the threads of a warpgroup issued different instructions or descriptors");
+  }
+  float A[64][16];
+  std::vector<float> B(size_t(n) * 16);
+  for (int r = 0; r < 64; ++r)
+    for (int k = 0; k < 16; ++k) A[r][k] = x0.a_regs ? 0.f : wgmma_smem_element(x0.desc_a, r, k, x0.bf16);
+  if (x0.a_regs) {
+    // Warp w holds rows 16w..16w+15 as mma.sync m16n8k16's A fragment.
+    for (int l = 0; l < 128; ++l) {
+      const WgmmaIn& x = *static_cast<const WgmmaIn*>(ins[l]);
+      const int w = l / 32, g = (l % 32) / 4, t = l % 4;
+      for (int h = 0; h < 2; ++h)
+        for (int v = 0; v < 2; ++v) {
+          const uint32_t reg = x.a[2 * h + v];
+          A[16 * w + g + 8 * v][2 * t + 8 * h] = b16_to_float(static_cast<uint16_t>(reg & 0xffffu), x0.bf16);
+          A[16 * w + g + 8 * v][2 * t + 8 * h + 1] = b16_to_float(static_cast<uint16_t>(reg >> 16), x0.bf16);
+        }
+    }
+  }
+  for (int c = 0; c < n; ++c)
+    for (int k = 0; k < 16; ++k) B[size_t(c) * 16 + k] = wgmma_smem_element(x0.desc_b, c, k, x0.bf16);
+  for (int l = 0; l < 128; ++l) {
+    const WgmmaIn& x = *static_cast<const WgmmaIn*>(ins[l]);
+    WgmmaOut& o = *static_cast<WgmmaOut*>(outs[l]);
+    const int w = l / 32, g = (l % 32) / 4, t = l % 4;
+    for (int j = 0; j < n / 8; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * w + g + 8 * (i / 2), col = 8 * j + 2 * t + i % 2;
+        double sum = 0.0;
+        for (int k = 0; k < 16; ++k) sum += double(A[row][k]) * double(B[size_t(col) * 16 + k]);
+        o.d[4 * j + i] = (x.accumulate ? x.c[4 * j + i] : 0.f) + static_cast<float>(sum);
+      }
+  }
+}
+}  // namespace
+
+void wgmma_issue(float* d, int n, bool bf16, uint64_t desc_a, const uint32_t* a_regs, uint64_t desc_b, bool accumulate) {
+  if (n < 8 || n > 128 || n % 8 != 0) fail("wgmma: N outside the emulated 8..128");
+  Fiber& f = me();
+  WgmmaIn in{};
+  in.desc_a = desc_a;
+  in.desc_b = desc_b;
+  in.a_regs = a_regs != nullptr;
+  if (a_regs) std::memcpy(in.a, a_regs, sizeof(in.a));
+  in.bf16 = bf16;
+  in.accumulate = accumulate;
+  in.n = n;
+  // The accumulator's current value: a pending result of an earlier issue into the same d, else d.
+  const PendingWgmma* prior = nullptr;
+  for (const PendingWgmma& p : f.wgmma)
+    if (p.d == d) prior = &p;
+  for (int i = 0; i < n / 2; ++i) in.c[i] = prior ? prior->value[size_t(i)] : d[i];
+  WgmmaOut out{};
+  warpgroup_collective(&in, &out, &wgmma_combine);
+  Fiber& g = me();  // (the same fiber; re-read after the switch)
+  g.wgmma.push_back(PendingWgmma{d, std::vector<float>(out.d, out.d + n / 2)});
+  for (int i = 0; i < n / 2; ++i) d[i] = std::numeric_limits<float>::quiet_NaN();
+}
+
+void wgmma_commit() {
+  Fiber& f = me();
+  f.wgmma_group_ends.push_back(f.wgmma.size());
+}
+
+void wgmma_wait(int n) {
+  Fiber& f = me();
+  if (n < 0) fail("wgmma.wait_group with a negative count");
+  if (f.wgmma_group_ends.size() <= static_cast<size_t>(n)) return;
+  const size_t done = f.wgmma_group_ends.size() - static_cast<size_t>(n);
+  const size_t upto = f.wgmma_group_ends[done - 1];
+  f.wgmma_group_ends.erase(f.wgmma_group_ends.begin(), f.wgmma_group_ends.begin() + static_cast<std::ptrdiff_t>(done));
+  for (size_t i = 0; i < upto; ++i) std::memcpy(f.wgmma[i].d, f.wgmma[i].value.data(), f.wgmma[i].value.size() * sizeof(float));
+  f.wgmma.erase(f.wgmma.begin(), f.wgmma.begin() + static_cast<std::ptrdiff_t>(upto));
+  for (size_t& e : f.wgmma_group_ends) e -= upto;
 }
 
 void fail(const char* what) {

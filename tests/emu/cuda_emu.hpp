@@ -78,6 +78,21 @@ void cp_async(void* smem_dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
 
+// A warpgroup-wide collective (4 consecutive warps, 128 threads, all live): like warp_collective,
+// combine(ins, outs) runs once over the 128 threads in order.
+void warpgroup_collective(const void* in, void* out, Combine combine);
+
+// wgmma.mma_async m64nNk16 (K-major operands, no swizzling; lory/detail/wgmma.cuh): every thread
+// of the warpgroup issues it with its accumulators d (N / 2 floats); A comes from the descriptor
+// desc_a, or from the four registers a_regs when not null. The product is computed at issue; it
+// reaches d at the wgmma_wait that covers its commit group, and d holds NaN until then. An issue
+// that accumulates into a d with a pending result chains onto that result, as on hardware.
+void wgmma_issue(float* d, int n, bool bf16, uint64_t desc_a, const uint32_t* a_regs, uint64_t desc_b, bool accumulate);
+void wgmma_commit();
+void wgmma_wait(int n);
+// Byte offset of p in the block's dynamic shared memory (what a shared-memory address is there).
+uint32_t smem_offset(const void* p);
+
 // Aborts the test run with a message (a kernel broke a rule of the model).
 [[noreturn]] void fail(const char* what);
 // Checks that [p, p + bytes) lies in the current block's dynamic shared memory.
