@@ -186,61 +186,55 @@ void park(Wait w, uint64_t gen) {
   ctx_switch(f.ctx, b.sched);
 }
 
-// Runs the warp's collective once every live lane of it has arrived.
-void release_warp_if_complete(Block& b, int w) {
-  if (b.warrived[w] == 0 || b.warrived[w] != b.wlive[w]) return;
-  const int first = w * 32;
+// A group of `width` consecutive threads (a warp: 32, a warpgroup: 128) with its own arrival count
+// and generation: runs the group's collective once every live thread of it has arrived.
+struct ThreadGroup {
+  int width;
+  std::vector<int>& size;
+  std::vector<int>& live;
+  std::vector<int>& arrived;
+  std::vector<uint64_t>& gen;
+  const char* mixed;  // failure messages
+  const char* partial;
+};
+
+void release_if_complete(Block& b, const ThreadGroup& t, int i) {
+  if (t.arrived[i] == 0 || t.arrived[i] != t.live[i]) return;
+  const int first = i * t.width;
   Combine fn = nullptr;
   bool seen = false;
-  for (int l = 0; l < b.wsize[w]; ++l) {
+  for (int l = 0; l < t.size[i]; ++l) {
     const Fiber& f = b.fibers[first + l];
     if (f.done) continue;
-    if (seen && f.xfn != fn) fail("the lanes of a warp met at different collectives (or __syncwarp)");
+    if (seen && f.xfn != fn) fail(t.mixed);
     fn = f.xfn;
     seen = true;
   }
   if (fn) {
-    if (b.wlive[w] != 32) fail("a warp collective (ldmatrix, mma, shuffle) ran with fewer than 32 live lanes");
-    const void* ins[32];
-    void* outs[32];
-    for (int l = 0; l < 32; ++l) {
-      ins[l] = b.fibers[first + l].xin;
-      outs[l] = b.fibers[first + l].xout;
+    if (t.live[i] != t.width) fail(t.partial);
+    std::vector<const void*> ins(static_cast<size_t>(t.width));
+    std::vector<void*> outs(static_cast<size_t>(t.width));
+    for (int l = 0; l < t.width; ++l) {
+      ins[static_cast<size_t>(l)] = b.fibers[first + l].xin;
+      outs[static_cast<size_t>(l)] = b.fibers[first + l].xout;
     }
-    fn(ins, outs);
+    fn(ins.data(), outs.data());
   }
-  for (int l = 0; l < b.wsize[w]; ++l) b.fibers[first + l].xfn = nullptr;
-  b.warrived[w] = 0;
-  ++b.wgen[w];
+  for (int l = 0; l < t.size[i]; ++l) b.fibers[first + l].xfn = nullptr;
+  t.arrived[i] = 0;
+  ++t.gen[i];
 }
 
-// Runs the warpgroup's collective once every live thread of it has arrived.
-void release_group_if_complete(Block& b, int wg) {
-  if (b.garrived[wg] == 0 || b.garrived[wg] != b.glive[wg]) return;
-  const int first = wg * 128;
-  Combine fn = nullptr;
-  bool seen = false;
-  for (int l = 0; l < b.gsize[wg]; ++l) {
-    const Fiber& f = b.fibers[first + l];
-    if (f.done) continue;
-    if (seen && f.xfn != fn) fail("the threads of a warpgroup met at different collectives");
-    fn = f.xfn;
-    seen = true;
-  }
-  if (fn) {
-    if (b.glive[wg] != 128) fail("a warpgroup collective (wgmma) ran with fewer than 128 live threads");
-    const void* ins[128];
-    void* outs[128];
-    for (int l = 0; l < 128; ++l) {
-      ins[l] = b.fibers[first + l].xin;
-      outs[l] = b.fibers[first + l].xout;
-    }
-    fn(ins, outs);
-  }
-  for (int l = 0; l < b.gsize[wg]; ++l) b.fibers[first + l].xfn = nullptr;
-  b.garrived[wg] = 0;
-  ++b.ggen[wg];
+ThreadGroup warps_of(Block& b) {
+  return {32, b.wsize, b.wlive, b.warrived, b.wgen, "the lanes of a warp met at different collectives (or __syncwarp)",
+          "a warp collective (ldmatrix, mma, shuffle) ran with fewer than 32 live lanes"};
 }
+ThreadGroup warpgroups_of(Block& b) {
+  return {128, b.gsize, b.glive, b.garrived, b.ggen, "the threads of a warpgroup met at different collectives",
+          "a warpgroup collective (wgmma) ran with fewer than 128 live threads"};
+}
+void release_warp_if_complete(Block& b, int w) { release_if_complete(b, warps_of(b), w); }
+void release_group_if_complete(Block& b, int wg) { release_if_complete(b, warpgroups_of(b), wg); }
 
 void release_block_if_complete(Block& b) {
   if (b.arrived == 0 || b.arrived != b.live) return;
@@ -256,7 +250,19 @@ void perform_copies(Fiber& f, size_t n) {
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
   }
   f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(n));
-  for (size_t& e : f.group_ends) e -= n;
+}
+
+// The commit groups of a per-thread queue (cp.async copies, wgmma results): how many queued items
+// wait_group(n) completes -- those of every committed group but the newest n -- with those groups
+// removed and the ends of the others shifted down by as many.
+size_t retire_groups(std::vector<size_t>& group_ends, int n, const char* negative) {
+  if (n < 0) fail(negative);
+  if (group_ends.size() <= static_cast<size_t>(n)) return 0;
+  const size_t done = group_ends.size() - static_cast<size_t>(n);
+  const size_t upto = group_ends[done - 1];
+  group_ends.erase(group_ends.begin(), group_ends.begin() + static_cast<std::ptrdiff_t>(done));
+  for (size_t& e : group_ends) e -= upto;
+  return upto;
 }
 
 [[noreturn]] void fiber_entry() {
@@ -375,12 +381,7 @@ void cp_async_commit() {
 
 void cp_async_wait(int n) {
   Fiber& f = me();
-  if (n < 0) fail("cp.async.wait_group with a negative count");
-  if (f.group_ends.size() <= static_cast<size_t>(n)) return;
-  const size_t done = f.group_ends.size() - static_cast<size_t>(n);
-  const size_t upto = f.group_ends[done - 1];
-  f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + static_cast<std::ptrdiff_t>(done));
-  perform_copies(f, upto);
+  perform_copies(f, retire_groups(f.group_ends, n, "cp.async.wait_group with a negative count"));
 }
 
 void syncthreads() {
@@ -533,14 +534,9 @@ void wgmma_commit() {
 
 void wgmma_wait(int n) {
   Fiber& f = me();
-  if (n < 0) fail("wgmma.wait_group with a negative count");
-  if (f.wgmma_group_ends.size() <= static_cast<size_t>(n)) return;
-  const size_t done = f.wgmma_group_ends.size() - static_cast<size_t>(n);
-  const size_t upto = f.wgmma_group_ends[done - 1];
-  f.wgmma_group_ends.erase(f.wgmma_group_ends.begin(), f.wgmma_group_ends.begin() + static_cast<std::ptrdiff_t>(done));
+  const size_t upto = retire_groups(f.wgmma_group_ends, n, "wgmma.wait_group with a negative count");
   for (size_t i = 0; i < upto; ++i) std::memcpy(f.wgmma[i].d, f.wgmma[i].value.data(), f.wgmma[i].value.size() * sizeof(float));
   f.wgmma.erase(f.wgmma.begin(), f.wgmma.begin() + static_cast<std::ptrdiff_t>(upto));
-  for (size_t& e : f.wgmma_group_ends) e -= upto;
 }
 
 void fail(const char* what) {
