@@ -24,6 +24,7 @@
 
 #include "lory/config.hpp"
 #include "lory/detail/merge_mma.cuh"
+#include "lory/detail/wgmma_asm.cuh"
 #include "lory/dtype.hpp"
 
 LORY_NAMESPACE_BEGIN
@@ -76,12 +77,6 @@ LORY_FORCEINLINE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64
 }
 
 #elif defined(__CUDACC__)
-
-template <class T, int N>
-struct WgmmaAsm;
-#if LORY_WGMMA_AVAILABLE
-#include "lory/detail/wgmma_asm.cuh"
-#endif
 
 LORY_DEVICE LORY_FORCEINLINE uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
   return wgmma_desc_bits(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), lbo, sbo);
