@@ -150,32 +150,26 @@ int main(int argc, char** argv) {
     b.expert_stride = P, b.weights = w, b.dW = c.dW ? dW : nullptr, b.dW_expert_stride = P,
     b.d_weights = c.de ? dw : nullptr;
     const double moved = (double(c.S) + (c.de ? c.E : 0) + (c.dW ? c.E : 0)) * P * sizeof(bf16);
-    if (wanted(base)) {
+    // One timing for the default and each variant: run(workspace, bytes) is a launcher call.
+    auto time_one = [&](const char* variant, auto&& run) {
       size_t bytes = 0;
-      if (lory::merge_backward(b, nullptr, bytes, nullptr) != lory::Status::kSuccess || bytes > ws_cap) {
-        report(c.what, c.E, c.S, -1.f, 0);
-      } else {
-        const float ms =
-            best_ms(reps, [&] { return lory::merge_backward(b, ws, bytes, nullptr) == lory::Status::kSuccess; });
-        report(c.what, c.E, c.S, ms, moved);
+      if (run(nullptr, bytes) != lory::Status::kSuccess || bytes > ws_cap) {
+        report(c.what, c.E, c.S, -1.f, 0, variant);
+        return;
       }
-    }
+      const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
+      report(c.what, c.E, c.S, ms, moved, variant);
+    };
+    if (wanted(base)) time_one("", [&](void* w_, size_t& n_) { return lory::merge_backward(b, w_, n_, nullptr); });
 #ifdef LORY_MERGE_BACKWARD_TC_TUNING
     // Revisions with tuning knobs: every variant of the tensor-core kernel on the same case, named
     // after its label ("backward E32 S128 dw2x4"; a filter of the bare label matches them all).
     lory::detail::for_each_merge_backward_tc_variant([&](auto tag) {
       using V = typename decltype(tag)::type;
       if (!wanted(base + " " + V::kName)) return;
-      size_t vbytes = 0;
-      auto run = [&](void* w_, size_t& n_) {
+      time_one(V::kName, [&](void* w_, size_t& n_) {
         return lory::detail::merge_backward_on_path<bf16, V>(b, w_, n_, nullptr, lory::detail::MergePath::kAuto);
-      };
-      if (run(nullptr, vbytes) != lory::Status::kSuccess || vbytes > ws_cap) {
-        report(c.what, c.E, c.S, -1.f, 0, V::kName);
-        return;
-      }
-      const float vms = best_ms(reps, [&] { return run(ws, vbytes) == lory::Status::kSuccess; });
-      report(c.what, c.E, c.S, vms, moved, V::kName);
+      });
     });
 #endif
   }

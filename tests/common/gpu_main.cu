@@ -24,12 +24,7 @@ int main(int argc, char* argv[]) {
   if (rc != 0) return rc;
   // The Hopper-only tests ([sm90]) leave a whole-suite run on another device; named on their own
   // (as CTest runs each test) they exit with 77 there, which CTest reports as skipped.
-  int dev = 0, major = 0, minor = 0;
-  const bool sm90 = cudaGetDevice(&dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    major == 9 && minor == 0;
-  if (!listing && !sm90 && session.configData().testsOrTags.empty()) {
+  if (!listing && !lory_test::device_is_sm90() && session.configData().testsOrTags.empty()) {
     std::printf("SKIPPED: the [sm90] tests (wgmma) need an sm_90 device; the others run\n");
     session.configData().testsOrTags.push_back("~[sm90]");
   }

@@ -15,6 +15,15 @@ inline bool gpu_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+// The current device is sm_90 (H100/H200), where the [sm90] tests (wgmma) run.
+inline bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+         minor == 0;
+}
+
 // Every CUDA call in a test goes through this: a failure fails the test with its message.
 #define LORY_TEST_CUDA(expr)                                                        \
   do {                                                                              \
