@@ -22,11 +22,6 @@ int main(int argc, char* argv[]) {
   Catch::Session session;
   const int rc = session.applyCommandLine(argc, argv);
   if (rc != 0) return rc;
-  // The Hopper-only tests ([sm90]) leave a whole-suite run on another device; named on their own
-  // (as CTest runs each test) they exit with 77 there, which CTest reports as skipped.
-  if (!listing && !lory_test::device_is_sm90() && session.configData().testsOrTags.empty()) {
-    std::printf("SKIPPED: the [sm90] tests (wgmma) need an sm_90 device; the others run\n");
-    session.configData().testsOrTags.push_back("~[sm90]");
-  }
+  if (!listing) lory_test::leave_out_sm90_tests_unless_named(session);
   return session.run();
 }

@@ -4,9 +4,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "common/catch.hpp"
+#include "lory/detail/wgmma.cuh"
 
 namespace lory_test {
 
@@ -15,13 +18,28 @@ inline bool gpu_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-// The current device is sm_90 (H100/H200), where the [sm90] tests (wgmma) run.
-inline bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  return cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
-         minor == 0;
+// The current device runs the [sm90] tests (wgmma: compute capability 9.0; the CPU emulator too).
+inline bool device_has_wgmma() {
+  bool has = false;
+  return lory::detail::device_has_wgmma(has) == lory::Status::kSuccess && has;
+}
+
+// A run of the whole suite (no test named) on a device without wgmma leaves the [sm90] tests out;
+// named on their own (as CTest runs each test) they exit with 77 there (require_wgmma).
+template <class Session>  // Catch::Session (declared in the runners only)
+void leave_out_sm90_tests_unless_named(Session& session) {
+  if (device_has_wgmma() || !session.configData().testsOrTags.empty()) return;
+  std::printf("SKIPPED: the [sm90] tests (wgmma) need an sm_90 device; the others run\n");
+  session.configData().testsOrTags.push_back("~[sm90]");
+}
+
+// Called first by an [sm90] test: elsewhere it exits with 77, which CTest reports as skipped (a run
+// of the whole suite leaves these tests out on such a device: tests/common/gpu_main.cu).
+inline void require_wgmma() {
+  if (!device_has_wgmma()) {
+    std::printf("SKIPPED: this test needs an sm_90 device (H100/H200): wgmma\n");
+    std::exit(77);
+  }
 }
 
 // Every CUDA call in a test goes through this: a failure fails the test with its message.

@@ -15,15 +15,29 @@
 namespace lory_emu {
 namespace {
 
-// The emulated device: sm_80's per-block and per-SM limits, few SMs (persistent
-// grids then loop over many tiles per block, as on a big GPU with big shapes).
+// The emulated device: sm_80 (A100), or sm_90 (H100/H200: wgmma, more shared memory) when
+// LORY_EMU_ARCH=sm90; its per-block and per-SM limits, few SMs (persistent grids then loop over
+// many tiles per block, as on a big GPU with big shapes).
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kMaxBlocksPerSm = 32;
 constexpr size_t kDefaultSmem = 48 * 1024;
-constexpr size_t kMaxSmemOptin = 166912;    // sm_80: 163 KiB per block
-constexpr size_t kSmemPerSm = 167936;       // sm_80: 164 KiB per SM
 constexpr size_t kSmemReservedPerBlock = 1024;
+struct Arch {
+  int major, minor;
+  size_t max_smem_optin;  // per block
+  size_t smem_per_sm;
+};
+const Arch& arch() {
+  static const Arch a = [] {
+    const char* s = std::getenv("LORY_EMU_ARCH");
+    if (!s || std::string(s) == "sm80") return Arch{8, 0, 166912, 167936};  // 163 KiB, 164 KiB
+    if (std::string(s) == "sm90") return Arch{9, 0, 232448, 233472};        // 227 KiB, 228 KiB
+    std::fprintf(stderr, "lory CUDA emulator: LORY_EMU_ARCH=%s is neither sm80 nor sm90\n", s);
+    std::abort();
+  }();
+  return a;
+}
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber
 
 int emulated_sms() {
@@ -505,6 +519,7 @@ void wgmma_combine(const void* const* ins, void* const* outs) {
 }  // namespace
 
 void wgmma_issue(float* d, int n, bool bf16, uint64_t desc_a, const uint32_t* a_regs, uint64_t desc_b, bool accumulate) {
+  if (arch().major != 9) fail("wgmma on an emulated sm_80 device (LORY_EMU_ARCH=sm90 emulates an H100)");
   if (n < 8 || n > 128 || n % 8 != 0) fail("wgmma: N outside the emulated 8..128");
   Fiber& f = me();
   WgmmaIn in{};
@@ -607,10 +622,11 @@ cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = lory_emu::emulated_sms(); return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor: *value = 8; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(lory_emu::kMaxSmemOptin); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = lory_emu::arch().major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = lory_emu::arch().minor; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(lory_emu::arch().max_smem_optin); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(lory_emu::kDefaultSmem); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = int(lory_emu::arch().smem_per_sm); return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = lory_emu::kMaxThreadsPerBlock; return cudaSuccess;
     case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
     default: return cudaErrorInvalidValue;
@@ -619,8 +635,18 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
-  if (value < 0 || size_t(value) > lory_emu::kMaxSmemOptin) return g_last_error = cudaErrorInvalidValue;
+  if (value < 0 || size_t(value) > lory_emu::arch().max_smem_optin) return g_last_error = cudaErrorInvalidValue;
   lory_emu::g_max_dyn_smem[func] = value;
+  return cudaSuccess;
+}
+
+// Kernels built by the host compiler have every feature (wgmma included) and no static shared
+// memory the runtime would know of.
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+  *attr = cudaFuncAttributes{};
+  attr->maxThreadsPerBlock = lory_emu::kMaxThreadsPerBlock;
+  attr->maxDynamicSharedSizeBytes = int(lory_emu::kDefaultSmem);
+  attr->binaryVersion = attr->ptxVersion = 10 * lory_emu::arch().major + lory_emu::arch().minor;
   return cudaSuccess;
 }
 
@@ -634,7 +660,7 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void* fu
     return cudaSuccess;
   }
   const int by_threads = lory_emu::kMaxThreadsPerSm / block_size;
-  const int by_smem = int(lory_emu::kSmemPerSm / (dynamic_smem + lory_emu::kSmemReservedPerBlock));
+  const int by_smem = int(lory_emu::arch().smem_per_sm / (dynamic_smem + lory_emu::kSmemReservedPerBlock));
   *n = std::max(0, std::min({by_threads, by_smem, lory_emu::kMaxBlocksPerSm}));
   return cudaSuccess;
 }

@@ -15,7 +15,9 @@
 //   - dynamic shared memory is poisoned (all bits set: NaN in every float
 //     type) at block start, and ldmatrix checks its addresses against it;
 //   - launch limits are checked (threads per block, dynamic shared memory
-//     against the kernel's attribute and the sm_80 opt-in maximum);
+//     against the kernel's attribute and the device's opt-in maximum); the
+//     device is an sm_80 (A100), or an sm_90 (H100: wgmma, 227 KiB per block)
+//     with LORY_EMU_ARCH=sm90;
 //   - statically sized __shared__ variables (LORY_BLOCK_SHARED) are per block
 //     and poisoned too; cub::BlockReduce, which needs nvcc, has a stand-in
 //     with its contract (result in thread 0 only);

@@ -101,15 +101,6 @@ LORY_KERNEL void wgmma_probe_kernel(const T* a, const T* b, const float* c, floa
 namespace {
 using lory_test_wgmma::wgmma_probe_kernel;
 
-// The emulator runs wgmma whatever device it reports.
-bool device_has_wgmma() {
-#if defined(LORY_CUDA_EMULATION)
-  return true;
-#else
-  return lory_test::device_is_sm90();
-#endif
-}
-
 template <class T, int N, bool kARegs>
 void probe(const Placement& pl, bool accumulate) {
   const std::string tag = std::string("wgmma/") + (std::is_same<T, __half>::value ? "f16" : "bf16") + "/n" +
@@ -163,17 +154,10 @@ void probe_all() {
     }
 }
 
-void require_sm90() {
-  if (!device_has_wgmma()) {
-    std::printf("SKIPPED: the wgmma test needs an sm_90 device (H100/H200)\n");
-    std::exit(77);
-  }
-}
-
 }  // namespace
 
 TEST_CASE("wgmma m64nNk16 (bf16) matches a plain loop for every N and operand placement", "[gpu][sm90][wgmma]") {
-  require_sm90();
+  lory_test::require_wgmma();
   probe_all<__nv_bfloat16, 8>();
   probe_all<__nv_bfloat16, 16>();
   probe_all<__nv_bfloat16, 24>();
@@ -185,7 +169,7 @@ TEST_CASE("wgmma m64nNk16 (bf16) matches a plain loop for every N and operand pl
 }
 
 TEST_CASE("wgmma m64nNk16 (fp16) matches a plain loop", "[gpu][sm90][wgmma]") {
-  require_sm90();
+  lory_test::require_wgmma();
   probe_all<__half, 16>();
   probe_all<__half, 64>();
 }

@@ -1,6 +1,6 @@
-// lory (private): Hopper warpgroup MMA (wgmma.mma_async, sm_90a) building blocks, for the planned
-// merge backward of docs/merge-backward-sm90.md. No kernel of the library uses them yet; the GPU
-// test tests/gpu/test_wgmma.cu (also run under the CPU emulator) checks them against a plain loop.
+// lory (private): Hopper warpgroup MMA (wgmma.mma_async, sm_90a) building blocks, used by the merge
+// backward's wgmma variant (merge_backward_wgmma_kernel in lory/merge.cuh, docs/merge-backward-sm90.md).
+// The GPU test tests/gpu/test_wgmma.cu (also run under the CPU emulator) checks them against a plain loop.
 //
 // What is covered: m64nNk16 with fp32 accumulators and f16/bf16 operands, N in {8, 16, 24, 32, 48,
 // 64, 96, 128}; A from a shared-memory descriptor or from registers, B from a descriptor; both
@@ -26,6 +26,7 @@
 #include "lory/detail/merge_mma.cuh"
 #include "lory/detail/wgmma_asm.cuh"
 #include "lory/dtype.hpp"
+#include "lory/status.hpp"
 
 LORY_NAMESPACE_BEGIN
 namespace detail {
@@ -40,6 +41,18 @@ namespace detail {
 // The N values wgmma_ss / wgmma_rs are instantiated for.
 constexpr bool wgmma_supports_n(int n) {
   return n == 8 || n == 16 || n == 24 || n == 32 || n == 48 || n == 64 || n == 96 || n == 128;
+}
+
+// Whether the current device runs sm_90a code: compute capability 9.0 exactly (H100, H200).
+inline Status device_has_wgmma(bool& has) {
+  has = false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  has = major == 9 && minor == 0;
+  return Status::kSuccess;
 }
 
 // A matrix descriptor (no swizzling, base offset 0) of a K-major operand at `smem` (16-byte
