@@ -125,7 +125,7 @@ if [ -n "${LORY_AB_NCU:-}" ] && compgen -G "$bin/ab/[0-9][0-9]_*" > /dev/null; t
   metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__throughput.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_shared_mem
   IFS=';' read -ra ncu_cases <<< "$LORY_AB_NCU"
   for c in "${ncu_cases[@]}"; do
-    case $c in forward*) kern=merge_forward ;; *) kern=merge_backward_tc ;; esac
+    case $c in forward*) kern=merge_forward ;; *wgmma) kern=merge_backward_wgmma ;; *) kern=merge_backward_tc ;; esac
     echo "### ncu $(basename "$drv") \"$c\" (kernel $kern, second launch)" >> "$ab_log"
     timeout -k 5 "${LORY_AB_NCU_TIMEOUT_S:-90}" ncu --clock-control none --kernel-name "regex:$kern" --launch-skip 1 \
       --launch-count 1 --metrics "$metrics" "$drv" 1 "$c" >> "$ab_log" 2>&1; rc=$?

@@ -9,7 +9,8 @@
 // and that as a percent of a device-to-device copy measured in the same process.
 // Revisions whose merge.cuh has the tensor-core backward's tuning knobs (LORY_MERGE_BACKWARD_TC_TUNING)
 // also time each variant (lory::detail::for_each_merge_backward_tc_variant) on every backward case,
-// one line each, named at the end of the line.
+// one line each, named at the end of the line; those with the wgmma variant (LORY_MERGE_BACKWARD_WGMMA,
+// sm_90a) time it last, over every case, after all the others.
 //   usage: merge_ab [reps=5] [filter]   filter: run only the cases whose label contains it, e.g.
 //          "backward E32 S128" (for Nsight Compute on one case: scripts/gpu_check_prebuilt.sh, LORY_AB_NCU;
 //          "backward E32 S128 dw2x4+de32" picks one variant)
@@ -134,15 +135,21 @@ int main(int argc, char** argv) {
                         {8, 512, true, true, "backward"},   {16, 512, true, true, "backward"},
                         {32, 512, true, true, "backward"},  {32, 128, true, false, "dW only"},
                         {32, 128, false, true, "de only"}};
+  // wgmma_pass: the wgmma variant (sm_90a) alone, over every case after all the others, so that a
+  // fault in it (its first runs on a GPU) cannot cost the other timings.
+  auto run_cases = [&](bool wgmma_pass) {
   for (const Case& c : cases) {
     // The default runs when the filter matches the case's label, a variant when it matches the label
     // followed by the variant's name ("backward E32 S128 dw2x4+de32" runs that variant alone).
     const std::string base = label(c.what, c.E, c.S);
-    bool any = wanted(base);
+    bool any = !wgmma_pass && wanted(base);
 #ifdef LORY_MERGE_BACKWARD_TC_TUNING
     lory::detail::for_each_merge_backward_tc_variant([&](auto tag) {
-      any = any || wanted(base + " " + decltype(tag)::type::kName);
+      any = any || (!wgmma_pass && wanted(base + " " + decltype(tag)::type::kName));
     });
+#endif
+#ifdef LORY_MERGE_BACKWARD_WGMMA
+    any = any || (wgmma_pass && wanted(base + " " + lory::detail::MergeBackwardWgmma::kName));
 #endif
     if (!any) continue;
     lory::MergeBackwardArgs<bf16, float> b;
@@ -160,6 +167,15 @@ int main(int argc, char** argv) {
       const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
       report(c.what, c.E, c.S, ms, moved, variant);
     };
+#ifdef LORY_MERGE_BACKWARD_WGMMA
+    if (wgmma_pass) {
+      using V = lory::detail::MergeBackwardWgmma;
+      time_one(V::kName, [&](void* w_, size_t& n_) {
+        return lory::detail::merge_backward_on_path<bf16, V>(b, w_, n_, nullptr, lory::detail::MergePath::kAuto);
+      });
+      continue;
+    }
+#endif
     if (wanted(base)) time_one("", [&](void* w_, size_t& n_) { return lory::merge_backward(b, w_, n_, nullptr); });
 #ifdef LORY_MERGE_BACKWARD_TC_TUNING
     // Revisions with tuning knobs: every variant of the tensor-core kernel on the same case, named
@@ -173,6 +189,9 @@ int main(int argc, char** argv) {
     });
 #endif
   }
+  };
+  run_cases(false);
+  run_cases(true);
   const cudaError_t last = cudaDeviceSynchronize();
   std::printf("last error: %s\n", cudaGetErrorString(last));
   return last == cudaSuccess ? 0 : 1;

@@ -39,10 +39,14 @@
 //                  M = segments, K = params. Same partials layout and
 //                  reduction as SIMT; the split weights follow the partials.
 //   The launcher picks tensor cores where they apply on sm_80+, else SIMT;
-//   detail::merge_backward_on_path forces either. The SIMT kernel was measured
-//   on an H200 at 2-8% of copy bandwidth (its d_weights dot products are
-//   compute-bound on CUDA cores); the tensor-core kernel at 28-47% (E = 32 /
-//   E = 8), bound by shared-memory traffic and instruction issue. Its GPU tests
+//   detail::merge_backward_on_path forces either. A third implementation, for
+//   Hopper only, is a variant that tests and the A/B driver select
+//   (detail::MergeBackwardWgmma, docs/merge-backward-sm90.md): wgmma (sm_90a),
+//   which reads each shared operand once per warpgroup; emulated only so far.
+//   The SIMT kernel was measured on an H200 at 2-8% of copy bandwidth (its
+//   d_weights dot products are compute-bound on CUDA cores); the tensor-core
+//   kernel at 28-47% (E = 32 / E = 8), bound by shared-memory traffic and
+//   instruction issue. Its GPU tests
 //   passed on an H200 at commit 6a20a9a; the changes since (step counters,
 //   three blocks per SM for E <= 16, the two-stage variant, the swizzled
 //   on-chip partial with float2 updates, 16 x 16 d_weights units, the weights
@@ -66,6 +70,7 @@
 #include "lory/detail/cuda.cuh"
 #include "lory/detail/merge_mma.cuh"
 #include "lory/detail/validate.hpp"
+#include "lory/detail/wgmma.cuh"
 #include "lory/dtype.hpp"
 #include "lory/merge.hpp"
 #include "lory/status.hpp"
@@ -87,12 +92,17 @@ constexpr int kMergeBackwardMaxBlocks = 512;
 // Backward: segments staged per step, and the largest S*E partial kept in shared memory.
 constexpr int kMergeBackwardChunk = 16;
 constexpr int64_t kMergeBackwardSmemPartial = 16384;  // floats (64 KiB)
-// Backward, tensor cores: segments per pipeline step (the K of its dW product).
+// Backward, tensor cores: segments per pipeline step (the K of its dW product): mma.sync and wgmma.
 constexpr int kMergeBackwardTcChunk = 32;
-// Backward, tensor cores: the dynamic shared memory an sm_90 SM gives its blocks (228 KiB, less
-// 1 KiB per block for the runtime, rounded down): kMergeBackwardTcSmemPerSm / B per block keeps B
-// blocks on an SM.
-constexpr size_t kMergeBackwardTcSmemPerSm = 224 * 1024;
+constexpr int kMergeBackwardWgmmaChunk = 64;
+// Backward, tensor cores: the dynamic shared memory a device gives one block (its opt-in maximum)
+// and what an SM's blocks share (less 1 KiB per block for the runtime, rounded down: per_sm / B per
+// block keeps B blocks on an SM). The launchers read the device's; the shape tests model an sm_90.
+struct MergeSmemLimits {
+  size_t per_block;
+  size_t per_sm;
+};
+constexpr MergeSmemLimits kMergeSm90SmemLimits{227 * 1024, 224 * 1024};  // H100 / H200
 
 // ---------------------------------------------------------------------------
 // Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
@@ -457,8 +467,9 @@ struct MergeBackwardParams {
   int col_vecs;
   int64_t tiles;
   // Tensor cores, with dW: the routing weights split into hi and lo operands and transposed,
-  // [2][EP][a_stride] (hi, then lo; EP = E rounded up to 16, a_stride = S rounded up to the
-  // 32-segment chunk, zero past E and past S), made by merge_backward_split_weights_kernel.
+  // [2][EP][a_stride] (hi, then lo; EP = E rounded up to 16, a_stride = S rounded up to 64, a
+  // multiple of either kernel's chunk; zero past E and past S), made by
+  // merge_backward_split_weights_kernel.
   const T* a_split;
   int64_t a_stride;
 };
@@ -469,7 +480,8 @@ struct MergeBackwardSplitShape {
   int ep = 0;
   int64_t s_pad = 0;
   static MergeBackwardSplitShape of(int64_t S, int E) {
-    return {(E + 15) / 16 * 16, (S + kMergeBackwardTcChunk - 1) / kMergeBackwardTcChunk * kMergeBackwardTcChunk};
+    static_assert(kMergeBackwardWgmmaChunk % kMergeBackwardTcChunk == 0, "one padding for both kernels");
+    return {(E + 15) / 16 * 16, (S + kMergeBackwardWgmmaChunk - 1) / kMergeBackwardWgmmaChunk * kMergeBackwardWgmmaChunk};
   }
   size_t bytes(size_t elem) const { return size_t(2) * size_t(ep) * size_t(s_pad) * elem + 16; }
 };
@@ -791,8 +803,19 @@ struct MergeBackwardTcVariantTile256 : MergeBackwardTcTuning<2, 1, 8, 1, 256> {
   // span 32 params); with de32 it spills on sm_80.
   static constexpr const char* kName = "tile256";
 };
-// Feature macro: this merge.cuh has the tuning knobs (bench/ab/merge_ab.cu builds against older ones).
+// The wgmma kernel (merge_backward_wgmma_kernel, sm_90a) as a tuning: its own kernel, not a set of
+// mma.sync knobs. Not in for_each_merge_backward_tc_variant, which runs on any sm_80+ device.
+struct MergeBackwardWgmma {
+  static constexpr const char* kName = "wgmma";
+};
+template <class Tuning>
+struct is_wgmma_tuning : std::false_type {};
+template <>
+struct is_wgmma_tuning<MergeBackwardWgmma> : std::true_type {};
+// Feature macros: this merge.cuh has the tuning knobs, and the wgmma tuning (bench/ab/merge_ab.cu
+// builds against older ones).
 #define LORY_MERGE_BACKWARD_TC_TUNING 1
+#define LORY_MERGE_BACKWARD_WGMMA 1
 template <class X>
 struct TypeTag {
   using type = X;
@@ -839,7 +862,8 @@ struct MergeBackwardTcConfig {
   // hi block, so that a quarter-warp's cp.async of hi row r and lo row r hits 32 different banks.
   static constexpr int kARow = kChunk + 8;
   static constexpr int kALo = kEP * kARow + 32;  // elements from the hi block to the lo block
-  static constexpr int kAVecs = (8 * kEP + kMergeThreads - 1) / kMergeThreads;  // split-weight vectors per thread per step
+  static constexpr int kAVecCount = 8 * kEP;  // split-weight vectors per step (hi and lo)
+  static constexpr int kAVecs = (kAVecCount + kMergeThreads - 1) / kMergeThreads;  // per thread
   static constexpr int kStageRow = 16 + 4;  // fp32 staging of a 16 x 16 dW block (one column pair at a time)
   static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;  // G vectors per thread per step
   static constexpr int kWVecs = kEP * kTileN / 8 / kMergeThreads;     // W tile vectors per thread
@@ -881,11 +905,154 @@ struct MergeBackwardTcConfig {
   LORY_HOST_DEVICE static constexpr int g_de_offset(int mt, int kk, int lane) {
     return (mt * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8;
   }
+  // Where the copy side (MergeBackwardCopier) puts each 16-byte vector of a step and of a W tile:
+  // thread i copies G row g_vec_row(i) + j kGPassRows, params g_vec_col(i).., to g_vec_offset(i) +
+  // j kGSmemStep (j < kGVecs); W tile vector i is expert row w_vec_row(i), params w_vec_col(i)..
+  static constexpr int kGPassRows = kMergeThreads / (kTileN / 8);
+  static constexpr int kGSmemStep = kGPassRows * kRow;
+  LORY_HOST_DEVICE static constexpr int g_vec_row(int i) { return i / (kTileN / 8); }
+  LORY_HOST_DEVICE static constexpr int g_vec_col(int i) { return (i % (kTileN / 8)) * 8; }
+  LORY_HOST_DEVICE static constexpr int g_vec_offset(int i) { return row_vec_offset(i); }
+  LORY_HOST_DEVICE static constexpr int w_vec_row(int i) { return i / (kTileN / 8); }
+  LORY_HOST_DEVICE static constexpr int w_vec_col(int i) { return (i % (kTileN / 8)) * 8; }
+  LORY_HOST_DEVICE static constexpr int w_vec_offset(int i) { return row_vec_offset(i); }
+  static constexpr int kGStageElems = kChunk * kRow;
+  static constexpr int kAStageElems = int(kABytes / sizeof(T));
   static_assert(kGVecs * kMergeThreads * 8 == kChunk * kTileN, "G chunk split evenly over the threads");
   static_assert(kWVecs * kMergeThreads * 8 == kEP * kTileN, "W tile split evenly over the threads");
   static_assert(kFixedBytes % 16 == 0 && kWBytes % 16 == 0 && kGBytes % 16 == 0 && kABytes % 16 == 0,
                 "16-byte aligned shared-memory regions");
 };
+
+#if LORY_HAS_DEVICE_CODE
+// The copy side of a tensor-core backward kernel's pipeline (the mma.sync and the wgmma layouts;
+// Cfg says where each 16-byte vector goes). It walks the block's steps -- (tile, chunk) in order --
+// ahead of the compute side: each issue() copies the next step into the next stage, the G chunk
+// (zero-filled past S and past P) and, for dW, its split routing weights (zero past S and past E in
+// the workspace copy). Every call commits one group, empty past the last step, so wait_group
+// counts steps. fetch_w() loads a W tile's rows into registers (zero past E and past P) and
+// store_w() puts them in shared memory, so a tile's W travels during the previous tile.
+// Per thread, everything but the step's position is fixed: its G vectors are one column vector of
+// rows g_row, g_row + kGPassRows, ... of a chunk; its split-weight vectors are fixed offsets from
+// the chunk's first segment. So a call only advances pointers and compares (the version that
+// recomputed 64-bit addresses and tails per vector spent ~120 instructions per thread per step
+// here, more than both products at E = 8).
+template <class T, class Cfg>
+struct MergeBackwardCopier {
+  static constexpr int V = Vec16<T>::kSize;
+  const MergeBackwardParams<T>& p;
+  T* const g_st;
+  T* const a_st;
+  const int64_t chunks;
+  const int g_row, g_col, g_off;
+  const int64_t g_pass, g_chunk;  // G strides between a thread's vectors and between chunks
+  const T* g_src = nullptr;  // row g_row of the issue chunk, at this thread's column
+  int g_bytes = 0;           // bytes of this thread's column vector in the issue tile (zero past P)
+  const T* a_src[Cfg::kAVecs];  // split-weight vector j of the chunk at segment 0, or null
+  int a_off[Cfg::kAVecs];
+  int64_t tile, chunk = 0;
+  int stage = 0;
+  Vec16<T> w_pre[Cfg::kWVecs];
+
+  LORY_DEVICE MergeBackwardCopier(const MergeBackwardParams<T>& prm, T* g_stages, T* a_stages, int64_t n_chunks)
+      : p(prm), g_st(g_stages), a_st(a_stages), chunks(n_chunks), g_row(Cfg::g_vec_row(threadIdx.x)),
+        g_col(Cfg::g_vec_col(threadIdx.x)), g_off(Cfg::g_vec_offset(threadIdx.x)),
+        g_pass(Cfg::kGPassRows * prm.g_stride), g_chunk(Cfg::kChunk * prm.g_stride), tile(blockIdx.x) {
+#pragma unroll
+    for (int j = 0; j < Cfg::kAVecs; ++j) {
+      const int i = threadIdx.x + j * kMergeThreads;
+      const bool used = p.dW != nullptr && i < Cfg::kAVecCount;
+      a_src[j] = used ? p.a_split + (Cfg::a_vec_is_lo(i) * Cfg::kEP + Cfg::a_vec_row(i)) * p.a_stride + Cfg::a_vec_seg(i)
+                      : nullptr;
+      a_off[j] = Cfg::a_vec_offset(used ? i : 0);
+    }
+    if (tile < p.tiles) start_tile();
+  }
+  LORY_DEVICE LORY_FORCEINLINE void start_tile() {
+    const int64_t col = tile * Cfg::kTileN + g_col;
+    g_bytes = col < p.P ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
+    g_src = p.G + g_row * p.g_stride + (col < p.P ? col : 0);
+  }
+  LORY_DEVICE LORY_FORCEINLINE void issue() {
+    if (tile < p.tiles) {
+      const int64_t s0 = chunk * Cfg::kChunk;
+      T* gs = g_st + stage * Cfg::kGStageElems + g_off;
+#pragma unroll
+      for (int j = 0; j < Cfg::kGVecs; ++j) {
+        const int bytes = s0 + g_row + j * Cfg::kGPassRows < p.S ? g_bytes : 0;
+        cp_async_16(gs + j * Cfg::kGSmemStep, bytes ? g_src + j * g_pass : p.G, bytes);
+      }
+      T* as = a_st + stage * Cfg::kAStageElems;
+#pragma unroll
+      for (int j = 0; j < Cfg::kAVecs; ++j)
+        if (a_src[j]) cp_async_16(as + a_off[j], a_src[j] + s0, 16);
+      g_src += g_chunk;
+      if (++chunk == chunks) {
+        chunk = 0;
+        tile += gridDim.x;
+        if (tile < p.tiles) start_tile();
+      }
+      stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
+    }
+    cp_async_commit();
+  }
+  LORY_DEVICE LORY_FORCEINLINE void fetch_w(int64_t w_tile) {
+#pragma unroll
+    for (int j = 0; j < Cfg::kWVecs; ++j) {
+      const int i = threadIdx.x + j * kMergeThreads;
+      const int e = Cfg::w_vec_row(i);
+      w_pre[j] = e < p.E ? load_row_vec<T, true>(p.W + e * p.w_stride, w_tile * Cfg::kTileN + Cfg::w_vec_col(i), p.P)
+                         : zero_vec16<T>();
+    }
+  }
+  LORY_DEVICE LORY_FORCEINLINE void store_w(T* w_s) const {
+#pragma unroll
+    for (int j = 0; j < Cfg::kWVecs; ++j)
+      *reinterpret_cast<Vec16<T>*>(w_s + Cfg::w_vec_offset(threadIdx.x + j * kMergeThreads)) = w_pre[j];
+  }
+};
+
+// The block's d_weights partial, zeroed: on chip at `smem` (layout swizzled) or its slice of the
+// workspace; null when d_weights is skipped. (Its first reader is behind a barrier.)
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE float* begin_backward_partial(const MergeBackwardParams<T>& p, unsigned char* smem,
+                                                           const MergePartialLayout& layout) {
+  if (!p.want_de) return nullptr;
+  float* part = p.partial_in_smem ? reinterpret_cast<float*>(smem) : p.partials + blockIdx.x * (p.S * p.E);
+  for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
+  return part;
+}
+
+// Adds (v0, v1) to experts e and e + 1 (those below E) of row `row` of a d_weights partial whose
+// row XOR is x (MergePartialLayout): one 8-byte access when E is even.
+LORY_DEVICE LORY_FORCEINLINE void partial_add_pair(float* row, int e, int E, bool even_e, int x, float v0, float v1) {
+  if (even_e && e + 1 < E) {
+    float2* q = reinterpret_cast<float2*>(row + (e ^ x));
+    float2 v = *q;
+    v.x += v0;
+    v.y += v1;
+    *q = v;
+  } else {
+    if (e < E) row[e ^ x] += v0;
+    if (e + 1 < E) row[(e + 1) ^ x] += v1;
+  }
+}
+
+// dW[e, col .. col + 8) (+)= f: the tile's sums for one expert row, added to the old values in fp32
+// when accumulating (both tensor-core kernels' epilogue; 16-byte aligned views).
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE void store_dw_vec(const MergeBackwardParams<T>& p, int e, int64_t col,
+                                               float (&f)[Vec16<T>::kSize]) {
+  T* dst = p.dW + e * p.dw_stride;
+  if (p.accumulate_dW) {
+    float old[Vec16<T>::kSize];
+    vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
+#pragma unroll
+    for (int v = 0; v < Vec16<T>::kSize; ++v) f[v] += old[v];
+  }
+  store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
+}
+#endif  // LORY_HAS_DEVICE_CODE
 
 #if LORY_HAS_DEVICE_CODE
 template <class T, int kKSteps, int kStages, class Knobs>
@@ -895,10 +1062,9 @@ template <class T, int kKSteps, int kStages, class Knobs>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backward_tc_kernel(const MergeBackwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
   using Cfg = MergeBackwardTcConfig<T, kKSteps, kStages, Knobs>;
-  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
-  constexpr int kRow = Cfg::kRow, kStageRow = Cfg::kStageRow;
+  constexpr int kChunk = Cfg::kChunk, kTileN = Cfg::kTileN;
+  constexpr int kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
-  constexpr int kRowVecs = kTileN / V;  // 16 or 32
   LORY_DYNAMIC_SMEM(merge_smem);
   T* w_s = reinterpret_cast<T*>(merge_smem);                                   // [kEP][kRow]
   T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                   // [kStages][kChunk][kRow]
@@ -909,9 +1075,6 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
                  warp * 16 * kStageRow;                                        // [16][kStageRow]
   const int E = p.E;
   const int64_t SE = p.S * E;
-  float* part = !p.want_de ? nullptr
-                : p.partial_in_smem ? reinterpret_cast<float*>(merge_smem + Cfg::kFixedBytes)
-                                    : p.partials + blockIdx.x * SE;
   const bool want_dw = p.dW != nullptr;
   const int64_t chunks = (p.S + kChunk - 1) / kChunk;
   // The partial's (segment, expert pair) updates: 8-byte accesses when E is even, the on-chip
@@ -919,85 +1082,12 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   const bool even_e = E % 2 == 0;
   const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
   const int part_xor = layout.xor_of(g);
+  float* part = begin_backward_partial(p, merge_smem + Cfg::kFixedBytes, layout);
 
-  if (p.want_de) {
-    for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
-  }
-
-  // The issue side of the pipeline walks the block's steps -- (tile, chunk) in order -- ahead of
-  // the compute side: each call copies the next step into the next stage, the G chunk
-  // (zero-filled past S and past P) and, for dW, its split routing weights (zero past S and past
-  // E in the workspace copy). Every call commits one group, empty past the last step, so
-  // wait_group counts steps.
-  // Per thread, everything but the step's position is fixed: its G vectors are column vector
-  // g_vec of rows g_row, g_row + kPassRows, ... of a chunk; its split-weight vectors are fixed
-  // offsets from the chunk's first segment. So a call only advances pointers and compares
-  // (the version that recomputed 64-bit addresses and tails per vector spent ~120 instructions
-  // per thread per step here, more than both products at E = 8).
-  constexpr int kPassRows = kMergeThreads / kRowVecs;  // rows between a thread's G vectors
-  static_assert(Cfg::kGVecs * kPassRows == kChunk, "a thread's G vectors cover its rows of the chunk");
-  const int g_vec = threadIdx.x % kRowVecs, g_row = threadIdx.x / kRowVecs;
-  const int g_off = Cfg::row_vec_offset(threadIdx.x);  // vector j at g_off + j * kPassRows * kRow
-  const int64_t g_pass = kPassRows * p.g_stride, g_chunk = kChunk * p.g_stride;
-  const T* g_src = p.G;  // row g_row of the issue chunk, at this thread's column
-  int g_bytes = 0;       // bytes of this thread's column vector in the issue tile (zero past P)
-  auto start_tile = [&](int64_t tile) {
-    const int64_t col = tile * kTileN + g_vec * V;
-    g_bytes = col < p.P ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
-    g_src = p.G + g_row * p.g_stride + (col < p.P ? col : 0);
-  };
-  const T* a_src[Cfg::kAVecs];  // split-weight vector j of the chunk at segment 0
-  int a_off[Cfg::kAVecs];
-#pragma unroll
-  for (int j = 0; j < Cfg::kAVecs; ++j) {
-    const int i = threadIdx.x + j * kMergeThreads;
-    a_src[j] = want_dw && i < 8 * kEP
-                   ? p.a_split + (Cfg::a_vec_is_lo(i) * kEP + Cfg::a_vec_row(i)) * p.a_stride + Cfg::a_vec_seg(i)
-                   : nullptr;
-    a_off[j] = Cfg::a_vec_offset(i < 8 * kEP ? i : 0);
-  }
-  int64_t issue_tile = blockIdx.x, issue_chunk = 0;
-  int issue_stage = 0;
-  if (issue_tile < p.tiles) start_tile(issue_tile);
-  auto issue = [&]() {
-    if (issue_tile < p.tiles) {
-      const int64_t s0 = issue_chunk * kChunk;
-      T* gs = g_st + issue_stage * (kChunk * kRow) + g_off;
-#pragma unroll
-      for (int j = 0; j < Cfg::kGVecs; ++j) {
-        const int bytes = s0 + g_row + j * kPassRows < p.S ? g_bytes : 0;
-        cp_async_16(gs + j * kPassRows * kRow, bytes ? g_src + j * g_pass : p.G, bytes);
-      }
-      if (want_dw) {
-        T* as = a_st + issue_stage * int(Cfg::kABytes / sizeof(T));
-#pragma unroll
-        for (int j = 0; j < Cfg::kAVecs; ++j)
-          if (a_src[j]) cp_async_16(as + a_off[j], a_src[j] + s0, 16);
-      }
-      g_src += g_chunk;
-      if (++issue_chunk == chunks) {
-        issue_chunk = 0;
-        issue_tile += gridDim.x;
-        if (issue_tile < p.tiles) start_tile(issue_tile);
-      }
-      issue_stage = issue_stage + 1 == kStages ? 0 : issue_stage + 1;
-    }
-    cp_async_commit();
-  };
-  // A W tile's rows into registers (zero past E and past P).
-  Vec16<T> w_pre[Cfg::kWVecs];
-  auto fetch_w = [&](int64_t tile) {
-#pragma unroll
-    for (int j = 0; j < Cfg::kWVecs; ++j) {
-      const int i = threadIdx.x + j * kMergeThreads;
-      const int e = i / kRowVecs, v = i % kRowVecs;
-      w_pre[j] = e < E ? load_row_vec<T, true>(p.W + e * p.w_stride, tile * kTileN + v * V, p.P) : zero_vec16<T>();
-    }
-  };
-
-  if (p.want_de && blockIdx.x < p.tiles) fetch_w(blockIdx.x);
+  MergeBackwardCopier<T, Cfg> copier(p, g_st, a_st, chunks);
+  if (p.want_de && blockIdx.x < p.tiles) copier.fetch_w(blockIdx.x);
 #pragma unroll 1
-  for (int k = 0; k < kStages - 1; ++k) issue();
+  for (int k = 0; k < kStages - 1; ++k) copier.issue();
 
   constexpr int kDwMt = Cfg::kDwMt, kDwNt = 2 * Cfg::kDwNp;
   float acc[kDwMt][kDwNt][4] = {};  // dW: [expert m-tile of this warp][param n-tile of this warp][fragment], reset per tile
@@ -1017,19 +1107,15 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
           for (int i = 0; i < 4; ++i) acc[ml][nt][i] = 0.f;
       if (p.want_de) {
         __syncthreads();  // the previous tile's readers of w_s are done
-#pragma unroll
-        for (int j = 0; j < Cfg::kWVecs; ++j) {
-          const int i = threadIdx.x + j * kMergeThreads;
-          *reinterpret_cast<Vec16<T>*>(w_s + Cfg::row_vec_offset(i)) = w_pre[j];
-        }
-        if (tile + gridDim.x < p.tiles) fetch_w(tile + gridDim.x);  // in flight for a whole tile
+        copier.store_w(w_s);
+        if (tile + gridDim.x < p.tiles) copier.fetch_w(tile + gridDim.x);  // in flight for a whole tile
       }
     }
     cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
     __syncthreads();  // everyone's have (and w_s); every thread is done with the previous step's stage
-    issue();                       // refills the stage the previous step used
-    const T* gs = g_st + stage_k * (kChunk * kRow);
-    const T* as = a_st + stage_k * int(Cfg::kABytes / sizeof(T));
+    copier.issue();                // refills the stage the previous step used
+    const T* gs = g_st + stage_k * Cfg::kGStageElems;
+    const T* as = a_st + stage_k * Cfg::kAStageElems;
 
     if (want_dw) {
 #pragma unroll
@@ -1104,18 +1190,9 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
             float* row = part + s * layout.stride;
 #pragma unroll
             for (int hn = 0; hn < kHalves; ++hn) {
-              const int e = (nu * kHalves + hn) * 8 + 2 * t;
-              if (hn >= halves) continue;
-              if (even_e && e + 1 < E) {  // both experts in one 8-byte access
-                float2* q = reinterpret_cast<float2*>(row + (e ^ part_xor));
-                float2 v = *q;
-                v.x += c[m][hn][2 * h];
-                v.y += c[m][hn][2 * h + 1];
-                *q = v;
-              } else {
-                if (e < E) row[e ^ part_xor] += c[m][hn][2 * h];
-                if (e + 1 < E) row[(e + 1) ^ part_xor] += c[m][hn][2 * h + 1];
-              }
+              if (hn < halves)
+                partial_add_pair(row, (nu * kHalves + hn) * 8 + 2 * t, E, even_e, part_xor, c[m][hn][2 * h],
+                                 c[m][hn][2 * h + 1]);
             }
           }
         }
@@ -1144,14 +1221,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
             float f[V];
 #pragma unroll
             for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
-            T* dst = p.dW + e * p.dw_stride;
-            if (p.accumulate_dW) {
-              float old[V];
-              vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
-#pragma unroll
-              for (int v = 0; v < V; ++v) f[v] += old[v];
-            }
-            store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
+            store_dw_vec(p, e, col, f);
           }
           __syncwarp();  // the staging block is rewritten next
         }
@@ -1166,6 +1236,235 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
   flush_backward_partial(p, part, SE, layout);
+#endif
+}
+#endif  // LORY_HAS_DEVICE_CODE
+
+// ---------------------------------------------------------------------------
+// Backward, Hopper warpgroup MMA (sm_90a only; bf16 / fp16, E <= 64, 16-byte aligned views): the
+// layout of docs/merge-backward-sm90.md, a variant (MergeBackwardWgmma) beside the mma.sync kernel.
+// wgmma reads a shared-memory operand once per warpgroup, where mma.sync makes every warp load its
+// own copy of it; that re-reading is what bounds the mma.sync kernel (by the model in
+// tests/emu/test_smem_banks.cpp).
+//
+// Block: two warpgroups; tile: 128 params; step: 64 segments (kMergeBackwardWgmmaChunk), staged by
+// the same cp.async pipeline as the mma.sync kernel (MergeBackwardCopier) into the canonical
+// no-swizzle K-major layout: 8 x 8 core matrices of 128 contiguous bytes, so a quarter-warp's eight
+// 16-byte copies fill one core matrix (vector i of a region at element 8 i). Per step:
+//   dW^T [params x EP] += G^T [params x 64 segs] . e [64 segs x EP]: M = params (warpgroup w owns
+//       64 w .. 64 w + 63), N = experts, K = segments. A = G^T from registers, each warp's 16
+//       params by ldmatrix.trans of the G chunk's core matrices; B = the split routing weights
+//       (hi, then lo into the same accumulators), rows of segments, K-major as copied. The fp32
+//       accumulators (EP / 2 per thread) stay in registers over all of S.
+//   de [64 segs x EP] = G [64 segs x 128 params] . W^T [128 params x EP]: M = segments, N =
+//       experts, K = the tile's params, both operands from shared memory. Warpgroup w takes
+//       experts w EP / 2 .. (w + 1) EP / 2 - 1 (G is read twice, but no branch on the warpgroup
+//       sits between the wgmmas: ptxas serializes wgmmas behind one, warning C7520), so every
+//       (segment, expert) of the partial has one owner per step and is added in a fixed order,
+//       without atomics.
+// Its GPU test is tagged [sm90]; it has run under the CPU emulator only (tests/emu), whose wgmma is
+// written from the same reading of the PTX ISA as this kernel (docs/merge-backward-sm90.md).
+// ---------------------------------------------------------------------------
+template <class T, int kKSteps, int kStagesT>
+struct MergeBackwardWgmmaConfig {
+  static constexpr int kTileN = 128;
+  static constexpr int kChunk = kMergeBackwardWgmmaChunk;  // segments per step: M of de, K of dW
+  static constexpr int kStages = kStagesT;
+  static constexpr int kEP = 16 * kKSteps;
+  static constexpr int kWarps = kMergeThreads / 32;
+  static constexpr int kStageRow = 16 + 4;  // fp32 staging of a 16 x 16 dW block (rows: experts)
+  // A region of rows x cols elements as core matrices, row groups of cols / 8 of them one after
+  // another: element (r, c) at core_elem(r, c, cols); 16-byte vector i at element 8 i holds row
+  // core_row(i, cols), elements core_col(i, cols) .. + 7.
+  LORY_HOST_DEVICE static constexpr int core_elem(int r, int c, int cols) {
+    return ((r / 8) * (cols / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8;
+  }
+  LORY_HOST_DEVICE static constexpr int core_row(int i, int cols) { return i / 8 / (cols / 8) * 8 + i % 8; }
+  LORY_HOST_DEVICE static constexpr int core_col(int i, int cols) { return i / 8 % (cols / 8) * 8; }
+  // Descriptor byte steps: between K-adjacent core matrices, and between row groups of the G chunk
+  // and W tile (K = params) and of the split weights (K = segments).
+  static constexpr uint32_t kLbo = 128;
+  static constexpr uint32_t kSboTile = kTileN / 8 * 128;
+  static constexpr uint32_t kSboSplit = kChunk / 8 * 128;
+  // Regions: W tile [kEP][kTileN]; per stage a G chunk [kChunk][kTileN] and the split weights, hi
+  // [kEP][kChunk] then lo; per warp a dW staging block; then the partial when it is on chip.
+  static constexpr int kGStageElems = kChunk * kTileN;
+  static constexpr int kAStageElems = 2 * kEP * kChunk;
+  static constexpr size_t kWBytes = size_t(kEP) * kTileN * sizeof(T);
+  static constexpr size_t kGBytes = size_t(kGStageElems) * sizeof(T);
+  static constexpr size_t kABytes = size_t(kAStageElems) * sizeof(T);
+  static constexpr size_t kStageBytes = size_t(kWarps) * 16 * kStageRow * sizeof(float);
+  static constexpr size_t kFixedBytes = kWBytes + kStages * (kGBytes + kABytes) + kStageBytes;
+  static size_t smem_bytes(int64_t S, int E, bool partial_in_smem) {
+    return kFixedBytes + (partial_in_smem ? size_t(MergePartialLayout::make(E, true).size(S)) * sizeof(float) : 0);
+  }
+  // MergeBackwardCopier's placement of each 16-byte vector (see there).
+  static constexpr int kGVecs = kChunk * kTileN / 8 / kMergeThreads;
+  static constexpr int kGPassRows = kMergeThreads * 8 / kTileN;
+  static constexpr int kGSmemStep = kMergeThreads * 8;
+  LORY_HOST_DEVICE static constexpr int g_vec_row(int i) { return core_row(i, kTileN); }
+  LORY_HOST_DEVICE static constexpr int g_vec_col(int i) { return core_col(i, kTileN); }
+  LORY_HOST_DEVICE static constexpr int g_vec_offset(int i) { return 8 * i; }
+  static constexpr int kWVecs = kEP * kTileN / 8 / kMergeThreads;
+  LORY_HOST_DEVICE static constexpr int w_vec_row(int i) { return core_row(i, kTileN); }
+  LORY_HOST_DEVICE static constexpr int w_vec_col(int i) { return core_col(i, kTileN); }
+  LORY_HOST_DEVICE static constexpr int w_vec_offset(int i) { return 8 * i; }
+  // Split weights: vectors [0, 8 kEP) the hi block, then the lo block.
+  static constexpr int kAVecCount = 2 * kEP * kChunk / 8;
+  static constexpr int kAVecs = kAVecCount / kMergeThreads;
+  LORY_HOST_DEVICE static constexpr int a_vec_is_lo(int i) { return i / (kAVecCount / 2); }
+  LORY_HOST_DEVICE static constexpr int a_vec_row(int i) { return core_row(i % (kAVecCount / 2), kChunk); }
+  LORY_HOST_DEVICE static constexpr int a_vec_seg(int i) { return core_col(i % (kAVecCount / 2), kChunk); }
+  LORY_HOST_DEVICE static constexpr int a_vec_offset(int i) { return 8 * i; }
+  // dW's A: the row address lane gives ldmatrix_x4_trans for k-step ks (16 segments) of warp wq of
+  // warpgroup wg (16 params): matrices (segments +0, params +0), (+0, +8), (+8, +0), (+8, +8) are
+  // the m64k16 A fragment's a0..a3 (row = param, k = segment), each one core matrix.
+  LORY_HOST_DEVICE static constexpr int g_dw_offset(int ks, int wg, int wq, int lane) {
+    return core_elem(ks * 16 + (lane / 16) * 8 + lane % 8, wg * 64 + wq * 16 + (lane / 8) % 2 * 8, kTileN);
+  }
+  static_assert(kGVecs * kMergeThreads * 8 == kChunk * kTileN && kGPassRows * kGVecs == kChunk,
+                "G chunk split evenly over the threads, one column vector each");
+  static_assert(kWVecs * kMergeThreads * 8 == kEP * kTileN, "W tile split evenly over the threads");
+  static_assert(kAVecs * kMergeThreads == kAVecCount, "split weights split evenly over the threads");
+  static_assert(kMergeThreads == 2 * 128 && kTileN == 2 * 64 && kChunk == 64, "two warpgroups of m64 each");
+  static_assert(kFixedBytes % 128 == 0 && kWBytes % 128 == 0 && kGBytes % 128 == 0 && kABytes % 128 == 0,
+                "core-matrix regions 128-byte aligned");
+};
+
+#if LORY_HAS_DEVICE_CODE
+// Blocks per SM by registers: two up to E = 32 (<= 128 registers), one above (the accumulators and the
+// W tile in flight spill within 128).
+template <class T, int kKSteps, int kStages>
+LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
+    merge_backward_wgmma_kernel(const MergeBackwardParams<T> p) {
+#if LORY_WGMMA_AVAILABLE
+  using Cfg = MergeBackwardWgmmaConfig<T, kKSteps, kStages>;
+  constexpr int kEP = Cfg::kEP, kChunk = Cfg::kChunk, kTileN = Cfg::kTileN, kStageRow = Cfg::kStageRow;
+  constexpr int kDeN = kEP / 2;  // experts per warpgroup in the d_weights product
+  constexpr int V = Vec16<T>::kSize;  // 8
+  LORY_DYNAMIC_SMEM(merge_smem);
+  T* w_s = reinterpret_cast<T*>(merge_smem);
+  T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);
+  T* a_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + kStages * Cfg::kGBytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp / 4, wq = warp % 4;  // warpgroup, warp in it
+  const int g = lane / 4, t = lane % 4;
+  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * (Cfg::kGBytes + Cfg::kABytes)) +
+                 warp * 16 * kStageRow;
+  const int E = p.E;
+  const int64_t SE = p.S * E;
+  const bool want_dw = p.dW != nullptr;
+  const int64_t chunks = (p.S + kChunk - 1) / kChunk;
+  const bool even_e = E % 2 == 0;
+  const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
+  const int part_xor = layout.xor_of(g);  // rows s0 + 16 wq + g (+ 8), s0 a multiple of 64
+  float* part = begin_backward_partial(p, merge_smem + Cfg::kFixedBytes, layout);
+
+  MergeBackwardCopier<T, Cfg> copier(p, g_st, a_st, chunks);
+  if (p.want_de && blockIdx.x < p.tiles) copier.fetch_w(blockIdx.x);
+#pragma unroll 1
+  for (int k = 0; k < kStages - 1; ++k) copier.issue();
+
+  // Accumulator fragments (wgmma.cuh): acc[4 j + 2 h + q] is (param 16 wq + g + 8 h of this
+  // warpgroup's 64, expert 8 j + 2 t + q); de[4 j + 2 h + q] is (segment 16 wq + g + 8 h of the
+  // step, expert wg kDeN + 8 j + 2 t + q).
+  float acc[kEP / 2] = {};
+  float de[kDeN / 2] = {};
+  int64_t tile = blockIdx.x, chunk = 0;
+  int stage_k = 0;
+#pragma unroll 1
+  while (tile < p.tiles) {
+    const int64_t tile_col = tile * kTileN;
+    const int64_t s0 = chunk * kChunk;
+    if (chunk == 0 && p.want_de) {
+      __syncthreads();  // the previous tile's wgmmas on w_s are done (each step waits for its own)
+      copier.store_w(w_s);
+      if (tile + gridDim.x < p.tiles) copier.fetch_w(tile + gridDim.x);  // in flight for a whole tile
+    }
+    cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
+    wgmma_fence_operands();        // ... and, with its W-tile stores, are visible to wgmma
+    __syncthreads();               // everyone's are; every wgmma of the previous step is done
+    copier.issue();                // refills the stage the previous step used
+    const T* gs = g_st + stage_k * Cfg::kGStageElems;
+    const T* as = a_st + stage_k * Cfg::kAStageElems;
+
+    uint32_t a[kChunk / 16][4];
+    if (want_dw) {
+#pragma unroll
+      for (int ks = 0; ks < kChunk / 16; ++ks) ldmatrix_x4_trans(a[ks], gs + Cfg::g_dw_offset(ks, wg, wq, lane));
+    }
+    wgmma_fence();  // the A fragments (and the accumulators) are written before the wgmmas read them
+    if (want_dw) {
+#pragma unroll
+      for (int ks = 0; ks < kChunk / 16; ++ks) {
+        // Core-matrix column 2 ks of the hi and lo blocks: segments 16 ks .. 16 ks + 15.
+        const uint64_t hi = wgmma_desc(as + ks * 128, Cfg::kLbo, Cfg::kSboSplit);
+        const uint64_t lo = wgmma_desc(as + kEP * kChunk + ks * 128, Cfg::kLbo, Cfg::kSboSplit);
+        wgmma_rs<T, kEP>(acc, a[ks], lo, chunk > 0 || ks > 0);  // a new tile starts from zero
+        wgmma_rs<T, kEP>(acc, a[ks], hi, true);
+      }
+    }
+    if (p.want_de) {
+      // This warpgroup's experts: rows wg kDeN.. of the W tile, whole row groups of core matrices.
+      const T* w_rows = w_s + Cfg::core_elem(wg * kDeN, 0, kTileN);
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk)
+        wgmma_ss<T, kDeN>(de, wgmma_desc(gs + kk * 128, Cfg::kLbo, Cfg::kSboTile),
+                          wgmma_desc(w_rows + kk * 128, Cfg::kLbo, Cfg::kSboTile), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    if (p.want_de) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t s = s0 + wq * 16 + g + 8 * h;
+        if (s >= p.S) continue;
+        float* row = part + s * layout.stride;
+#pragma unroll
+        for (int j = 0; j < kDeN / 8; ++j)
+          partial_add_pair(row, wg * kDeN + 8 * j + 2 * t, E, even_e, part_xor, de[4 * j + 2 * h],
+                           de[4 * j + 2 * h + 1]);
+      }
+    }
+    if (want_dw && chunk == chunks - 1) {
+      // Per 16 experts: this warp's 16 params x 16 experts -> its staging block, transposed to
+      // rows of experts -> 16-byte rows (two lanes per expert row).
+      const int row = lane / 2, half = lane % 2;
+      const int64_t col = tile_col + wg * 64 + wq * 16 + half * V;
+#pragma unroll
+      for (int jb = 0; jb < kEP / 16; ++jb) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+              stage[(8 * jj + 2 * t + q) * kStageRow + g + 8 * h] = acc[4 * (2 * jb + jj) + 2 * h + q];
+        __syncwarp();
+        const int e = jb * 16 + row;
+        if (e < E && col < p.P) {
+          float f[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
+          store_dw_vec(p, e, col, f);
+        }
+        __syncwarp();  // the staging block is rewritten next
+      }
+    }
+    stage_k = stage_k + 1 == kStages ? 0 : stage_k + 1;
+    if (++chunk == chunks) {
+      chunk = 0;
+      tile += gridDim.x;
+    }
+  }
+  cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
+  flush_backward_partial(p, part, SE, layout);
+#else
+  // Built without sm_90a (no wgmma): a static shared-memory marker the launcher reads
+  // (cudaFuncGetAttributes) to refuse to run this empty body.
+  __shared__ int lory_no_wgmma;
+  if (threadIdx.x == 0) *static_cast<volatile int*>(&lory_no_wgmma) = p.E;
 #endif
 }
 #endif  // LORY_HAS_DEVICE_CODE
@@ -1398,16 +1697,32 @@ struct MergeBackwardTcShape {
   size_t smem;  // dynamic shared memory per block
   int tile_n;   // params per tile
 };
+// Where even one block cannot hold four stages (an sm_80 at E = 64 with a 64 KiB partial on chip),
+// two.
 template <class T, int kKSteps, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
-MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem) {
-  const size_t limit = kMergeBackwardTcSmemPerSm / Knobs::kFitBlocks;
+MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem,
+                                             const MergeSmemLimits& limits = kMergeSm90SmemLimits) {
+  const size_t limit = std::min(limits.per_sm / Knobs::kFitBlocks, limits.per_block);
   const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4, Knobs>::smem_bytes(S, E, partial_in_smem);
   const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2, Knobs>::smem_bytes(S, E, partial_in_smem);
   if constexpr (Knobs::kTileN != 128) {
-    if (shallow > limit) return merge_backward_tc_shape<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(S, E, partial_in_smem);
+    if (shallow > limit)
+      return merge_backward_tc_shape<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(S, E, partial_in_smem, limits);
   }
-  if (deep > limit && shallow <= limit) return {2, shallow, Knobs::kTileN};
+  if ((deep > limit && shallow <= limit) || deep > limits.per_block) return {2, shallow, Knobs::kTileN};
   return {4, deep, Knobs::kTileN};
+}
+
+// The current device's shared-memory limits.
+inline Status device_smem_limits(MergeSmemLimits& limits) {
+  int dev = 0, per_block = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
+  if (cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  limits.per_block = size_t(per_block);
+  limits.per_sm = size_t(per_sm) > 4096 ? size_t(per_sm) - 4096 : 0;
+  return Status::kSuccess;
 }
 
 // The plan counted 128-param tiles (its workspace holds the partials of that many blocks at most);
@@ -1415,7 +1730,9 @@ MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_s
 template <class T, int kKSteps, class Knobs>
 Status launch_merge_backward_tc(MergeBackwardParams<T> prm, int max_blocks, bool partial_in_smem, int& blocks,
                                 cudaStream_t stream) {
-  const auto shape = merge_backward_tc_shape<T, kKSteps, Knobs>(prm.S, prm.E, partial_in_smem);
+  MergeSmemLimits limits{};
+  LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+  const auto shape = merge_backward_tc_shape<T, kKSteps, Knobs>(prm.S, prm.E, partial_in_smem, limits);
   if constexpr (Knobs::kTileN != 128) {
     if (shape.tile_n == 128)
       return launch_merge_backward_tc<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(prm, max_blocks, partial_in_smem, blocks,
@@ -1429,15 +1746,66 @@ Status launch_merge_backward_tc(MergeBackwardParams<T> prm, int max_blocks, bool
                                                               max_blocks, shape.smem, blocks, stream);
 }
 
+// The wgmma kernel's shape: the deepest pipeline (4, 3 or 2 stages) that keeps two blocks on an SM,
+// else the deepest for one (always one above E = 32).
+template <class T, int kKSteps>
+MergeBackwardTcShape merge_backward_wgmma_shape(int64_t S, int E, bool partial_in_smem,
+                                                const MergeSmemLimits& limits = kMergeSm90SmemLimits) {
+  const size_t bytes[3] = {MergeBackwardWgmmaConfig<T, kKSteps, 4>::smem_bytes(S, E, partial_in_smem),
+                           MergeBackwardWgmmaConfig<T, kKSteps, 3>::smem_bytes(S, E, partial_in_smem),
+                           MergeBackwardWgmmaConfig<T, kKSteps, 2>::smem_bytes(S, E, partial_in_smem)};
+  for (size_t blocks : {2, 1})
+    for (int i = 0; i < 3; ++i)
+      if (blocks == 1 || kKSteps <= 2)  // above E = 32 registers allow one block (the kernel's bounds)
+      if (bytes[i] <= limits.per_sm / blocks && bytes[i] <= limits.per_block) return {4 - i, bytes[i], 128};
+  return {2, bytes[2], 128};  // fits nowhere: the launch reports it
+}
+
+// The wgmma kernel runs where the device is sm_90 (compute capability 9.0, what sm_90a code needs)
+// and the kernel was compiled for sm_90a: a build without it has an empty body that a static
+// shared-memory marker gives away.
+inline Status check_wgmma_kernel(const void* kernel) {
+  bool has = false;
+  LORY_RETURN_IF_ERROR(device_has_wgmma(has));
+  if (!has) return Status::kErrorInvalidArgument;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return Status::kErrorCudaLaunch;
+  if (attr.sharedSizeBytes != 0) return Status::kErrorInvalidArgument;
+  return Status::kSuccess;
+}
+
+template <class T, int kKSteps>
+Status launch_merge_backward_wgmma(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem,
+                                   int& blocks, cudaStream_t stream) {
+  MergeSmemLimits limits{};
+  LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+  const auto shape = merge_backward_wgmma_shape<T, kKSteps>(prm.S, prm.E, partial_in_smem, limits);
+  void (*kernel)(MergeBackwardParams<T>) = shape.stages == 4   ? merge_backward_wgmma_kernel<T, kKSteps, 4>
+                                           : shape.stages == 3 ? merge_backward_wgmma_kernel<T, kKSteps, 3>
+                                                               : merge_backward_wgmma_kernel<T, kKSteps, 2>;
+  LORY_RETURN_IF_ERROR(check_wgmma_kernel(reinterpret_cast<const void*>(kernel)));
+  return launch_merge_backward_persistent(kernel, prm, max_blocks, shape.smem, blocks, stream);
+}
+
+// Tuning: a set of mma.sync knobs per kKSteps, or MergeBackwardWgmma.
+template <class T, int kKSteps, class Tuning>
+Status launch_merge_backward_tuned(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem,
+                                   int& blocks, cudaStream_t stream) {
+  if constexpr (is_wgmma_tuning<Tuning>::value)
+    return launch_merge_backward_wgmma<T, kKSteps>(prm, max_blocks, partial_in_smem, blocks, stream);
+  else
+    return launch_merge_backward_tc<T, kKSteps, typename Tuning::template At<kKSteps>>(prm, max_blocks, partial_in_smem,
+                                                                                       blocks, stream);
+}
+
 template <class T, class Tuning>
 Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                          cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
     switch ((prm.E + 15) / 16) {
-#define LORY_MERGE_BWD_TC_CASE(K)                                                                                  \
-  case K:                                                                                                          \
-    return launch_merge_backward_tc<T, K, typename Tuning::template At<K>>(prm, max_blocks, partial_in_smem, blocks, \
-                                                                           stream);
+#define LORY_MERGE_BWD_TC_CASE(K) \
+  case K:                         \
+    return launch_merge_backward_tuned<T, K, Tuning>(prm, max_blocks, partial_in_smem, blocks, stream);
       LORY_MERGE_BWD_TC_CASE(1)
       LORY_MERGE_BWD_TC_CASE(2)
       LORY_MERGE_BWD_TC_CASE(3)
@@ -1485,6 +1853,11 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
       tc = false;
       LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
     }
+  }
+
+  if constexpr (is_wgmma_tuning<Tuning>::value && is_mma_b16<T>::value) {
+    // Refused before anything is written (the split weights, the fast mode's zeroing).
+    if (tc) LORY_RETURN_IF_ERROR(check_wgmma_kernel(reinterpret_cast<const void*>(merge_backward_wgmma_kernel<T, 1, 2>)));
   }
 
   using Cfg = MergeBackwardSimtConfig<T>;

@@ -15,6 +15,7 @@
 #include <array>
 #include <cstdio>
 #include <set>
+#include <type_traits>
 #include <vector>
 
 #include "common/catch.hpp"
@@ -233,6 +234,58 @@ TEST_CASE("smem model: wavefronts per step of the tensor-core backward and its v
   CHECK(step_total<detail::MergeBackwardTcVariantTile256, 2>(32) < step_total<detail::MergeBackwardTcVariantDw2x4De32, 2>(32));
 }
 
+namespace {
+// The wgmma backward (MergeBackwardWgmmaConfig): its regions are core matrices laid out so that
+// 16-byte vector i sits at element 8 i, which core_elem must agree with; its own shared-memory
+// accesses (the wgmmas read through the async proxy, outside this model) take the fewest wavefronts.
+template <int kKSteps>
+void check_wgmma_backward() {
+  using Cfg = detail::MergeBackwardWgmmaConfig<__nv_bfloat16, kKSteps, 4>;
+  constexpr int kElem = sizeof(__nv_bfloat16);
+  CAPTURE(kKSteps);
+  // Vector i of the G chunk, the W tile and each split-weight block: element 8 i.
+  for (int i = 0; i < Cfg::kChunk * Cfg::kTileN / 8; ++i)
+    REQUIRE(Cfg::core_elem(Cfg::g_vec_row(i), Cfg::g_vec_col(i), Cfg::kTileN) == 8 * i);
+  for (int i = 0; i < Cfg::kEP * Cfg::kTileN / 8; ++i)
+    REQUIRE(Cfg::core_elem(Cfg::w_vec_row(i), Cfg::w_vec_col(i), Cfg::kTileN) == 8 * i);
+  for (int i = 0; i < Cfg::kAVecCount; ++i)
+    REQUIRE(Cfg::a_vec_is_lo(i) * Cfg::kEP * Cfg::kChunk + Cfg::core_elem(Cfg::a_vec_row(i), Cfg::a_vec_seg(i), Cfg::kChunk) ==
+            8 * i);
+  // A thread's G vectors: one column, rows kGPassRows apart, kGSmemStep elements apart.
+  for (int tid = 0; tid < detail::kMergeThreads; ++tid)
+    for (int j = 0; j < Cfg::kGVecs; ++j) {
+      const int i = tid + j * detail::kMergeThreads;
+      REQUIRE(Cfg::g_vec_row(i) == Cfg::g_vec_row(tid) + j * Cfg::kGPassRows);
+      REQUIRE(Cfg::g_vec_col(i) == Cfg::g_vec_col(tid));
+      REQUIRE(Cfg::g_vec_offset(i) == Cfg::g_vec_offset(tid) + j * Cfg::kGSmemStep);
+    }
+  // cp.async and W-tile stores: 16 bytes per lane at element 8 i.
+  CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_vec_offset(lane)) * kElem; }), 16) == ideal(16));
+  // dW's A: the transposed ldmatrix_x4 of G, each matrix one core matrix.
+  for (int wg = 0; wg < 2; ++wg)
+    for (int wq = 0; wq < 4; ++wq)
+      for (int ks = 0; ks < Cfg::kChunk / 16; ++ks)
+        CHECK(wavefronts(lanes([&](int lane) { return int64_t(Cfg::g_dw_offset(ks, wg, wq, lane)) * kElem; }), 16) ==
+              ideal(16));
+  // The dW epilogue's staging: scalar stores of (expert 8 jj + 2 t + q, param g + 8 h), then each lane
+  // reads 8 floats of one expert row.
+  for (int jj = 0; jj < 2; ++jj)
+    for (int h = 0; h < 2; ++h)
+      for (int q = 0; q < 2; ++q)
+        CHECK(wavefronts(lanes([&](int lane) {
+                           return int64_t((8 * jj + 2 * (lane % 4) + q) * Cfg::kStageRow + lane / 4 + 8 * h) * 4;
+                         }),
+                         4) == ideal(4));
+}
+}  // namespace
+
+TEST_CASE("smem banks: the wgmma backward's layout and its own accesses", "[banks][merge]") {
+  check_wgmma_backward<1>();
+  check_wgmma_backward<2>();
+  check_wgmma_backward<3>();
+  check_wgmma_backward<4>();
+}
+
 TEST_CASE("smem banks: the on-chip d_weights partial's updates", "[banks][merge]") {
   // Swizzled, every even E takes the fewest wavefronts (2 per float2 access).
   for (int E = 2; E <= 64; E += 2) {
@@ -312,6 +365,24 @@ TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at th
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(128, 32, true).stages == 2);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(512, 32, true).tile_n == 128);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(512, 32, false).tile_n == 256);
+  // The wgmma kernel: two blocks per SM at the paper's shapes up to E = 32, but for S = 512 at E = 32,
+  // where the 64 KiB on-chip partial leaves room for one (with four stages).
+  auto wgmma_blocks = [](auto ksteps, int64_t S, int E) {
+    constexpr int kKSteps = decltype(ksteps)::value;
+    const auto shape = detail::merge_backward_wgmma_shape<__nv_bfloat16, kKSteps>(
+        S, E, detail::merge_backward_partial_fits(S, E, true));
+    return static_cast<int>((228 * 1024) / (shape.smem + 1024));
+  };
+  using K1 = std::integral_constant<int, 1>;
+  using K2 = std::integral_constant<int, 2>;
+  CHECK(wgmma_blocks(K1{}, 128, 8) >= 2);
+  CHECK(wgmma_blocks(K1{}, 512, 8) >= 2);
+  CHECK(wgmma_blocks(K1{}, 128, 16) >= 2);
+  CHECK(wgmma_blocks(K1{}, 512, 16) >= 2);
+  CHECK(wgmma_blocks(K2{}, 128, 32) >= 2);
+  CHECK(wgmma_blocks(K2{}, 512, 32) == 1);
+  CHECK(detail::merge_backward_wgmma_shape<__nv_bfloat16, 2>(512, 32, true).stages == 4);
+  CHECK(detail::merge_backward_wgmma_shape<__nv_bfloat16, 2>(128, 32, true).stages == 3);
   // Every variant keeps the default's blocks per SM at the paper's shapes.
   detail::for_each_merge_backward_tc_variant([](auto tag) {
     using V = typename decltype(tag)::type;
@@ -321,4 +392,45 @@ TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at th
     CHECK(blocks_per_sm<4, V>(128, 64) >= 2);
     CHECK(blocks_per_sm<1, V>(128, 8) >= 3);
   });
+}
+
+namespace {
+// Every (S, E) with E in kKSteps' range: the shapes the launchers pick fit one block of the device.
+template <int kKSteps, class Tuning = detail::MergeBackwardTcDefault>
+void check_shapes_fit(const detail::MergeSmemLimits& limits, bool wgmma) {
+  for (int E = 16 * (kKSteps - 1) + 1; E <= 16 * kKSteps; ++E)
+    for (int64_t S : {1, 33, 64, 128, 200, 256, 400, 512, 600, 4096}) {
+      CAPTURE(E, S, limits.per_block);
+      const bool on_chip = detail::merge_backward_partial_fits(S, E, true);
+      const auto tc = detail::merge_backward_tc_shape<__nv_bfloat16, kKSteps, typename Tuning::template At<kKSteps>>(
+          S, E, on_chip, limits);
+      CHECK(tc.smem <= limits.per_block);
+      if (wgmma) CHECK(detail::merge_backward_wgmma_shape<__nv_bfloat16, kKSteps>(S, E, on_chip, limits).smem <= limits.per_block);
+    }
+}
+template <class Tuning = detail::MergeBackwardTcDefault>
+void check_all_shapes_fit(const detail::MergeSmemLimits& limits, bool wgmma) {
+  check_shapes_fit<1, Tuning>(limits, wgmma);
+  check_shapes_fit<2, Tuning>(limits, wgmma);
+  check_shapes_fit<3, Tuning>(limits, wgmma);
+  check_shapes_fit<4, Tuning>(limits, wgmma);
+}
+}  // namespace
+
+// The shapes are chosen against the device's limits: an sm_80 gives a block 163 KiB, an sm_90
+// 227 KiB. (Before, they were chosen against an sm_90's only, and E = 64 with a 64 KiB partial on
+// chip asked an sm_80 for 167 KiB: the launch failed.)
+TEST_CASE("smem capacity: every shape the launchers pick fits one block of an sm_80 and of an sm_90",
+          "[banks][merge]") {
+  const detail::MergeSmemLimits sm80{166912, 167936 - 4096};
+  check_all_shapes_fit(sm80, false);
+  check_all_shapes_fit(detail::kMergeSm90SmemLimits, true);
+  detail::for_each_merge_backward_tc_variant([&](auto tag) {
+    using V = typename decltype(tag)::type;
+    CAPTURE(V::kName);
+    check_all_shapes_fit<V>(sm80, false);
+    check_all_shapes_fit<V>(detail::kMergeSm90SmemLimits, false);
+  });
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 4>(256, 64, true, sm80).stages == 2);
+  CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 4>(256, 64, true).stages == 4);
 }

@@ -336,6 +336,7 @@ const std::vector<BwdCase>& backward_tc_cases() {
       {400, 32, 1000, 8, 0},    // on-chip partial too big for two blocks with four stages: two stages
       {100, 64, 600, 0, 0},     // the same at E = 64 (K = 4 x 16)
       {512, 16, 264, 0, 0},     // E = 16, S = 512: the k1-fit3 variant's two stages for three blocks
+      {256, 64, 136, 0, 0},     // E = 64 with the largest on-chip partial (64 KiB): one block per SM
       {9, 20, 1000, 8, 1},      // misaligned: the forced path falls back to CUDA cores
   };
   return cases;
@@ -395,6 +396,67 @@ TEMPLATE_TEST_CASE("merge_backward (tensor-core variants) matches the CPU twin",
     using V = typename decltype(tag)::type;
     run_backward_modes<TestType, V>(backward_tc_cases(), {1, 8, 10}, MergePath::kTensorCore);
   });
+}
+
+// The Hopper warpgroup-MMA kernel (sm_90a; docs/merge-backward-sm90.md), a variant not in the list
+// above: tagged [sm90] so that a GPU run keeps it in a process of its own (a misread descriptor
+// faults) and other devices skip it. Every tensor-core case, the mode matrix on the every-tail,
+// workspace-partial and two-stage cases, and the deterministic mode run twice.
+TEMPLATE_TEST_CASE("merge_backward (wgmma variant) matches the CPU twin", "[gpu][merge][sm90]", __nv_bfloat16,
+                   __half) {
+  lory_test::require_wgmma();
+  using Wgmma = lory::detail::MergeBackwardWgmma;
+  run_backward_modes<TestType, Wgmma>(backward_tc_cases(), {1, 8, 10}, MergePath::kTensorCore);
+  BwdMode m;
+  m.accumulate_de = true;
+  run_backward<TestType, Wgmma>({33, 8, kManyTilesP, 0, 0}, m, MergePath::kTensorCore, 2);
+  run_backward<TestType, Wgmma>({600, 32, 257, 7, 0}, m, MergePath::kTensorCore, 2);
+}
+
+// Elsewhere (an sm_80, or the emulated one) the wgmma variant is refused with a status, before it
+// touches the outputs or the workspace.
+TEST_CASE("merge_backward (wgmma variant) is refused off sm_90 and touches nothing", "[gpu][merge]") {
+  if (lory_test::device_has_wgmma()) {
+    SUCCEED("sm_90 device: the [sm90] test runs the variant instead");
+    return;
+  }
+  using T = __nv_bfloat16;
+  const BwdCase c{70, 32, 520, 0, 0};
+  auto rng = make_rng("wgmma-refused");
+  int64_t w_pad = 0, dw_pad = 0;
+  bwd_pads(c, w_pad, dw_pad);
+  auto G = make_view<T>(c.S, c.P, c.pad, c.offset, rng, true);
+  auto W = make_view<T>(c.E, c.P, w_pad, c.offset, rng, true);
+  auto dW = make_view<T>(c.E, c.P, dw_pad, c.offset, rng, false);
+  auto weights = random_simplex_rows(c.S, c.E, rng);
+  std::vector<float> de(static_cast<size_t>(c.S * c.E), poison_value<float>());
+  DeviceBuffer<T> dG(G.data), dWd(W.data), ddW(dW.data);
+  DeviceBuffer<float> dweights(weights), dde(de);
+  lory::MergeBackwardArgs<T, float> a;
+  a.num_segments = c.S;
+  a.experts = c.E;
+  a.params = c.P;
+  a.G = device_view(dG, G);
+  a.grad_segment_stride = G.stride;
+  a.W = device_view(dWd, W);
+  a.expert_stride = W.stride;
+  a.weights = dweights.get();
+  a.dW = device_view(ddW, dW);
+  a.dW_expert_stride = dW.stride;
+  a.d_weights = dde.get();
+  using Wgmma = lory::detail::MergeBackwardWgmma;
+  size_t bytes = 0;
+  REQUIRE(lory::detail::merge_backward_on_path<T, Wgmma>(a, nullptr, bytes, nullptr, MergePath::kAuto) ==
+          Status::kSuccess);
+  std::vector<unsigned char> poison(bytes, 0xA5);
+  DeviceBuffer<unsigned char> ws(poison);
+  CHECK(lory::detail::merge_backward_on_path<T, Wgmma>(a, ws.get(), bytes, nullptr, MergePath::kAuto) ==
+        Status::kErrorInvalidArgument);
+  LORY_TEST_SYNC();
+  const std::vector<T> got_dW = ddW.download(dW.data.size());
+  CHECK(std::memcmp(got_dW.data(), dW.data.data(), got_dW.size() * sizeof(T)) == 0);
+  CHECK(count_nan(dde.download(de.size())) == static_cast<int64_t>(de.size()));
+  CHECK(ws.download(bytes) == poison);
 }
 
 TEMPLATE_TEST_CASE("merge_backward (launcher's choice) matches the CPU twin", "[gpu][merge]", float, __half,
