@@ -937,6 +937,40 @@ struct MergeBackwardTcConfig {
 // the chunk's first segment. So a call only advances pointers and compares (the version that
 // recomputed 64-bit addresses and tails per vector spent ~120 instructions per thread per step
 // here, more than both products at E = 8).
+// Both tensor-core kernels' dynamic shared memory, in this order: the W tile, kStages G chunks,
+// kStages blocks of split weights, a dW staging block per warp, then the d_weights partial when it
+// is on chip (Cfg's sizes).
+template <class T, class Cfg>
+struct MergeBackwardSmem {
+  T* w;
+  T* g;
+  T* a;
+  float* stage;  // this warp's
+  unsigned char* partial;
+  LORY_DEVICE explicit MergeBackwardSmem(unsigned char* smem)
+      : w(reinterpret_cast<T*>(smem)),
+        g(reinterpret_cast<T*>(smem + Cfg::kWBytes)),
+        a(reinterpret_cast<T*>(smem + Cfg::kWBytes + Cfg::kStages * Cfg::kGBytes)),
+        stage(reinterpret_cast<float*>(smem + Cfg::kWBytes + Cfg::kStages * (Cfg::kGBytes + Cfg::kABytes)) +
+              (threadIdx.x / 32) * 16 * Cfg::kStageRow),
+        partial(smem + Cfg::kFixedBytes) {}
+};
+
+// A position in a persistent block's walk over its steps: (tile, chunk) in order, tiles gridDim.x
+// apart, and the pipeline stage the step uses. next() moves on and says whether a tile started.
+struct MergeBackwardStep {
+  int64_t tile = blockIdx.x, chunk = 0;
+  int stage = 0;
+  template <int kStages>
+  LORY_DEVICE LORY_FORCEINLINE bool next(int64_t chunks) {
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    if (++chunk < chunks) return false;
+    chunk = 0;
+    tile += gridDim.x;
+    return true;
+  }
+};
+
 template <class T, class Cfg>
 struct MergeBackwardCopier {
   static constexpr int V = Vec16<T>::kSize;
@@ -950,14 +984,13 @@ struct MergeBackwardCopier {
   int g_bytes = 0;           // bytes of this thread's column vector in the issue tile (zero past P)
   const T* a_src[Cfg::kAVecs];  // split-weight vector j of the chunk at segment 0, or null
   int a_off[Cfg::kAVecs];
-  int64_t tile, chunk = 0;
-  int stage = 0;
+  MergeBackwardStep at;  // the next step to copy
   Vec16<T> w_pre[Cfg::kWVecs];
 
   LORY_DEVICE MergeBackwardCopier(const MergeBackwardParams<T>& prm, T* g_stages, T* a_stages, int64_t n_chunks)
       : p(prm), g_st(g_stages), a_st(a_stages), chunks(n_chunks), g_row(Cfg::g_vec_row(threadIdx.x)),
         g_col(Cfg::g_vec_col(threadIdx.x)), g_off(Cfg::g_vec_offset(threadIdx.x)),
-        g_pass(Cfg::kGPassRows * prm.g_stride), g_chunk(Cfg::kChunk * prm.g_stride), tile(blockIdx.x) {
+        g_pass(Cfg::kGPassRows * prm.g_stride), g_chunk(Cfg::kChunk * prm.g_stride) {
 #pragma unroll
     for (int j = 0; j < Cfg::kAVecs; ++j) {
       const int i = threadIdx.x + j * kMergeThreads;
@@ -966,33 +999,28 @@ struct MergeBackwardCopier {
                       : nullptr;
       a_off[j] = Cfg::a_vec_offset(used ? i : 0);
     }
-    if (tile < p.tiles) start_tile();
+    if (at.tile < p.tiles) start_tile();
   }
   LORY_DEVICE LORY_FORCEINLINE void start_tile() {
-    const int64_t col = tile * Cfg::kTileN + g_col;
+    const int64_t col = at.tile * Cfg::kTileN + g_col;
     g_bytes = col < p.P ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
     g_src = p.G + g_row * p.g_stride + (col < p.P ? col : 0);
   }
   LORY_DEVICE LORY_FORCEINLINE void issue() {
-    if (tile < p.tiles) {
-      const int64_t s0 = chunk * Cfg::kChunk;
-      T* gs = g_st + stage * Cfg::kGStageElems + g_off;
+    if (at.tile < p.tiles) {
+      const int64_t s0 = at.chunk * Cfg::kChunk;
+      T* gs = g_st + at.stage * Cfg::kGStageElems + g_off;
 #pragma unroll
       for (int j = 0; j < Cfg::kGVecs; ++j) {
         const int bytes = s0 + g_row + j * Cfg::kGPassRows < p.S ? g_bytes : 0;
         cp_async_16(gs + j * Cfg::kGSmemStep, bytes ? g_src + j * g_pass : p.G, bytes);
       }
-      T* as = a_st + stage * Cfg::kAStageElems;
+      T* as = a_st + at.stage * Cfg::kAStageElems;
 #pragma unroll
       for (int j = 0; j < Cfg::kAVecs; ++j)
         if (a_src[j]) cp_async_16(as + a_off[j], a_src[j] + s0, 16);
       g_src += g_chunk;
-      if (++chunk == chunks) {
-        chunk = 0;
-        tile += gridDim.x;
-        if (tile < p.tiles) start_tile();
-      }
-      stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
+      if (at.template next<Cfg::kStages>(chunks) && at.tile < p.tiles) start_tile();
     }
     cp_async_commit();
   }
@@ -1038,17 +1066,23 @@ LORY_DEVICE LORY_FORCEINLINE void partial_add_pair(float* row, int e, int E, boo
   }
 }
 
-// dW[e, col .. col + 8) (+)= f: the tile's sums for one expert row, added to the old values in fp32
-// when accumulating (both tensor-core kernels' epilogue; 16-byte aligned views).
+// dW[e, col .. col + 8) (+)= src[0 .. 8): a lane's 8 fp32 sums of one expert row from its warp's
+// staging block, added to the old values in fp32 when accumulating; nothing past E or past P (both
+// tensor-core kernels' epilogue; 16-byte aligned views).
 template <class T>
-LORY_DEVICE LORY_FORCEINLINE void store_dw_vec(const MergeBackwardParams<T>& p, int e, int64_t col,
-                                               float (&f)[Vec16<T>::kSize]) {
+LORY_DEVICE LORY_FORCEINLINE void store_dw_from_stage(const MergeBackwardParams<T>& p, const float* src, int e,
+                                                      int64_t col) {
+  constexpr int V = Vec16<T>::kSize;
+  if (e >= p.E || col >= p.P) return;
+  float f[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) f[v] = src[v];
   T* dst = p.dW + e * p.dw_stride;
   if (p.accumulate_dW) {
-    float old[Vec16<T>::kSize];
+    float old[V];
     vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
 #pragma unroll
-    for (int v = 0; v < Vec16<T>::kSize; ++v) f[v] += old[v];
+    for (int v = 0; v < V; ++v) f[v] += old[v];
   }
   store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
 }
@@ -1066,13 +1100,15 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   constexpr int kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   LORY_DYNAMIC_SMEM(merge_smem);
-  T* w_s = reinterpret_cast<T*>(merge_smem);                                   // [kEP][kRow]
-  T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);                   // [kStages][kChunk][kRow]
-  T* a_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + kStages * Cfg::kGBytes);   // [kStages]: hi, lo [kEP][kARow]
+  // W tile [kEP][kRow]; G chunks [kStages][kChunk][kRow]; split weights [kStages]: hi, lo
+  // [kEP][kARow]; staging [16][kStageRow] per warp.
+  const MergeBackwardSmem<T, Cfg> sm(merge_smem);
+  T* w_s = sm.w;
+  T* g_st = sm.g;
+  T* a_st = sm.a;
+  float* stage = sm.stage;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * (Cfg::kGBytes + Cfg::kABytes)) +
-                 warp * 16 * kStageRow;                                        // [16][kStageRow]
   const int E = p.E;
   const int64_t SE = p.S * E;
   const bool want_dw = p.dW != nullptr;
@@ -1082,7 +1118,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   const bool even_e = E % 2 == 0;
   const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
   const int part_xor = layout.xor_of(g);
-  float* part = begin_backward_partial(p, merge_smem + Cfg::kFixedBytes, layout);
+  float* part = begin_backward_partial(p, sm.partial, layout);
 
   MergeBackwardCopier<T, Cfg> copier(p, g_st, a_st, chunks);
   if (p.want_de && blockIdx.x < p.tiles) copier.fetch_w(blockIdx.x);
@@ -1092,13 +1128,12 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   constexpr int kDwMt = Cfg::kDwMt, kDwNt = 2 * Cfg::kDwNp;
   float acc[kDwMt][kDwNt][4] = {};  // dW: [expert m-tile of this warp][param n-tile of this warp][fragment], reset per tile
   const int dw_mt0 = Cfg::dw_group(warp) * kDwMt;  // the warp's first expert m-tile
-  int64_t tile = blockIdx.x, chunk = 0;
-  int stage_k = 0;  // the stage of the step being computed
+  MergeBackwardStep step;  // the step being computed
 #pragma unroll 1
-  while (tile < p.tiles) {
-    const int64_t tile_col = tile * kTileN;
-    const int64_t s0 = chunk * kChunk;
-    if (chunk == 0) {
+  while (step.tile < p.tiles) {
+    const int64_t tile_col = step.tile * kTileN;
+    const int64_t s0 = step.chunk * kChunk;
+    if (step.chunk == 0) {
 #pragma unroll
       for (int ml = 0; ml < kDwMt; ++ml)
 #pragma unroll
@@ -1108,14 +1143,14 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
       if (p.want_de) {
         __syncthreads();  // the previous tile's readers of w_s are done
         copier.store_w(w_s);
-        if (tile + gridDim.x < p.tiles) copier.fetch_w(tile + gridDim.x);  // in flight for a whole tile
+        if (step.tile + gridDim.x < p.tiles) copier.fetch_w(step.tile + gridDim.x);  // in flight for a whole tile
       }
     }
     cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
     __syncthreads();  // everyone's have (and w_s); every thread is done with the previous step's stage
     copier.issue();                // refills the stage the previous step used
-    const T* gs = g_st + stage_k * Cfg::kGStageElems;
-    const T* as = a_st + stage_k * Cfg::kAStageElems;
+    const T* gs = g_st + step.stage * Cfg::kGStageElems;
+    const T* as = a_st + step.stage * Cfg::kAStageElems;
 
     if (want_dw) {
 #pragma unroll
@@ -1199,7 +1234,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
       }
     }
 
-    if (want_dw && chunk == chunks - 1) {
+    if (want_dw && step.chunk == chunks - 1) {
       // Per expert m-tile and 16-param column pair: fp32 accumulators -> this warp's staging
       // block -> 16-byte rows (two lanes per expert row), adding the old dW in fp32 when accumulating.
       const int row = lane / 2, half = lane % 2;
@@ -1215,24 +1250,13 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
                 make_float2(acc[ml][nt][2], acc[ml][nt][3]);
           }
           __syncwarp();
-          const int e = (dw_mt0 + ml) * 16 + row;
-          const int64_t col = tile_col + Cfg::dw_col(warp) + np * 16 + half * V;
-          if (e < E && col < p.P) {
-            float f[V];
-#pragma unroll
-            for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
-            store_dw_vec(p, e, col, f);
-          }
+          store_dw_from_stage(p, stage + row * kStageRow + half * V, (dw_mt0 + ml) * 16 + row,
+                              tile_col + Cfg::dw_col(warp) + np * 16 + half * V);
           __syncwarp();  // the staging block is rewritten next
         }
       }
     }
-    // The next step, on the compute side.
-    stage_k = stage_k + 1 == kStages ? 0 : stage_k + 1;
-    if (++chunk == chunks) {
-      chunk = 0;
-      tile += gridDim.x;
-    }
+    step.next<kStages>(chunks);  // the next step, on the compute side
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
   flush_backward_partial(p, part, SE, layout);
@@ -1343,14 +1367,14 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
   constexpr int kDeN = kEP / 2;  // experts per warpgroup in the d_weights product
   constexpr int V = Vec16<T>::kSize;  // 8
   LORY_DYNAMIC_SMEM(merge_smem);
-  T* w_s = reinterpret_cast<T*>(merge_smem);
-  T* g_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes);
-  T* a_st = reinterpret_cast<T*>(merge_smem + Cfg::kWBytes + kStages * Cfg::kGBytes);
+  const MergeBackwardSmem<T, Cfg> sm(merge_smem);
+  T* w_s = sm.w;
+  T* g_st = sm.g;
+  T* a_st = sm.a;
+  float* stage = sm.stage;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / 4, wq = warp % 4;  // warpgroup, warp in it
   const int g = lane / 4, t = lane % 4;
-  float* stage = reinterpret_cast<float*>(merge_smem + Cfg::kWBytes + kStages * (Cfg::kGBytes + Cfg::kABytes)) +
-                 warp * 16 * kStageRow;
   const int E = p.E;
   const int64_t SE = p.S * E;
   const bool want_dw = p.dW != nullptr;
@@ -1358,7 +1382,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
   const bool even_e = E % 2 == 0;
   const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
   const int part_xor = layout.xor_of(g);  // rows s0 + 16 wq + g (+ 8), s0 a multiple of 64
-  float* part = begin_backward_partial(p, merge_smem + Cfg::kFixedBytes, layout);
+  float* part = begin_backward_partial(p, sm.partial, layout);
 
   MergeBackwardCopier<T, Cfg> copier(p, g_st, a_st, chunks);
   if (p.want_de && blockIdx.x < p.tiles) copier.fetch_w(blockIdx.x);
@@ -1370,23 +1394,22 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
   // step, expert wg kDeN + 8 j + 2 t + q).
   float acc[kEP / 2] = {};
   float de[kDeN / 2] = {};
-  int64_t tile = blockIdx.x, chunk = 0;
-  int stage_k = 0;
+  MergeBackwardStep step;  // the step being computed
 #pragma unroll 1
-  while (tile < p.tiles) {
-    const int64_t tile_col = tile * kTileN;
-    const int64_t s0 = chunk * kChunk;
-    if (chunk == 0 && p.want_de) {
+  while (step.tile < p.tiles) {
+    const int64_t tile_col = step.tile * kTileN;
+    const int64_t s0 = step.chunk * kChunk;
+    if (step.chunk == 0 && p.want_de) {
       __syncthreads();  // the previous tile's wgmmas on w_s are done (each step waits for its own)
       copier.store_w(w_s);
-      if (tile + gridDim.x < p.tiles) copier.fetch_w(tile + gridDim.x);  // in flight for a whole tile
+      if (step.tile + gridDim.x < p.tiles) copier.fetch_w(step.tile + gridDim.x);  // in flight for a whole tile
     }
     cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
     wgmma_fence_operands();        // ... and, with its W-tile stores, are visible to wgmma
     __syncthreads();               // everyone's are; every wgmma of the previous step is done
     copier.issue();                // refills the stage the previous step used
-    const T* gs = g_st + stage_k * Cfg::kGStageElems;
-    const T* as = a_st + stage_k * Cfg::kAStageElems;
+    const T* gs = g_st + step.stage * Cfg::kGStageElems;
+    const T* as = a_st + step.stage * Cfg::kAStageElems;
 
     uint32_t a[kChunk / 16][4];
     if (want_dw) {
@@ -1400,7 +1423,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
         // Core-matrix column 2 ks of the hi and lo blocks: segments 16 ks .. 16 ks + 15.
         const uint64_t hi = wgmma_desc(as + ks * 128, Cfg::kLbo, Cfg::kSboSplit);
         const uint64_t lo = wgmma_desc(as + kEP * kChunk + ks * 128, Cfg::kLbo, Cfg::kSboSplit);
-        wgmma_rs<T, kEP>(acc, a[ks], lo, chunk > 0 || ks > 0);  // a new tile starts from zero
+        wgmma_rs<T, kEP>(acc, a[ks], lo, step.chunk > 0 || ks > 0);  // a new tile starts from zero
         wgmma_rs<T, kEP>(acc, a[ks], hi, true);
       }
     }
@@ -1427,7 +1450,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
                            de[4 * j + 2 * h + 1]);
       }
     }
-    if (want_dw && chunk == chunks - 1) {
+    if (want_dw && step.chunk == chunks - 1) {
       // Per 16 experts: this warp's 16 params x 16 experts -> its staging block, transposed to
       // rows of experts -> 16-byte rows (two lanes per expert row).
       const int row = lane / 2, half = lane % 2;
@@ -1442,21 +1465,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
             for (int q = 0; q < 2; ++q)
               stage[(8 * jj + 2 * t + q) * kStageRow + g + 8 * h] = acc[4 * (2 * jb + jj) + 2 * h + q];
         __syncwarp();
-        const int e = jb * 16 + row;
-        if (e < E && col < p.P) {
-          float f[V];
-#pragma unroll
-          for (int v = 0; v < V; ++v) f[v] = stage[row * kStageRow + half * V + v];
-          store_dw_vec(p, e, col, f);
-        }
+        store_dw_from_stage(p, stage + row * kStageRow + half * V, jb * 16 + row, col);
         __syncwarp();  // the staging block is rewritten next
       }
     }
-    stage_k = stage_k + 1 == kStages ? 0 : stage_k + 1;
-    if (++chunk == chunks) {
-      chunk = 0;
-      tile += gridDim.x;
-    }
+    step.next<kStages>(chunks);  // the next step, on the compute side
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
   flush_backward_partial(p, part, SE, layout);

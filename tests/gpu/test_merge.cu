@@ -163,16 +163,14 @@ struct BwdCase {
   int64_t S;
   int E;
   int64_t P;
-  int64_t pad;     // G's stride = P + pad; W's and dW's differ from it (see bwd_pads)
+  int64_t pad;     // G's stride = P + pad; W's and dW's differ from it (bwd_pad_extra)
   int64_t offset;  // 1 = misaligned base pointers
 };
 
-// Extra pads of W and dW: three distinct strides (a mixed-up stride shows), all
-// multiples of 16 bytes when G's is, so that aligned cases reach the vector paths.
-inline void bwd_pads(const BwdCase& c, int64_t& w_pad, int64_t& dw_pad) {
-  const bool aligned = (c.P + c.pad) % 8 == 0;
-  w_pad = c.pad + (aligned ? 8 : 3);
-  dw_pad = c.pad + (aligned ? 16 : 1);
+// Extra pads of W (8 or 3) and dW (16 or 1) over G's: three distinct strides (a mixed-up stride
+// shows), all multiples of 16 bytes when G's is, so that aligned cases reach the vector paths.
+inline int64_t bwd_pad_extra(const BwdCase& c, int64_t aligned_extra, int64_t unaligned_extra) {
+  return (c.P + c.pad) % 8 == 0 ? aligned_extra : unaligned_extra;
 }
 
 struct BwdMode {
@@ -198,6 +196,49 @@ std::string tuning_tag() {
   else return std::string("/") + Tuning::kName;
 }
 
+// A backward problem of case c in mode m: fresh random inputs on the host and the device, the
+// launcher's arguments for them. d_weights [S, E] is contiguous, followed by a poisoned guard.
+template <class T>
+struct BwdProblem {
+  HostView<T> G, W, dW;
+  std::vector<float> weights, de;
+  DeviceBuffer<T> dG, dWd, ddW;
+  DeviceBuffer<float> dweights, dde;
+  lory::MergeBackwardArgs<T, float> a;
+  BwdProblem(const BwdCase& c, const BwdMode& m, std::mt19937_64& rng)
+      : G(make_view<T>(c.S, c.P, c.pad, c.offset, rng, true)),
+        W(make_view<T>(c.E, c.P, c.pad + bwd_pad_extra(c, 8, 3), c.offset, rng, true)),
+        dW(make_view<T>(c.E, c.P, c.pad + bwd_pad_extra(c, 16, 1), c.offset, rng, m.accumulate_dW)),
+        weights(random_simplex_rows(c.S, c.E, rng)),
+        de(make_de(c, m, rng)),
+        dG(G.data),
+        dWd(W.data),
+        ddW(dW.data),
+        dweights(weights),
+        dde(de) {
+    a.num_segments = c.S;
+    a.experts = c.E;
+    a.params = c.P;
+    a.G = device_view(dG, G);
+    a.grad_segment_stride = G.stride;
+    a.W = m.want_de ? device_view(dWd, W) : nullptr;
+    a.expert_stride = W.stride;
+    a.weights = dweights.get();
+    a.dW = m.want_dW ? device_view(ddW, dW) : nullptr;
+    a.dW_expert_stride = dW.stride;
+    a.accumulate_dW = m.accumulate_dW;
+    a.d_weights = m.want_de ? dde.get() : nullptr;
+    a.accumulate_d_weights = m.accumulate_de;
+    a.deterministic = m.deterministic;
+  }
+  static std::vector<float> make_de(const BwdCase& c, const BwdMode& m, std::mt19937_64& rng) {
+    std::vector<float> v(static_cast<size_t>(c.S * c.E + kGuard), poison_value<float>());
+    if (m.accumulate_de)
+      for (int64_t i = 0; i < c.S * c.E; ++i) v[i] = static_cast<float>(std::uniform_real_distribution<double>(-1, 1)(rng));
+    return v;
+  }
+};
+
 // `repeats` > 1 checks that the outputs are bitwise identical run to run.
 template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
 BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, int repeats = 1) {
@@ -207,34 +248,15 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, in
                           "/" + m.name() + tuning_tag<Tuning>();
   INFO(tag);
   auto rng = make_rng(tag);
-  int64_t w_pad = 0, dw_pad = 0;
-  bwd_pads(c, w_pad, dw_pad);
-  auto G = make_view<T>(c.S, c.P, c.pad, c.offset, rng, true);
-  auto W = make_view<T>(c.E, c.P, w_pad, c.offset, rng, true);
-  auto dW = make_view<T>(c.E, c.P, dw_pad, c.offset, rng, m.accumulate_dW);
-  auto weights = random_simplex_rows(c.S, c.E, rng);
-  // d_weights [S, E] contiguous, followed by a poisoned guard.
-  std::vector<float> de(static_cast<size_t>(c.S * c.E + kGuard), poison_value<float>());
-  if (m.accumulate_de)
-    for (int64_t i = 0; i < c.S * c.E; ++i) de[i] = static_cast<float>(std::uniform_real_distribution<double>(-1, 1)(rng));
-
-  DeviceBuffer<T> dG(G.data), dWd(W.data), ddW(dW.data);
-  DeviceBuffer<float> dweights(weights), dde(de);
-  lory::MergeBackwardArgs<T, float> a;
-  a.num_segments = c.S;
-  a.experts = c.E;
-  a.params = c.P;
-  a.G = device_view(dG, G);
-  a.grad_segment_stride = G.stride;
-  a.W = m.want_de ? device_view(dWd, W) : nullptr;
-  a.expert_stride = W.stride;
-  a.weights = dweights.get();
-  a.dW = m.want_dW ? device_view(ddW, dW) : nullptr;
-  a.dW_expert_stride = dW.stride;
-  a.accumulate_dW = m.accumulate_dW;
-  a.d_weights = m.want_de ? dde.get() : nullptr;
-  a.accumulate_d_weights = m.accumulate_de;
-  a.deterministic = m.deterministic;
+  BwdProblem<T> prob(c, m, rng);
+  auto& G = prob.G;
+  auto& W = prob.W;
+  auto& dW = prob.dW;
+  auto& weights = prob.weights;
+  auto& de = prob.de;
+  auto& ddW = prob.ddW;
+  auto& dde = prob.dde;
+  auto& a = prob.a;
   if (path == MergePath::kTensorCore) {
     // Aligned views must really run the tensor-core kernel; misaligned ones fall back.
     const bool aligned = c.offset == 0 && (c.P + c.pad) % 8 == 0;
@@ -421,29 +443,9 @@ TEST_CASE("merge_backward (wgmma variant) is refused off sm_90 and touches nothi
     return;
   }
   using T = __nv_bfloat16;
-  const BwdCase c{70, 32, 520, 0, 0};
   auto rng = make_rng("wgmma-refused");
-  int64_t w_pad = 0, dw_pad = 0;
-  bwd_pads(c, w_pad, dw_pad);
-  auto G = make_view<T>(c.S, c.P, c.pad, c.offset, rng, true);
-  auto W = make_view<T>(c.E, c.P, w_pad, c.offset, rng, true);
-  auto dW = make_view<T>(c.E, c.P, dw_pad, c.offset, rng, false);
-  auto weights = random_simplex_rows(c.S, c.E, rng);
-  std::vector<float> de(static_cast<size_t>(c.S * c.E), poison_value<float>());
-  DeviceBuffer<T> dG(G.data), dWd(W.data), ddW(dW.data);
-  DeviceBuffer<float> dweights(weights), dde(de);
-  lory::MergeBackwardArgs<T, float> a;
-  a.num_segments = c.S;
-  a.experts = c.E;
-  a.params = c.P;
-  a.G = device_view(dG, G);
-  a.grad_segment_stride = G.stride;
-  a.W = device_view(dWd, W);
-  a.expert_stride = W.stride;
-  a.weights = dweights.get();
-  a.dW = device_view(ddW, dW);
-  a.dW_expert_stride = dW.stride;
-  a.d_weights = dde.get();
+  BwdProblem<T> prob({70, 32, 520, 0, 0}, BwdMode{}, rng);
+  const auto& a = prob.a;
   using Wgmma = lory::detail::MergeBackwardWgmma;
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_backward_on_path<T, Wgmma>(a, nullptr, bytes, nullptr, MergePath::kAuto) ==
@@ -453,9 +455,9 @@ TEST_CASE("merge_backward (wgmma variant) is refused off sm_90 and touches nothi
   CHECK(lory::detail::merge_backward_on_path<T, Wgmma>(a, ws.get(), bytes, nullptr, MergePath::kAuto) ==
         Status::kErrorInvalidArgument);
   LORY_TEST_SYNC();
-  const std::vector<T> got_dW = ddW.download(dW.data.size());
-  CHECK(std::memcmp(got_dW.data(), dW.data.data(), got_dW.size() * sizeof(T)) == 0);
-  CHECK(count_nan(dde.download(de.size())) == static_cast<int64_t>(de.size()));
+  const std::vector<T> got_dW = prob.ddW.download(prob.dW.data.size());
+  CHECK(std::memcmp(got_dW.data(), prob.dW.data.data(), got_dW.size() * sizeof(T)) == 0);
+  CHECK(count_nan(prob.dde.download(prob.de.size())) == static_cast<int64_t>(prob.de.size()));
   CHECK(ws.download(bytes) == poison);
 }
 
