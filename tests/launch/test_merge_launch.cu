@@ -291,10 +291,11 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
   wide.experts = 65;
   CHECK_FALSE(lory::detail::merge_backward_uses_tc(wide, MergePath::kAuto));
   // Deterministic: one [S, E] partial per persistent block, one block per 128-param tile at most,
-  // then the routing weights split into hi and lo operands, [2][16][32] (E and S padded) + 16 bytes.
+  // then the routing weights split into hi and lo operands, [2][16][64] (E padded to 16, S to 64,
+  // the wgmma kernel's step) + 16 bytes.
   const int64_t tiles = (a.params + 127) / 128;
   const size_t split = lory::detail::MergeBackwardSplitShape::of(5, 8).bytes(sizeof(T));
-  CHECK(split == 2 * 16 * 32 * sizeof(T) + 16);
+  CHECK(split == 2 * 16 * 64 * sizeof(T) + 16);
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
           Status::kSuccess);
