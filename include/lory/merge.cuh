@@ -1040,31 +1040,45 @@ struct MergeBackwardCopier {
   }
 };
 
-// The block's d_weights partial, zeroed: on chip at `smem` (layout swizzled) or its slice of the
-// workspace; null when d_weights is skipped. (Its first reader is behind a barrier.)
+// The block's d_weights partial [S, E] in both tensor-core kernels: on chip at `smem` (rows
+// swizzled, MergePartialLayout) or the block's slice of the workspace, zeroed at construction (its
+// first reader is behind a barrier); nothing when d_weights is skipped. A thread updates only rows
+// r with r % 8 == g (its fragment row), so its row XOR is fixed; an expert pair (e, e + 1) is one
+// 8-byte access when E is even.
 template <class T>
-LORY_DEVICE LORY_FORCEINLINE float* begin_backward_partial(const MergeBackwardParams<T>& p, unsigned char* smem,
-                                                           const MergePartialLayout& layout) {
-  if (!p.want_de) return nullptr;
-  float* part = p.partial_in_smem ? reinterpret_cast<float*>(smem) : p.partials + blockIdx.x * (p.S * p.E);
-  for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
-  return part;
-}
-
-// Adds (v0, v1) to experts e and e + 1 (those below E) of row `row` of a d_weights partial whose
-// row XOR is x (MergePartialLayout): one 8-byte access when E is even.
-LORY_DEVICE LORY_FORCEINLINE void partial_add_pair(float* row, int e, int E, bool even_e, int x, float v0, float v1) {
-  if (even_e && e + 1 < E) {
-    float2* q = reinterpret_cast<float2*>(row + (e ^ x));
-    float2 v = *q;
-    v.x += v0;
-    v.y += v1;
-    *q = v;
-  } else {
-    if (e < E) row[e ^ x] += v0;
-    if (e + 1 < E) row[(e + 1) ^ x] += v1;
+struct MergeBackwardPartial {
+  const MergeBackwardParams<T>& p;
+  const MergePartialLayout layout;
+  float* const part;
+  const int x;
+  const bool even_e;
+  LORY_DEVICE MergeBackwardPartial(const MergeBackwardParams<T>& prm, unsigned char* smem, int g)
+      : p(prm),
+        layout(MergePartialLayout::make(prm.E, prm.partial_in_smem)),
+        part(!prm.want_de ? nullptr
+             : prm.partial_in_smem ? reinterpret_cast<float*>(smem)
+                                   : prm.partials + blockIdx.x * (prm.S * prm.E)),
+        x(layout.xor_of(g)),
+        even_e(prm.E % 2 == 0) {
+    if (part)
+      for (int64_t i = threadIdx.x; i < layout.size(p.S); i += kMergeThreads) part[i] = 0.f;
   }
-}
+  LORY_DEVICE LORY_FORCEINLINE float* row(int64_t s) const { return part + s * layout.stride; }
+  // Adds (v0, v1) to experts e and e + 1 of `row` (those below E).
+  LORY_DEVICE LORY_FORCEINLINE void add_pair(float* r, int e, float v0, float v1) const {
+    if (even_e && e + 1 < p.E) {
+      float2* q = reinterpret_cast<float2*>(r + (e ^ x));
+      float2 v = *q;
+      v.x += v0;
+      v.y += v1;
+      *q = v;
+    } else {
+      if (e < p.E) r[e ^ x] += v0;
+      if (e + 1 < p.E) r[(e + 1) ^ x] += v1;
+    }
+  }
+  LORY_DEVICE LORY_FORCEINLINE void flush() const { flush_backward_partial(p, part, p.S * p.E, layout); }
+};
 
 // dW[e, col .. col + 8) (+)= src[0 .. 8): a lane's 8 fp32 sums of one expert row from its warp's
 // staging block, added to the old values in fp32 when accumulating; nothing past E or past P (both
@@ -1103,24 +1117,14 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
   // W tile [kEP][kRow]; G chunks [kStages][kChunk][kRow]; split weights [kStages]: hi, lo
   // [kEP][kARow]; staging [16][kStageRow] per warp.
   const MergeBackwardSmem<T, Cfg> sm(merge_smem);
-  T* w_s = sm.w;
-  T* g_st = sm.g;
-  T* a_st = sm.a;
-  float* stage = sm.stage;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int E = p.E;
-  const int64_t SE = p.S * E;
   const bool want_dw = p.dW != nullptr;
   const int64_t chunks = (p.S + kChunk - 1) / kChunk;
-  // The partial's (segment, expert pair) updates: 8-byte accesses when E is even, the on-chip
-  // partial swizzled (MergePartialLayout).
-  const bool even_e = E % 2 == 0;
-  const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
-  const int part_xor = layout.xor_of(g);
-  float* part = begin_backward_partial(p, sm.partial, layout);
+  const MergeBackwardPartial<T> partial(p, sm.partial, g);
 
-  MergeBackwardCopier<T, Cfg> copier(p, g_st, a_st, chunks);
+  MergeBackwardCopier<T, Cfg> copier(p, sm.g, sm.a, chunks);
   if (p.want_de && blockIdx.x < p.tiles) copier.fetch_w(blockIdx.x);
 #pragma unroll 1
   for (int k = 0; k < kStages - 1; ++k) copier.issue();
@@ -1142,15 +1146,15 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
           for (int i = 0; i < 4; ++i) acc[ml][nt][i] = 0.f;
       if (p.want_de) {
         __syncthreads();  // the previous tile's readers of w_s are done
-        copier.store_w(w_s);
+        copier.store_w(sm.w);
         if (step.tile + gridDim.x < p.tiles) copier.fetch_w(step.tile + gridDim.x);  // in flight for a whole tile
       }
     }
     cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
     __syncthreads();  // everyone's have (and w_s); every thread is done with the previous step's stage
     copier.issue();                // refills the stage the previous step used
-    const T* gs = g_st + step.stage * Cfg::kGStageElems;
-    const T* as = a_st + step.stage * Cfg::kAStageElems;
+    const T* gs = sm.g + step.stage * Cfg::kGStageElems;
+    const T* as = sm.a + step.stage * Cfg::kAStageElems;
 
     if (want_dw) {
 #pragma unroll
@@ -1203,7 +1207,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
             if (hn < halves) {
               // B = W^T [K = params][N = experts]: W [experts][params] row-major is the "col" layout.
               uint32_t rb[4];
-              ldmatrix_x4(rb, w_s + Cfg::w_de_offset(nu * kHalves + hn, kk, lane));
+              ldmatrix_x4(rb, sm.w + Cfg::w_de_offset(nu * kHalves + hn, kk, lane));
               const uint32_t b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
 #pragma unroll
               for (int m = 0; m < kDeM; ++m) {
@@ -1214,20 +1218,19 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
           }
         }
         // c0, c1: (segment g, experts 2t, 2t+1); c2, c3: segment g + 8. One owner per element.
-        // Rows s0 + mt*16 + 8h + g: the first three terms are a multiple of 8, so the row's XOR
-        // is the thread's part_xor.
+        // Rows s0 + mt*16 + 8h + g: the first three terms are a multiple of 8 (the partial's
+        // row XOR is the thread's).
 #pragma unroll
         for (int m = 0; m < kDeM; ++m) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int64_t s = s0 + (mt0 + m) * 16 + g + 8 * h;
             if (s >= p.S) continue;
-            float* row = part + s * layout.stride;
+            float* row = partial.row(s);
 #pragma unroll
             for (int hn = 0; hn < kHalves; ++hn) {
               if (hn < halves)
-                partial_add_pair(row, (nu * kHalves + hn) * 8 + 2 * t, E, even_e, part_xor, c[m][hn][2 * h],
-                                 c[m][hn][2 * h + 1]);
+                partial.add_pair(row, (nu * kHalves + hn) * 8 + 2 * t, c[m][hn][2 * h], c[m][hn][2 * h + 1]);
             }
           }
         }
@@ -1245,12 +1248,12 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
 #pragma unroll
           for (int h2 = 0; h2 < 2; ++h2) {
             const int nt = 2 * np + h2;
-            *reinterpret_cast<float2*>(stage + g * kStageRow + h2 * 8 + 2 * t) = make_float2(acc[ml][nt][0], acc[ml][nt][1]);
-            *reinterpret_cast<float2*>(stage + (g + 8) * kStageRow + h2 * 8 + 2 * t) =
+            *reinterpret_cast<float2*>(sm.stage + g * kStageRow + h2 * 8 + 2 * t) = make_float2(acc[ml][nt][0], acc[ml][nt][1]);
+            *reinterpret_cast<float2*>(sm.stage + (g + 8) * kStageRow + h2 * 8 + 2 * t) =
                 make_float2(acc[ml][nt][2], acc[ml][nt][3]);
           }
           __syncwarp();
-          store_dw_from_stage(p, stage + row * kStageRow + half * V, (dw_mt0 + ml) * 16 + row,
+          store_dw_from_stage(p, sm.stage + row * kStageRow + half * V, (dw_mt0 + ml) * 16 + row,
                               tile_col + Cfg::dw_col(warp) + np * 16 + half * V);
           __syncwarp();  // the staging block is rewritten next
         }
@@ -1259,7 +1262,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_backw
     step.next<kStages>(chunks);  // the next step, on the compute side
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
-  flush_backward_partial(p, part, SE, layout);
+  partial.flush();
 #endif
 }
 #endif  // LORY_HAS_DEVICE_CODE
@@ -1368,23 +1371,14 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
   constexpr int V = Vec16<T>::kSize;  // 8
   LORY_DYNAMIC_SMEM(merge_smem);
   const MergeBackwardSmem<T, Cfg> sm(merge_smem);
-  T* w_s = sm.w;
-  T* g_st = sm.g;
-  T* a_st = sm.a;
-  float* stage = sm.stage;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / 4, wq = warp % 4;  // warpgroup, warp in it
   const int g = lane / 4, t = lane % 4;
-  const int E = p.E;
-  const int64_t SE = p.S * E;
   const bool want_dw = p.dW != nullptr;
   const int64_t chunks = (p.S + kChunk - 1) / kChunk;
-  const bool even_e = E % 2 == 0;
-  const MergePartialLayout layout = MergePartialLayout::make(E, p.partial_in_smem);
-  const int part_xor = layout.xor_of(g);  // rows s0 + 16 wq + g (+ 8), s0 a multiple of 64
-  float* part = begin_backward_partial(p, sm.partial, layout);
+  const MergeBackwardPartial<T> partial(p, sm.partial, g);  // rows s0 + 16 wq + g (+ 8), s0 a multiple of 64
 
-  MergeBackwardCopier<T, Cfg> copier(p, g_st, a_st, chunks);
+  MergeBackwardCopier<T, Cfg> copier(p, sm.g, sm.a, chunks);
   if (p.want_de && blockIdx.x < p.tiles) copier.fetch_w(blockIdx.x);
 #pragma unroll 1
   for (int k = 0; k < kStages - 1; ++k) copier.issue();
@@ -1401,15 +1395,15 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
     const int64_t s0 = step.chunk * kChunk;
     if (step.chunk == 0 && p.want_de) {
       __syncthreads();  // the previous tile's wgmmas on w_s are done (each step waits for its own)
-      copier.store_w(w_s);
+      copier.store_w(sm.w);
       if (step.tile + gridDim.x < p.tiles) copier.fetch_w(step.tile + gridDim.x);  // in flight for a whole tile
     }
     cp_async_wait<kStages - 2>();  // this thread's copies of this step have landed
     wgmma_fence_operands();        // ... and, with its W-tile stores, are visible to wgmma
     __syncthreads();               // everyone's are; every wgmma of the previous step is done
     copier.issue();                // refills the stage the previous step used
-    const T* gs = g_st + step.stage * Cfg::kGStageElems;
-    const T* as = a_st + step.stage * Cfg::kAStageElems;
+    const T* gs = sm.g + step.stage * Cfg::kGStageElems;
+    const T* as = sm.a + step.stage * Cfg::kAStageElems;
 
     uint32_t a[kChunk / 16][4];
     if (want_dw) {
@@ -1429,7 +1423,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
     }
     if (p.want_de) {
       // This warpgroup's experts: rows wg kDeN.. of the W tile, whole row groups of core matrices.
-      const T* w_rows = w_s + Cfg::core_elem(wg * kDeN, 0, kTileN);
+      const T* w_rows = sm.w + Cfg::core_elem(wg * kDeN, 0, kTileN);
 #pragma unroll
       for (int kk = 0; kk < kTileN / 16; ++kk)
         wgmma_ss<T, kDeN>(de, wgmma_desc(gs + kk * 128, Cfg::kLbo, Cfg::kSboTile),
@@ -1443,11 +1437,10 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
       for (int h = 0; h < 2; ++h) {
         const int64_t s = s0 + wq * 16 + g + 8 * h;
         if (s >= p.S) continue;
-        float* row = part + s * layout.stride;
+        float* row = partial.row(s);
 #pragma unroll
         for (int j = 0; j < kDeN / 8; ++j)
-          partial_add_pair(row, wg * kDeN + 8 * j + 2 * t, E, even_e, part_xor, de[4 * j + 2 * h],
-                           de[4 * j + 2 * h + 1]);
+          partial.add_pair(row, wg * kDeN + 8 * j + 2 * t, de[4 * j + 2 * h], de[4 * j + 2 * h + 1]);
       }
     }
     if (want_dw && step.chunk == chunks - 1) {
@@ -1463,16 +1456,16 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
           for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int q = 0; q < 2; ++q)
-              stage[(8 * jj + 2 * t + q) * kStageRow + g + 8 * h] = acc[4 * (2 * jb + jj) + 2 * h + q];
+              sm.stage[(8 * jj + 2 * t + q) * kStageRow + g + 8 * h] = acc[4 * (2 * jb + jj) + 2 * h + q];
         __syncwarp();
-        store_dw_from_stage(p, stage + row * kStageRow + half * V, jb * 16 + row, col);
+        store_dw_from_stage(p, sm.stage + row * kStageRow + half * V, jb * 16 + row, col);
         __syncwarp();  // the staging block is rewritten next
       }
     }
     step.next<kStages>(chunks);  // the next step, on the compute side
   }
   cp_async_wait<0>();  // only empty groups are left; no copy outlives the block
-  flush_backward_partial(p, part, SE, layout);
+  partial.flush();
 #else
   // Built without sm_90a (no wgmma): a static shared-memory marker the launcher reads
   // (cudaFuncGetAttributes) to refuse to run this empty body.
