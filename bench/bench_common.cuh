@@ -3,7 +3,8 @@
 // - Manual time from CUDA events recorded on the benchmark's own stream.
 // - L2 flushed before every timed iteration (a write over a buffer twice the L2).
 // - Peaks measured once per run, before any benchmark (bench_main.cu): the
-//   device-to-device copy bandwidth and a large bf16 cuBLAS GEMM rate. Every
+//   device-to-device copy bandwidth, the read-only and the write-only bandwidth
+//   (streaming kernels over 2 GiB), and a large bf16 cuBLAS GEMM rate. Every
 //   percent counter refers to these measured numbers, not to a datasheet.
 #pragma once
 #include <benchmark/benchmark.h>
@@ -81,6 +82,8 @@ inline cublasHandle_t cublas_handle_on(cudaStream_t stream) {
 
 struct Peaks {
   double copy_bytes_per_s = 0;   // bytes read + written per second, device-to-device copy
+  double read_bytes_per_s = 0;   // a kernel that only reads (16-byte loads, 2 GiB)
+  double write_bytes_per_s = 0;  // only writes: the faster of a 16-byte store kernel and cudaMemsetAsync
   double bf16_gemm_flops = 0;    // FLOP/s of an 8192^3 bf16 cuBLAS GEMM on random data
 };
 Peaks& peaks();  // defined in bench_main.cu
@@ -133,9 +136,20 @@ class GpuTimer {
   size_t flush_bytes_ = 0;
 };
 
+// A benchmark's compulsory traffic: each input read once, each output written once.
+struct Traffic {
+  double read = 0, written = 0;
+  double total() const { return read + written; }
+};
+
 // Counters every benchmark reports: bytes moved (its own minimum: each input
 // read once, each output written once) and FLOPs, as rates and as percent of
-// the measured peaks. Set after the timing loop.
+// the measured peaks. Set after the timing loop. With the traffic split into
+// reads and writes, also pct_rw_roof: the time the traffic needs at the
+// measured read-only and write-only rates (reads / read peak + writes / write
+// peak) over the time taken, in percent. A write-heavy kernel (the merge
+// forward writes S/E times what it reads) is bounded by the write rate, which
+// the copy figure, an even mix, does not show.
 inline void set_rate_counters(benchmark::State& state, double bytes_per_iter, double flops_per_iter) {
   using benchmark::Counter;
   state.counters["GB/s"] = Counter(bytes_per_iter * 1e-9, Counter::kIsIterationInvariantRate);
@@ -148,6 +162,15 @@ inline void set_rate_counters(benchmark::State& state, double bytes_per_iter, do
   if (peaks().bf16_gemm_flops > 0)
     state.counters["pct_bf16_gemm"] = Counter(flops_per_iter / peaks().bf16_gemm_flops * 100.0,
                                               Counter::kIsIterationInvariantRate);
+}
+inline void set_rate_counters(benchmark::State& state, Traffic t, double flops_per_iter) {
+  set_rate_counters(state, t.total(), flops_per_iter);
+  state.counters["bytes_read"] = t.read;
+  state.counters["bytes_written"] = t.written;
+  if (peaks().read_bytes_per_s > 0 && peaks().write_bytes_per_s > 0)
+    state.counters["pct_rw_roof"] =
+        benchmark::Counter((t.read / peaks().read_bytes_per_s + t.written / peaks().write_bytes_per_s) * 100.0,
+                           benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // Device buffer filled with random values in [-1, 1] (never zeros: zeros run faster).

@@ -92,9 +92,13 @@ struct Workspace {
   ~Workspace() { cudaFree(p); }
 };
 
-double forward_bytes(const Shape& s) { return double(s.E * s.P() + s.S * s.P()) * sizeof(bf16); }
-double backward_bytes(const Shape& s) {
-  return double(s.S * s.P() + 2 * s.E * s.P()) * sizeof(bf16) + double(s.S * s.E) * sizeof(float);
+// Forward: W read, Wbar written. Backward: G, W and the routing weights read, dW written.
+lory_bench::Traffic forward_bytes(const Shape& s) {
+  return {double(s.E * s.P()) * sizeof(bf16), double(s.S * s.P()) * sizeof(bf16)};
+}
+lory_bench::Traffic backward_bytes(const Shape& s) {
+  return {double(s.S * s.P() + s.E * s.P()) * sizeof(bf16) + double(s.S * s.E) * sizeof(float),
+          double(s.E * s.P()) * sizeof(bf16)};
 }
 
 void bench_forward(benchmark::State& state, Shape s) {

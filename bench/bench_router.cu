@@ -96,7 +96,7 @@ void bm_router_forward(benchmark::State& state, int64_t d, int E, int64_t B) {
   if (!ok) state.SkipWithError("router_forward failed");
   const double tokens = static_cast<double>(p.layout.num_tokens()), S = static_cast<double>(p.layout.num_segments());
   // x read once; W_r read once; hbar, probs, weights written once.
-  const double bytes = tokens * d * sizeof(bf16) + double(E) * d * sizeof(bf16) + S * d * 4 + 2 * S * E * 4;
+  const lory_bench::Traffic bytes{tokens * d * sizeof(bf16) + double(E) * d * sizeof(bf16), S * d * 4 + 2 * S * E * 4};
   const double flops = tokens * d + 2.0 * S * E * d;  // the sums, the logits
   set_rate_counters(state, bytes, flops);
   cudaFree(ws);
@@ -148,8 +148,9 @@ void bm_router_backward(benchmark::State& state, int64_t d, int E, int64_t B) {
   });
   if (!ok) state.SkipWithError("router_backward failed");
   // dx read and written once; hbar, probs, d_weights, W_r read once; dW_r written once.
-  const double bytes = 2.0 * tokens * d * sizeof(bf16) + double(S) * d * 4 + 2.0 * S * E * 4 +
-                       2.0 * E * d * sizeof(bf16);
+  const lory_bench::Traffic bytes{double(tokens) * d * sizeof(bf16) + double(S) * d * 4 + 2.0 * S * E * 4 +
+                                      double(E) * d * sizeof(bf16),
+                                  double(tokens) * d * sizeof(bf16) + double(E) * d * sizeof(bf16)};
   const double flops = double(tokens) * d + 4.0 * S * E * d;  // dx adds; W_r^T dz and dz hbar^T
   set_rate_counters(state, bytes, flops);
   cudaFree(ws);
@@ -165,7 +166,7 @@ void bm_swiglu_forward(benchmark::State& state) {
   bool ok = true;
   timer.run(state, [&](cudaStream_t s) { ok &= lory::swiglu_forward(args, s) == lory::Status::kSuccess; });
   if (!ok) state.SkipWithError("swiglu_forward failed");
-  set_rate_counters(state, 3.0 * n * sizeof(bf16), 4.0 * n);
+  set_rate_counters(state, lory_bench::Traffic{2.0 * n * sizeof(bf16), 1.0 * n * sizeof(bf16)}, 4.0 * n);
   cudaFree(a);
   cudaFree(u);
   cudaFree(m);
@@ -181,7 +182,7 @@ void bm_swiglu_backward(benchmark::State& state) {
   bool ok = true;
   timer.run(state, [&](cudaStream_t s) { ok &= lory::swiglu_backward(args, s) == lory::Status::kSuccess; });
   if (!ok) state.SkipWithError("swiglu_backward failed");
-  set_rate_counters(state, 5.0 * n * sizeof(bf16), 10.0 * n);
+  set_rate_counters(state, lory_bench::Traffic{3.0 * n * sizeof(bf16), 2.0 * n * sizeof(bf16)}, 10.0 * n);
   cudaFree(a);
   cudaFree(u);
   cudaFree(dm);

@@ -11,7 +11,9 @@ BENCH_JSON  Google Benchmark JSON (--benchmark_out_format=json). Missing, empty,
 
 Per benchmark: time, achieved GB/s and TFLOP/s, their percent of the peaks
 measured in the same run (counters pct_copy_bw / pct_bf16_gemm; context
-peak_copy_GBps / peak_bf16_TFLOPs), and the speed-up over the in-run baseline:
+peak_copy_GBps / peak_bf16_TFLOPs), the percent of the read/write roofline
+where the benchmark splits its traffic (counter pct_rw_roof; context
+peak_read_GBps / peak_write_GBps), and the speed-up over the in-run baseline:
   X/<rest>            pairs with  X_cublas/<rest>
   lory_layer*/<rest>  pairs with  dense_ffn*/<rest>, also with E<n> components
                       dropped from <rest> (a dense FFN has no expert count)
@@ -123,10 +125,13 @@ def benchmark_table(data):
     benches = data.get("benchmarks", []) if isinstance(data, dict) else []
     peak_bw = as_float(ctx.get("peak_copy_GBps"))
     peak_fl = as_float(ctx.get("peak_bf16_TFLOPs"))
+    peak_rd, peak_wr = as_float(ctx.get("peak_read_GBps")), as_float(ctx.get("peak_write_GBps"))
     dev = ctx.get("device", "?")
+    rw = f", read-only {fnum(peak_rd)} GB/s, write-only {fnum(peak_wr)} GB/s" if peak_rd and peak_wr else ""
     lines.append(
-        f"Measured peaks on {dev}: copy {fnum(peak_bw)} GB/s, bf16 GEMM {fnum(peak_fl)} TFLOP/s "
-        "(percentages below refer to these)."
+        f"Measured peaks on {dev}: copy {fnum(peak_bw)} GB/s{rw}, bf16 GEMM {fnum(peak_fl)} TFLOP/s "
+        "(percentages below refer to these; % r/w roof: the time the benchmark's reads and writes take "
+        "at the read-only and write-only rates, over its time)."
     )
     lines.append("")
     runs = select_runs(benches)
@@ -134,17 +139,18 @@ def benchmark_table(data):
         lines.append("No benchmarks in the JSON.")
         return lines
     times = {n: time_us(b) for n, b in runs if not b.get("error_occurred")}
-    lines.append("| benchmark | time (us) | GB/s | % copy bw | TFLOP/s | % bf16 GEMM | baseline | speed-up |")
-    lines.append("|---|---:|---:|---:|---:|---:|---|---:|")
+    lines.append("| benchmark | time (us) | GB/s | % copy bw | % r/w roof | TFLOP/s | % bf16 GEMM | baseline | speed-up |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, b in runs:
         shown = re.sub(r"(/iterations:\d+)?/(manual_time|real_time)$", "", name)  # run settings, not shape
         if b.get("error_occurred"):
             msg = str(b.get("error_message", "error")).replace("|", "/")
-            lines.append(f"| {shown} | ERROR: {msg} | | | | | | |")
+            lines.append(f"| {shown} | ERROR: {msg} | | | | | | | |")
             continue
         t = times.get(name)
         gbs, tfs = as_float(b.get("GB/s")), as_float(b.get("TFLOP/s"))
         pbw, pfl = as_float(b.get("pct_copy_bw")), as_float(b.get("pct_bf16_gemm"))
+        prw = as_float(b.get("pct_rw_roof"))
         base, ratio = "", "-"
         for cand in baseline_candidates(name):
             if cand in times and times[cand] and t:
@@ -154,7 +160,8 @@ def benchmark_table(data):
         tf_cell = fnum(tfs) if (b.get("flops") or 0) else "-"
         pf_cell = fnum(pfl) if (b.get("flops") or 0) else "-"
         lines.append(
-            f"| {shown} | {fnum(t)} | {fnum(gbs)} | {fnum(pbw)} | {tf_cell} | {pf_cell} | {base or '-'} | {ratio} |"
+            f"| {shown} | {fnum(t)} | {fnum(gbs)} | {fnum(pbw)} | {fnum(prw)} | {tf_cell} "
+            f"| {pf_cell} | {base or '-'} | {ratio} |"
         )
     return lines
 

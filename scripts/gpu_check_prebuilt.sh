@@ -129,7 +129,7 @@ python3 bench/summarize.py "$out/bench.json" --checks "$checks" | tee "$out/summ
 # LORY_AB_NCU="backward E32 S128;backward E8 S128" (labels as merge_ab prints them).
 if [ -n "${LORY_AB_NCU:-}" ] && compgen -G "$bin/ab/[0-9][0-9]_*" > /dev/null; then
   drv=$(ls "$bin"/ab/[0-9][0-9]_* | tail -1)
-  metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__throughput.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_shared_mem
+  metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_shared_mem
   IFS=';' read -ra ncu_cases <<< "$LORY_AB_NCU"
   for c in "${ncu_cases[@]}"; do
     case $c in forward*) kern=merge_forward ;; *wgmma) kern=merge_backward_wgmma ;; *) kern=merge_backward_tc ;; esac
