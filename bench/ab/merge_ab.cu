@@ -6,7 +6,11 @@
 //
 // Paper shape d = 1536, f = 4096 (P = 3 d f per expert), bf16, routing weights fp32. Prints one line
 // per case: best of N launches (CUDA events on the default stream), GB/s of compulsory traffic,
-// and that as a percent of a device-to-device copy measured in the same process.
+// that as a percent of a device-to-device copy measured in the same process, and the percent of
+// the read/write roofline (the traffic's reads at the read-only rate plus its writes at the
+// write-only rate, both measured in the same process, over the time taken).
+// Revisions whose merge.cuh has the tensor-core forward's tuning knobs (LORY_MERGE_FORWARD_TC_TUNING)
+// time each forward variant (lory::detail::for_each_merge_forward_tc_variant) after the default.
 // Revisions whose merge.cuh has the tensor-core backward's tuning knobs (LORY_MERGE_BACKWARD_TC_TUNING)
 // also time each variant (lory::detail::for_each_merge_backward_tc_variant) on every backward case,
 // one line each, named at the end of the line; those with the wgmma variant (LORY_MERGE_BACKWARD_WGMMA,
@@ -21,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "../bandwidth_peaks.cuh"
 #include "lory/merge.cuh"
 
 namespace {
@@ -87,40 +92,67 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < hw.size(); ++i) hw[i] = float((i * 7919) % 97 + 1) / 3000.f;
   AB_CHECK(cudaMemcpy(w, hw.data(), hw.size() * sizeof(float), cudaMemcpyHostToDevice));
 
-  // Copy bandwidth: read + write of 2 GiB inside G.
-  const size_t copy_bytes = size_t(2) << 30;
-  const float copy_ms = best_ms(reps, [&] {
-    return cudaMemcpyAsync(reinterpret_cast<char*>(G) + copy_bytes, G, copy_bytes, cudaMemcpyDeviceToDevice) == cudaSuccess;
-  });
-  const double copy_gbs = 2.0 * copy_bytes / copy_ms / 1e6;
+  // Copy, read-only and write-only bandwidth (bench/bandwidth_peaks.cuh), timed like the kernels.
+  lory_bench::BandwidthPeaks peaks;
+  const bool have_peaks = lory_bench::measure_bandwidth_peaks(
+      [&](auto&& launch) {
+        return 1e-3 * best_ms(reps, [&] {
+                 launch();
+                 return true;
+               });
+      },
+      peaks);
+  if (!have_peaks) {
+    std::printf("measuring the bandwidth peaks failed\n");
+    return 1;
+  }
+  const double copy_gbs = peaks.copy * 1e-9;
   cudaDeviceProp prop{};
   AB_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device %s, copy %.0f GB/s, d1536 f4096 bf16, best of %d\n", prop.name, copy_gbs, reps);
-  fill<<<1024, 256>>>(G, Smax * P, 1.f);
+  std::printf("device %s, copy %.0f GB/s, read-only %.0f GB/s, write-only %.0f GB/s, d1536 f4096 bf16, best of %d\n",
+              prop.name, copy_gbs, peaks.read * 1e-9, peaks.write * 1e-9, reps);
 
-  auto report = [&](const char* what, int E, int64_t S, float ms, double bytes, const char* variant = "") {
+  // GB/s of the compulsory traffic (read + written), its percent of the copy rate, and "roof": the
+  // time that traffic takes at the read-only and write-only rates over the time taken, in percent.
+  auto report = [&](const char* what, int E, int64_t S, float ms, double read, double written,
+                    const char* variant = "") {
     if (ms < 0.f) {
       std::printf("%-9s E%-2d S%-4lld failed %s\n", what, E, static_cast<long long>(S), variant);
       return;
     }
-    const double gbs = bytes / ms / 1e6;
-    std::printf("%-9s E%-2d S%-4lld %9.3f ms %8.0f GB/s %5.1f%% of copy %s\n", what, E, static_cast<long long>(S), ms,
-                gbs, 100.0 * gbs / copy_gbs, variant);
+    const double gbs = (read + written) / ms / 1e6;
+    const double roof_ms = 1e3 * (read / peaks.read + written / peaks.write);
+    std::printf("%-9s E%-2d S%-4lld %9.3f ms %8.0f GB/s %5.1f%% of copy %5.1f%% of r/w roof %s\n", what, E,
+                static_cast<long long>(S), ms, gbs, 100.0 * gbs / copy_gbs, 100.0 * roof_ms / ms, variant);
   };
 
   for (int64_t S : {int64_t(128), int64_t(512)})
     for (int E : {8, 16, 32, 64}) {
-      if (!wanted(label("forward", E, S))) continue;
+      const std::string base = label("forward", E, S);
       lory::MergeForwardArgs<bf16, float> f;
       f.num_segments = S, f.experts = E, f.params = P, f.W = W, f.expert_stride = P, f.weights = w, f.Wbar = G,
       f.segment_stride = P;
-      size_t bytes = 0;
-      if (lory::merge_forward(f, nullptr, bytes, nullptr) != lory::Status::kSuccess || bytes > ws_cap) {
-        report("forward", E, S, -1.f, 0);
-        continue;
-      }
-      const float ms = best_ms(reps, [&] { return lory::merge_forward(f, ws, bytes, nullptr) == lory::Status::kSuccess; });
-      report("forward", E, S, ms, double(S + E) * P * sizeof(bf16));
+      // One timing for the default and each variant: run(workspace, bytes) is a launcher call.
+      auto time_one = [&](const char* variant, auto&& run) {
+        size_t bytes = 0;
+        if (run(nullptr, bytes) != lory::Status::kSuccess || bytes > ws_cap) {
+          report("forward", E, S, -1.f, 0, 0, variant);
+          return;
+        }
+        const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
+        report("forward", E, S, ms, double(E) * P * sizeof(bf16), double(S) * P * sizeof(bf16), variant);
+      };
+      if (wanted(base)) time_one("", [&](void* w_, size_t& n_) { return lory::merge_forward(f, w_, n_, nullptr); });
+#ifdef LORY_MERGE_FORWARD_TC_TUNING
+      // Revisions with the forward's tuning knobs: each variant on the same case ("forward E8 S512 cs").
+      lory::detail::for_each_merge_forward_tc_variant([&](auto tag) {
+        using V = typename decltype(tag)::type;
+        if (!wanted(base + " " + V::kName)) return;
+        time_one(V::kName, [&](void* w_, size_t& n_) {
+          return lory::detail::merge_forward_on_path<bf16, V>(f, w_, n_, nullptr, lory::detail::MergePath::kAuto);
+        });
+      });
+#endif
     }
   fill<<<1024, 256>>>(G, Smax * P, 1.f);
 
@@ -156,16 +188,16 @@ int main(int argc, char** argv) {
     b.num_segments = c.S, b.experts = c.E, b.params = P, b.G = G, b.grad_segment_stride = P, b.W = W,
     b.expert_stride = P, b.weights = w, b.dW = c.dW ? dW : nullptr, b.dW_expert_stride = P,
     b.d_weights = c.de ? dw : nullptr;
-    const double moved = (double(c.S) + (c.de ? c.E : 0) + (c.dW ? c.E : 0)) * P * sizeof(bf16);
+    const double read = (double(c.S) + (c.de ? c.E : 0)) * P * sizeof(bf16), written = (c.dW ? c.E : 0) * double(P) * sizeof(bf16);
     // One timing for the default and each variant: run(workspace, bytes) is a launcher call.
     auto time_one = [&](const char* variant, auto&& run) {
       size_t bytes = 0;
       if (run(nullptr, bytes) != lory::Status::kSuccess || bytes > ws_cap) {
-        report(c.what, c.E, c.S, -1.f, 0, variant);
+        report(c.what, c.E, c.S, -1.f, 0, 0, variant);
         return;
       }
       const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
-      report(c.what, c.E, c.S, ms, moved, variant);
+      report(c.what, c.E, c.S, ms, read, written, variant);
     };
 #ifdef LORY_MERGE_BACKWARD_WGMMA
     if (wgmma_pass) {

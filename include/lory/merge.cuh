@@ -18,7 +18,9 @@
 //                  so they keep ~16 bits; the output tile goes through shared
 //                  memory so global stores are whole 16-byte vectors.
 //   The launcher picks tensor cores for 16-bit storage and 8 <= E <= 64 on
-//   sm_80+; otherwise SIMT. detail::merge_forward_on_path forces either.
+//   sm_80+; otherwise SIMT. detail::merge_forward_on_path forces either, and
+//   takes the tensor-core kernel's tuning (MergeForwardTcKnobs: tile width,
+//   store policy; variants for the tests and the A/B driver).
 //   The fp16 tensor-core path needs |weights| < 65504 (routing probabilities are).
 // - backward: one pass over G. A persistent grid (a few blocks per SM, each
 //   looping over many P-tiles) stages a chunk of G rows per step and feeds
@@ -137,12 +139,13 @@ LORY_DEVICE LORY_FORCEINLINE void cp_async_row_vec(T* smem_dst, const T* row, bo
   cp_async_16(smem_dst, bytes ? row + col : row, bytes);
 }
 
-// Writes elements [col, min(col + kSize, P)) of a row.
-template <class T, bool kVec>
+// Writes elements [col, min(col + kSize, P)) of a row; kStream: the vector store evict-first.
+template <class T, bool kVec, bool kStream = false>
 LORY_DEVICE LORY_FORCEINLINE void store_row_vec(T* row, int64_t col, int64_t P, const Vec16<T>& x) {
   constexpr int V = Vec16<T>::kSize;
   if (kVec && col + V <= P) {
-    store_vec16(row + col, x);
+    if constexpr (kStream) store_vec16_stream(row + col, x);
+    else store_vec16(row + col, x);
     return;
   }
 #pragma unroll
@@ -305,11 +308,48 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
 // measured 57-66% of copy bandwidth at E = 32 on an H200; this one 73-79%); the
 // scalar path loads each tile when it starts.
 // ---------------------------------------------------------------------------
-template <class T, int kKSteps>
+// Tuning knobs of the tensor-core forward (as the backward's, below: one kernel template, each
+// variant a set of compile-time knobs, tested like the default and timed against it in one GPU run).
+//   kWarpsN        warps across the tile's params, 64 each: 4 (256-param tiles, 2 warp rows of 16
+//                  segments per pass) or 8 (512-param tiles, one warp row). Each block writes a
+//                  run of 2 * 64 * kWarpsN contiguous bytes per segment row; its W tile takes
+//                  twice the shared memory at 8.
+//   kStreamStores  merged rows stored with st.global.cs (evict-first: the merged weights are not
+//                  read again by this kernel) instead of the default write-back policy.
+template <int kWarpsN_, bool kStreamStores_>
+struct MergeForwardTcKnobs {
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr bool kStreamStores = kStreamStores_;
+  static_assert(kWarpsN == 4 || kWarpsN == 8, "warps across the tile: 4 or 8");
+};
+// A tuning gives the knobs for each kKSteps (E up to 16 kKSteps). 512-param tiles stop at E = 32:
+// at E = 64 two W buffers of 512 params alone take 133 KiB (an sm_80 gives a block 163 KiB).
+template <int kWarpsN, bool kStreamStores>
+struct MergeForwardTcTuning {
+  template <int kKSteps>
+  using At = MergeForwardTcKnobs<kKSteps <= 2 ? kWarpsN : 4, kStreamStores>;
+};
+// What lory::merge_forward runs (73-79% of copy bandwidth on an H200 at the paper's shapes, 6a20a9a).
+using MergeForwardTcDefault = MergeForwardTcTuning<4, false>;
+// The variants, named for the timing driver and the tests; none has run on a GPU yet.
+struct MergeForwardTcVariantTile512 : MergeForwardTcTuning<8, false> {
+  static constexpr const char* kName = "tile512";  // 1 KiB runs per segment row, not 512 bytes
+};
+struct MergeForwardTcVariantStream : MergeForwardTcTuning<4, true> {
+  static constexpr const char* kName = "cs";  // evict-first stores
+};
+struct MergeForwardTcVariantTile512Stream : MergeForwardTcTuning<8, true> {
+  static constexpr const char* kName = "tile512+cs";
+};
+#define LORY_MERGE_FORWARD_TC_TUNING 1
+
+template <class T, int kKSteps, class Knobs = typename MergeForwardTcDefault::template At<kKSteps>>
 struct MergeForwardTcConfig {
-  static constexpr int kTileN = 256;
+  static constexpr int kWarpsN = Knobs::kWarpsN;
+  static constexpr int kWarpsM = (kMergeThreads / 32) / kWarpsN;
   static constexpr int kWarpN = 64;
-  static constexpr int kRowsPerPass = 32;  // 2 warp rows x 16 segments
+  static constexpr int kTileN = kWarpsN * kWarpN;
+  static constexpr int kRowsPerPass = 16 * kWarpsM;  // warp rows x 16 segments
   static constexpr int kK = kKSteps * 16;
   // Row strides padded by 16 bytes: the 8 rows of an ldmatrix fall in 8 different bank groups.
   static constexpr int kWRow = kTileN + 8;
@@ -323,19 +363,19 @@ struct MergeForwardTcConfig {
 };
 
 #if LORY_HAS_DEVICE_CODE
-template <class T, bool kVecIO, int kKSteps>
+template <class T, bool kVecIO, int kKSteps, class Knobs>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_forward_tc_kernel(const MergeForwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
-  using Cfg = MergeForwardTcConfig<T, kKSteps>;
+  using Cfg = MergeForwardTcConfig<T, kKSteps, Knobs>;
   constexpr int kK = Cfg::kK, kWRow = Cfg::kWRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
   constexpr int kRowVecs = Cfg::kTileN / V;
   LORY_DYNAMIC_SMEM(merge_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_n = warp % 4, warp_m = warp / 4;
+  const int warp_n = warp % Cfg::kWarpsN, warp_m = warp / Cfg::kWarpsN;
   const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * p.segs_per_slice;
   const int64_t s_end = s_begin + p.segs_per_slice < p.S ? s_begin + p.segs_per_slice : p.S;
-  const int64_t slice_rows = (s_end - s_begin + 15) / 16 * 16;
+  const int64_t slice_rows = (s_end - s_begin + 15) / 16 * 16;  // the last pass may leave warp rows idle
   T* const w_buf = reinterpret_cast<T*>(merge_smem);                                        // [2][kK][kWRow]
   T* stage = reinterpret_cast<T*>(merge_smem + 2 * Cfg::kWBytes + warp * Cfg::kStageBytes); // [16][kStageRow]
   T* a_hi = reinterpret_cast<T*>(merge_smem + Cfg::kFixedBytes);                            // [slice rows][kARow]
@@ -400,7 +440,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
       }
 
 #pragma unroll 1
-    for (int64_t r0 = warp_m * 16; r0 < slice_rows; r0 += 32) {
+    for (int64_t r0 = warp_m * 16; r0 < slice_rows; r0 += Cfg::kRowsPerPass) {
       float acc[8][4];
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
@@ -432,7 +472,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_fo
         const int64_t s = s_begin + r0 + row;
         if (s < s_end) {
           const Vec16<T> x = *reinterpret_cast<const Vec16<T>*>(stage + row * kStageRow + chunk * V);
-          store_row_vec<T, kVecIO>(p.out + s * p.out_stride, tile_col + warp_n * Cfg::kWarpN + chunk * V, p.P, x);
+          store_row_vec<T, kVecIO, Knobs::kStreamStores>(p.out + s * p.out_stride,
+                                                          tile_col + warp_n * Cfg::kWarpN + chunk * V, p.P, x);
         }
       }
       __syncwarp();  // the staging tile is rewritten by the next m-tile
@@ -821,6 +862,12 @@ struct TypeTag {
   using type = X;
 };
 // Calls f(TypeTag<V>{}) for every variant V, in a fixed order.
+template <class F>
+void for_each_merge_forward_tc_variant(F&& f) {
+  f(TypeTag<MergeForwardTcVariantTile512>{});
+  f(TypeTag<MergeForwardTcVariantStream>{});
+  f(TypeTag<MergeForwardTcVariantTile512Stream>{});
+}
 template <class F>
 void for_each_merge_backward_tc_variant(F&& f) {
   f(TypeTag<MergeBackwardTcVariantK1Fit3>{});
@@ -1531,21 +1578,24 @@ Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t ti
   return check_launch();
 }
 
-template <class T, bool kVecIO>
+// The tensor-core forward at kKSteps = ceil(E / 16), with Tuning's knobs for it.
+template <class T, bool kVecIO, class Tuning, int K>
+Status merge_forward_tc_at(const MergeForwardParams<T>& prm, cudaStream_t stream) {
+  using Knobs = typename Tuning::template At<K>;
+  using Cfg = MergeForwardTcConfig<T, K, Knobs>;
+  return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
+                                 kMergeForwardWeightsSmem / Cfg::bytes_per_segment(),
+                                 [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream);
+}
+
+template <class T, bool kVecIO, class Tuning>
 Status merge_forward_tc(const MergeForwardParams<T>& prm, cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
-    const int ksteps = (prm.E + 15) / 16;
-    switch (ksteps) {
-#define LORY_MERGE_TC_CASE(K)                                                                              \
-  case K:                                                                                                  \
-    return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K>, prm, 256, 32,                    \
-                                   kMergeForwardWeightsSmem / MergeForwardTcConfig<T, K>::bytes_per_segment(), \
-                                   [](int64_t rows) { return MergeForwardTcConfig<T, K>::smem_bytes(rows); }, stream);
-      LORY_MERGE_TC_CASE(1)
-      LORY_MERGE_TC_CASE(2)
-      LORY_MERGE_TC_CASE(3)
-      LORY_MERGE_TC_CASE(4)
-#undef LORY_MERGE_TC_CASE
+    switch ((prm.E + 15) / 16) {
+      case 1: return merge_forward_tc_at<T, kVecIO, Tuning, 1>(prm, stream);
+      case 2: return merge_forward_tc_at<T, kVecIO, Tuning, 2>(prm, stream);
+      case 3: return merge_forward_tc_at<T, kVecIO, Tuning, 3>(prm, stream);
+      case 4: return merge_forward_tc_at<T, kVecIO, Tuning, 4>(prm, stream);
       default: return Status::kErrorInvalidArgument;
     }
   } else {
@@ -1618,7 +1668,8 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
 }
 
 #if LORY_HAS_DEVICE_CODE
-template <class T>
+// Tuning: the tensor-core kernel's knobs (MergeForwardTcDefault, or a variant: tests and bench/ab).
+template <class T, class Tuning = MergeForwardTcDefault>
 Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
                              cudaStream_t stream, MergePath path) {
   LORY_RETURN_IF_ERROR(merge_forward_can_implement(a));
@@ -1650,7 +1701,7 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
   const bool vec = merge_vec_io(a.W, a.expert_stride, a.Wbar, a.segment_stride);
   if (path == MergePath::kTensorCore) {
     prm.col_vecs = 32;
-    return vec ? merge_forward_tc<T, true>(prm, stream) : merge_forward_tc<T, false>(prm, stream);
+    return vec ? merge_forward_tc<T, true, Tuning>(prm, stream) : merge_forward_tc<T, false, Tuning>(prm, stream);
   }
   using Cfg = MergeForwardSimtConfig<T>;
   prm.col_vecs = Cfg::col_vecs(a.experts);

@@ -262,6 +262,8 @@ template <class T>
 inline T __ldg(const T* p) { return *p; }
 template <class T>
 inline T __ldcs(const T* p) { return *p; }
+template <class T>
+inline void __stcs(T* p, T v) { *p = v; }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float atomicAdd(float* p, float v) {  // one OS thread runs every fiber: a plain add is atomic
   const float old = *p;

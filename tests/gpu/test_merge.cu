@@ -100,11 +100,19 @@ struct FwdCase {
   int64_t offset;          // elements; 1 = misaligned base pointers
 };
 
-template <class T>
+// Tuning: the tensor-core kernel's knobs (the default, or a variant with a kName).
+template <class Tuning, class Default>
+std::string tuning_tag() {
+  if constexpr (std::is_same<Tuning, Default>::value) return "";
+  else return std::string("/") + Tuning::kName;
+}
+
+template <class T, class Tuning = lory::detail::MergeForwardTcDefault>
 void run_forward(const FwdCase& c, MergePath path) {
   const std::string tag = std::string("fwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
                           std::to_string(c.E) + "/P" + std::to_string(c.P) + "/path" +
-                          std::to_string(static_cast<int>(path)) + "/off" + std::to_string(c.offset);
+                          std::to_string(static_cast<int>(path)) + "/off" + std::to_string(c.offset) +
+                          tuning_tag<Tuning, lory::detail::MergeForwardTcDefault>();
   INFO(tag);
   auto rng = make_rng(tag);
   auto W = make_view<T>(c.E, c.P, c.w_pad, c.offset, rng, true);
@@ -123,9 +131,9 @@ void run_forward(const FwdCase& c, MergePath path) {
   a.Wbar = device_view(dout, out);
   a.segment_stride = out.stride;
   size_t bytes = 0;
-  REQUIRE(lory::detail::merge_forward_on_path(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
+  REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
   DeviceBytes ws(bytes);
-  REQUIRE(lory::detail::merge_forward_on_path(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+  REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
   LORY_TEST_SYNC();
 
   HostView<T> got = out;
@@ -189,12 +197,6 @@ struct BwdResult {
   std::vector<float> de;
 };
 
-// Tuning: the tensor-core kernel's knobs (the default, or a variant with a kName).
-template <class Tuning>
-std::string tuning_tag() {
-  if constexpr (std::is_same<Tuning, lory::detail::MergeBackwardTcDefault>::value) return "";
-  else return std::string("/") + Tuning::kName;
-}
 
 // A backward problem of case c in mode m: fresh random inputs on the host and the device, the
 // launcher's arguments for them. d_weights [S, E] is contiguous, followed by a poisoned guard.
@@ -245,7 +247,7 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, in
   const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
                           std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
                           "/off" + std::to_string(c.offset) + "/path" + std::to_string(static_cast<int>(path)) +
-                          "/" + m.name() + tuning_tag<Tuning>();
+                          "/" + m.name() + tuning_tag<Tuning, lory::detail::MergeBackwardTcDefault>();
   INFO(tag);
   auto rng = make_rng(tag);
   BwdProblem<T> prob(c, m, rng);
@@ -392,6 +394,16 @@ TEMPLATE_TEST_CASE("merge_forward (CUDA cores) matches the CPU twin", "[gpu][mer
 TEMPLATE_TEST_CASE("merge_forward (tensor cores) matches the CPU twin", "[gpu][merge]", __half, __nv_bfloat16) {
   for (const auto& c : forward_cases())
     if (c.E <= 64) run_forward<TestType>(c, MergePath::kTensorCore);
+}
+
+// The variants of the tensor-core forward (512-param tiles, evict-first stores) that
+// bench/ab/merge_ab.cu times against the default, on every case the tensor cores take.
+TEMPLATE_TEST_CASE("merge_forward (tensor-core variants) matches the CPU twin", "[gpu][merge]", __nv_bfloat16) {
+  lory::detail::for_each_merge_forward_tc_variant([](auto tag) {
+    using V = typename decltype(tag)::type;
+    for (const auto& c : forward_cases())
+      if (c.E <= 64) run_forward<TestType, V>(c, MergePath::kTensorCore);
+  });
 }
 
 TEMPLATE_TEST_CASE("merge_forward (launcher's choice) matches the CPU twin", "[gpu][merge]", float, __half,

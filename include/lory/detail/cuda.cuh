@@ -89,6 +89,12 @@ LORY_DEVICE LORY_FORCEINLINE void store_vec16(T* p, const Vec16<T>& r) {
   LORY_CHECK_VEC16_ALIGNED(p);
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
+// Streaming store, evict-first (st.global.cs: the data is not read again soon).
+template <class T>
+LORY_DEVICE LORY_FORCEINLINE void store_vec16_stream(T* p, const Vec16<T>& r) {
+  LORY_CHECK_VEC16_ALIGNED(p);
+  __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&r));
+}
 // Streaming load that bypasses L1 (each element is read once).
 template <class T>
 LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16_stream(const T* p) {
