@@ -805,13 +805,14 @@ struct MergeBackwardTcKnobs {
 // registers of two blocks per SM); 256-param tiles apply from E = 17 to 32 only (above they spill
 // the same way; up to E = 16 they cost the third block per SM) and fall back to 128 params where
 // their shared memory would cost a block (E = 32, S = 512).
-//   kFitK1, kDeNK1: kFitBlocks and kDeN at kKSteps = 1 (E <= 16, where three blocks fit by
-//   registers); from kKSteps = 2 on, two blocks and 16-expert units.
-template <int kFitK1, int kDwGroups, int kDeNK1, int kDeM, int kTileN = 128>
+//   kFitK1, kDeNK1, kTileNK1: kFitBlocks, kDeN and kTileN at kKSteps = 1 (E <= 16, where three
+//   blocks fit by registers); from kKSteps = 2 on, two blocks and 16-expert units.
+template <int kFitK1, int kDwGroups, int kDeNK1, int kDeM, int kTileN = 128, int kTileNK1 = 128>
 struct MergeBackwardTcTuning {
   template <int kKSteps>
   using At = MergeBackwardTcKnobs<kKSteps == 1 ? 3 : 2, kKSteps == 1 ? kFitK1 : 2, kKSteps % 2 == 0 ? kDwGroups : 1,
-                                  kKSteps == 1 ? kDeNK1 : 16, kKSteps <= 2 ? kDeM : 1, kKSteps == 2 ? kTileN : 128>;
+                                  kKSteps == 1 ? kDeNK1 : 16, kKSteps <= 2 ? kDeM : 1,
+                                  kKSteps == 1 ? kTileNK1 : kKSteps == 2 ? kTileN : 128>;
 };
 // The same knobs with 128-param tiles: what a wider-tiled tuning runs where its shared memory would
 // cost blocks per SM (merge_backward_tc_shape).
@@ -843,6 +844,12 @@ struct MergeBackwardTcVariantTile256 : MergeBackwardTcTuning<2, 1, 8, 1, 256> {
   // 256-param tiles (E = 17..32). With dw2x4 the model gives the same traffic (its warps already
   // span 32 params); with de32 it spills on sm_80.
   static constexpr const char* kName = "tile256";
+};
+struct MergeBackwardTcVariantK1Tile256 : MergeBackwardTcTuning<3, 1, 8, 1, 128, 256> {
+  // E <= 16: 256-param tiles, two stages so that three blocks stay on an SM. Each block reads its G
+  // rows in runs of 512 bytes, not 256, and every warp reads the step's routing weights once per
+  // 256 params.
+  static constexpr const char* kName = "k1-tile256";
 };
 // The wgmma kernel (merge_backward_wgmma_kernel, sm_90a) as a tuning: its own kernel, not a set of
 // mma.sync knobs. Not in for_each_merge_backward_tc_variant, which runs on any sm_80+ device.
@@ -876,6 +883,7 @@ void for_each_merge_backward_tc_variant(F&& f) {
   f(TypeTag<MergeBackwardTcVariantDe32>{});
   f(TypeTag<MergeBackwardTcVariantDw2x4De32>{});
   f(TypeTag<MergeBackwardTcVariantTile256>{});
+  f(TypeTag<MergeBackwardTcVariantK1Tile256>{});
 }
 
 template <class T, int kKSteps, int kStagesT = 4, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>

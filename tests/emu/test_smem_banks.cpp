@@ -232,6 +232,8 @@ TEST_CASE("smem model: wavefronts per step of the tensor-core backward and its v
   CHECK(step_total<detail::MergeBackwardTcVariantDw2x4, 4>(64) < step_total<Default, 4>(64));
   CHECK(step_total<detail::MergeBackwardTcVariantTile256, 2>(32) < d32.total());
   CHECK(step_total<detail::MergeBackwardTcVariantTile256, 2>(32) < step_total<detail::MergeBackwardTcVariantDw2x4De32, 2>(32));
+  CHECK(step_total<detail::MergeBackwardTcVariantK1Tile256, 1>(8) < step_total<Default, 1>(8));
+  CHECK(step_total<detail::MergeBackwardTcVariantK1Tile256, 1>(16) < step_total<Default, 1>(16));
 }
 
 namespace {
@@ -365,6 +367,17 @@ TEST_CASE("smem capacity: the tensor-core backward keeps its blocks per SM at th
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(128, 32, true).stages == 2);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(512, 32, true).tile_n == 128);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 2, Wide>(512, 32, false).tile_n == 256);
+  // The 256-param tiles at E <= 16 keep three blocks per SM with two stages; at E = 16, S = 512 the
+  // 32 KiB on-chip partial leaves no room for them, and they fall back to 128 params.
+  using K1Wide = detail::MergeBackwardTcVariantK1Tile256;
+  for (int E : {8, 16})
+    for (int64_t S : {128, 512}) {
+      CAPTURE(E, S);
+      CHECK(blocks_per_sm<1, K1Wide>(S, E) >= 3);
+      const auto shape = detail::merge_backward_tc_shape<__nv_bfloat16, 1, K1Wide::At<1>>(S, E, true);
+      CHECK(shape.tile_n == (E == 16 && S == 512 ? 128 : 256));
+      CHECK(shape.stages == 2);
+    }
   // The wgmma kernel: two blocks per SM at the paper's shapes up to E = 32, but for S = 512 at E = 32,
   // where the 64 KiB on-chip partial leaves room for one (with four stages).
   auto wgmma_blocks = [](auto ksteps, int64_t S, int E) {
