@@ -89,6 +89,8 @@ constexpr int kMergeThreads = 256;
 constexpr size_t kMergeMinWorkspaceBytes = 16;
 // Forward: P-tiles x S-slices aimed at (at least) this many blocks.
 constexpr int64_t kMergeForwardTargetBlocks = 1024;
+// Shared memory the slice's weights may take (the rest of the block's use is small).
+constexpr int64_t kMergeForwardWeightsSmem = 48 * 1024;
 // Backward: at most this many persistent blocks (bounds the partials' workspace).
 constexpr int kMergeBackwardMaxBlocks = 512;
 // Backward: segments staged per step, and the largest S*E partial kept in shared memory.
@@ -316,18 +318,25 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
 //                  twice the shared memory at 8.
 //   kStreamStores  merged rows stored with st.global.cs (evict-first: the merged weights are not
 //                  read again by this kernel) instead of the default write-back policy.
-template <int kWarpsN_, bool kStreamStores_>
+//   kMinBlocks     __launch_bounds__' blocks per SM (registers: 65536 / (256 * kMinBlocks) per
+//                  thread); above two, the slice's routing weights get less shared memory (more
+//                  slices, so W is read once per slice) so that the blocks fit an sm_90's.
+template <int kWarpsN_, bool kStreamStores_, int kMinBlocks_>
 struct MergeForwardTcKnobs {
   static constexpr int kWarpsN = kWarpsN_;
   static constexpr bool kStreamStores = kStreamStores_;
+  static constexpr int kMinBlocks = kMinBlocks_;
   static_assert(kWarpsN == 4 || kWarpsN == 8, "warps across the tile: 4 or 8");
+  static_assert(kMinBlocks >= 1 && kMinBlocks <= 3, "blocks per SM");
 };
 // A tuning gives the knobs for each kKSteps (E up to 16 kKSteps). 512-param tiles stop at E = 32:
 // at E = 64 two W buffers of 512 params alone take 133 KiB (an sm_80 gives a block 163 KiB).
-template <int kWarpsN, bool kStreamStores>
+// Blocks per SM: two up to E = 32, one above; kMinBlocksK1 at E <= 16.
+template <int kWarpsN, bool kStreamStores, int kMinBlocksK1 = 2>
 struct MergeForwardTcTuning {
   template <int kKSteps>
-  using At = MergeForwardTcKnobs<kKSteps <= 2 ? kWarpsN : 4, kStreamStores>;
+  using At = MergeForwardTcKnobs<kKSteps <= 2 ? kWarpsN : 4, kStreamStores,
+                                 kKSteps == 1 ? kMinBlocksK1 : kKSteps == 2 ? 2 : 1>;
 };
 // What lory::merge_forward runs (73-79% of copy bandwidth on an H200 at the paper's shapes, 6a20a9a).
 using MergeForwardTcDefault = MergeForwardTcTuning<4, false>;
@@ -340,6 +349,9 @@ struct MergeForwardTcVariantStream : MergeForwardTcTuning<4, true> {
 };
 struct MergeForwardTcVariantTile512Stream : MergeForwardTcTuning<8, true> {
   static constexpr const char* kName = "tile512+cs";
+};
+struct MergeForwardTcVariantK1Blocks3 : MergeForwardTcTuning<4, false, 3> {
+  static constexpr const char* kName = "k1-3blocks";  // E <= 16: 24 warps per SM, not 16
 };
 #define LORY_MERGE_FORWARD_TC_TUNING 1
 
@@ -360,11 +372,19 @@ struct MergeForwardTcConfig {
   static constexpr size_t kFixedBytes = 2 * kWBytes + (kMergeThreads / 32) * kStageBytes;  // two W buffers
   static int64_t bytes_per_segment() { return int64_t(2) * kARow * sizeof(T); }  // hi + lo
   static size_t smem_bytes(int64_t slice_rows) { return kFixedBytes + size_t(slice_rows * bytes_per_segment()); }
+  // Shared memory the slice's routing weights may take: kMergeForwardWeightsSmem, less where more
+  // than two blocks should share an sm_90's (1 KiB per block reserved by the runtime).
+  static constexpr int64_t weights_budget() {
+    return Knobs::kMinBlocks <= 2
+               ? kMergeForwardWeightsSmem
+               : std::min<int64_t>(kMergeForwardWeightsSmem,
+                                   int64_t(kMergeSm90SmemLimits.per_sm / Knobs::kMinBlocks) - 1024 - int64_t(kFixedBytes));
+  }
 };
 
 #if LORY_HAS_DEVICE_CODE
 template <class T, bool kVecIO, int kKSteps, class Knobs>
-LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1) merge_forward_tc_kernel(const MergeForwardParams<T> p) {
+LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forward_tc_kernel(const MergeForwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
   using Cfg = MergeForwardTcConfig<T, kKSteps, Knobs>;
   constexpr int kK = Cfg::kK, kWRow = Cfg::kWRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
@@ -874,6 +894,7 @@ void for_each_merge_forward_tc_variant(F&& f) {
   f(TypeTag<MergeForwardTcVariantTile512>{});
   f(TypeTag<MergeForwardTcVariantStream>{});
   f(TypeTag<MergeForwardTcVariantTile512Stream>{});
+  f(TypeTag<MergeForwardTcVariantK1Blocks3>{});
 }
 template <class F>
 void for_each_merge_backward_tc_variant(F&& f) {
@@ -1565,8 +1586,6 @@ inline void merge_forward_slices(int64_t S, int64_t tiles, int64_t rows_per_pass
   slices = (S + segs_per_slice - 1) / segs_per_slice;
 }
 
-// Shared memory the slice's weights may take (the rest of the block's use is small).
-constexpr int64_t kMergeForwardWeightsSmem = 48 * 1024;
 
 #if LORY_HAS_DEVICE_CODE
 // smem_of(slice_rows) gives the kernel's dynamic shared memory for a slice.
@@ -1592,7 +1611,7 @@ Status merge_forward_tc_at(const MergeForwardParams<T>& prm, cudaStream_t stream
   using Knobs = typename Tuning::template At<K>;
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
   return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
-                                 kMergeForwardWeightsSmem / Cfg::bytes_per_segment(),
+                                 Cfg::weights_budget() / Cfg::bytes_per_segment(),
                                  [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream);
 }
 

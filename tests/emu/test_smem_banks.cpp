@@ -447,3 +447,31 @@ TEST_CASE("smem capacity: every shape the launchers pick fits one block of an sm
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 4>(256, 64, true, sm80).stages == 2);
   CHECK(detail::merge_backward_tc_shape<__nv_bfloat16, 4>(256, 64, true).stages == 4);
 }
+
+namespace {
+// Blocks of the tensor-core forward an sm_90 holds at (S, E), by shared memory: the slice the
+// launcher picks (merge_forward_slices with the tuning's weights budget) for P-tiles enough to fill
+// the device, as at the paper's shapes.
+template <int kKSteps, class Tuning>
+int forward_blocks_per_sm(int64_t S) {
+  using Cfg = detail::MergeForwardTcConfig<__nv_bfloat16, kKSteps, typename Tuning::template At<kKSteps>>;
+  int64_t segs = 0, slices = 0;
+  detail::merge_forward_slices(S, 1 << 16, Cfg::kRowsPerPass, Cfg::weights_budget() / Cfg::bytes_per_segment(), segs,
+                               slices);
+  return static_cast<int>(detail::kMergeSm90SmemLimits.per_sm / (Cfg::smem_bytes(segs) + 1024));
+}
+}  // namespace
+
+TEST_CASE("smem capacity: the tensor-core forward keeps its blocks per SM at the paper's shapes", "[banks][merge]") {
+  // Registers allow two blocks per SM up to E = 32 (__launch_bounds__): shared memory must not
+  // take one away; the k1-3blocks variant is there for a third at E <= 16.
+  using Default = detail::MergeForwardTcDefault;
+  for (int64_t S : {128, 512}) {
+    CAPTURE(S);
+    CHECK(forward_blocks_per_sm<1, Default>(S) >= 2);
+    CHECK(forward_blocks_per_sm<2, Default>(S) >= 2);
+    CHECK(forward_blocks_per_sm<1, detail::MergeForwardTcVariantK1Blocks3>(S) >= 3);
+    CHECK(forward_blocks_per_sm<1, detail::MergeForwardTcVariantTile512>(S) >= 2);
+    CHECK(forward_blocks_per_sm<2, detail::MergeForwardTcVariantTile512>(S) >= (S == 128 ? 2 : 1));
+  }
+}
