@@ -20,7 +20,9 @@
 //   The launcher picks tensor cores for 16-bit storage and 8 <= E <= 64 on
 //   sm_80+; otherwise SIMT. detail::merge_forward_on_path forces either, and
 //   takes the tensor-core kernel's tuning (MergeForwardTcKnobs: tile width,
-//   store policy; variants for the tests and the A/B driver).
+//   store policy, blocks per SM, static or dynamic tile order; variants for
+//   the tests and the A/B driver). The default needs no workspace beyond the
+//   16-byte minimum; a dynamic-tile variant keeps a counter per S slice there.
 //   The fp16 tensor-core path needs |weights| < 65504 (routing probabilities are).
 // - backward: one pass over G. A persistent grid (a few blocks per SM, each
 //   looping over many P-tiles) stages a chunk of G rows per step and feeds
@@ -188,6 +190,7 @@ struct MergeForwardParams {
   int col_vecs;            // 16-byte column vectors per tile (SIMT: cg; tensor core: fixed)
   int64_t tiles;           // ceil(P / tile width)
   int64_t segs_per_slice;  // S range of one blockIdx.y
+  unsigned long long* tile_counters = nullptr;  // one per slice, zeroed (tensor cores, dynamic tiles)
 };
 
 template <class T>
@@ -321,22 +324,27 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
 //   kMinBlocks     __launch_bounds__' blocks per SM (registers: 65536 / (256 * kMinBlocks) per
 //                  thread); above two, the slice's routing weights get less shared memory (more
 //                  slices, so W is read once per slice) so that the blocks fit an sm_90's.
-template <int kWarpsN_, bool kStreamStores_, int kMinBlocks_>
+//   kDynamicTiles  blocks take their next tile from a counter in the workspace instead of every
+//                  gridDim.x-th: the tiles in flight stay consecutive and about in step, so the
+//                  writes in flight cover long runs of each segment row (the static order drifts
+//                  apart over a few hundred tiles per block).
+template <int kWarpsN_, bool kStreamStores_, int kMinBlocks_, bool kDynamicTiles_ = false>
 struct MergeForwardTcKnobs {
   static constexpr int kWarpsN = kWarpsN_;
   static constexpr bool kStreamStores = kStreamStores_;
   static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr bool kDynamicTiles = kDynamicTiles_;
   static_assert(kWarpsN == 4 || kWarpsN == 8, "warps across the tile: 4 or 8");
   static_assert(kMinBlocks >= 1 && kMinBlocks <= 3, "blocks per SM");
 };
 // A tuning gives the knobs for each kKSteps (E up to 16 kKSteps). 512-param tiles stop at E = 32:
 // at E = 64 two W buffers of 512 params alone take 133 KiB (an sm_80 gives a block 163 KiB).
 // Blocks per SM: two up to E = 32, one above; kMinBlocksK1 at E <= 16.
-template <int kWarpsN, bool kStreamStores, int kMinBlocksK1 = 2>
+template <int kWarpsN, bool kStreamStores, int kMinBlocksK1 = 2, bool kDynamicTiles = false>
 struct MergeForwardTcTuning {
   template <int kKSteps>
   using At = MergeForwardTcKnobs<kKSteps <= 2 ? kWarpsN : 4, kStreamStores,
-                                 kKSteps == 1 ? kMinBlocksK1 : kKSteps == 2 ? 2 : 1>;
+                                 kKSteps == 1 ? kMinBlocksK1 : kKSteps == 2 ? 2 : 1, kDynamicTiles>;
 };
 // What lory::merge_forward runs (73-79% of copy bandwidth on an H200 at the paper's shapes, 6a20a9a).
 using MergeForwardTcDefault = MergeForwardTcTuning<4, false>;
@@ -352,6 +360,12 @@ struct MergeForwardTcVariantTile512Stream : MergeForwardTcTuning<8, true> {
 };
 struct MergeForwardTcVariantK1Blocks3 : MergeForwardTcTuning<4, false, 3> {
   static constexpr const char* kName = "k1-3blocks";  // E <= 16: 24 warps per SM, not 16
+};
+struct MergeForwardTcVariantDynamic : MergeForwardTcTuning<4, false, 2, true> {
+  static constexpr const char* kName = "dyn";  // tiles taken from a counter
+};
+struct MergeForwardTcVariantTile512Dynamic : MergeForwardTcTuning<8, false, 2, true> {
+  static constexpr const char* kName = "tile512+dyn";
 };
 #define LORY_MERGE_FORWARD_TC_TUNING 1
 
@@ -427,19 +441,31 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
   };
   if (kVecIO && blockIdx.x < p.tiles) fill_w(blockIdx.x, w_buf);
 
+  // The block's tiles: blockIdx.x, then every gridDim.x-th; or, with dynamic tiles, blockIdx.x, then
+  // whichever comes next from the slice's counter (p.tile_counters, zeroed by the launcher), so that
+  // the tiles in flight are always about gridDim.x consecutive ones, started about together. Thread
+  // 0 takes the one after next a tile ahead, through a two-slot shared array (slot it % 2 is written
+  // in iteration it - 1 and read in iteration it, each after the barrier that ends the other's use).
+  LORY_BLOCK_SHARED(int64_t[2], next_tile);
+  auto take_tile = [&] {
+    return int64_t(gridDim.x) + static_cast<int64_t>(atomicAdd(p.tile_counters + blockIdx.y, 1ull));
+  };
+  if (Knobs::kDynamicTiles && threadIdx.x == 0) next_tile[0] = take_tile();
   int buf = 0;
-  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x, buf ^= 1) {
+  int64_t next = 0;
+  for (int64_t tile = blockIdx.x, it = 0; tile < p.tiles; tile = next, ++it, buf ^= 1) {
     const int64_t tile_col = tile * Cfg::kTileN;
-    const int64_t next = tile + gridDim.x;
     T* const w_s = w_buf + (kVecIO ? buf : 0) * (kK * kWRow);
+    if constexpr (kVecIO) cp_async_wait<0>();
+    // This tile's W (vector path; and, the first time, the weights) is in place for everyone, and
+    // every warp has its B fragments of the previous tile: the other buffer is free for the next
+    // tile's W (vector path), or this one for this tile's (scalar path).
+    __syncthreads();
+    next = Knobs::kDynamicTiles ? next_tile[it % 2] : tile + gridDim.x;
+    if (Knobs::kDynamicTiles && threadIdx.x == 0) next_tile[(it + 1) % 2] = take_tile();
     if constexpr (kVecIO) {
-      cp_async_wait<0>();
-      // This tile's W (and, the first time, the weights) is in place for everyone, and every warp
-      // has its B fragments of the previous tile: the other buffer is free for the next tile's W.
-      __syncthreads();
       if (next < p.tiles) fill_w(next, w_buf + (buf ^ 1) * (kK * kWRow));
     } else {
-      __syncthreads();  // every warp has its B fragments of the previous tile (and the weights are in place)
       fill_w(tile, w_s);
       __syncthreads();
     }
@@ -895,6 +921,8 @@ void for_each_merge_forward_tc_variant(F&& f) {
   f(TypeTag<MergeForwardTcVariantStream>{});
   f(TypeTag<MergeForwardTcVariantTile512Stream>{});
   f(TypeTag<MergeForwardTcVariantK1Blocks3>{});
+  f(TypeTag<MergeForwardTcVariantDynamic>{});
+  f(TypeTag<MergeForwardTcVariantTile512Dynamic>{});
 }
 template <class F>
 void for_each_merge_backward_tc_variant(F&& f) {
@@ -1589,15 +1617,22 @@ inline void merge_forward_slices(int64_t S, int64_t tiles, int64_t rows_per_pass
 
 #if LORY_HAS_DEVICE_CODE
 // smem_of(slice_rows) gives the kernel's dynamic shared memory for a slice.
+// counters: where the tile counters of a dynamic-tile kernel go (one per slice, zeroed here on the
+// stream), else null.
 template <class T, class Kernel, class SmemOf>
 Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t tile_width, int64_t rows_per_pass,
-                            int64_t max_rows, SmemOf smem_of, cudaStream_t stream) {
+                            int64_t max_rows, SmemOf smem_of, cudaStream_t stream, void* counters = nullptr) {
   prm.tiles = (prm.P + tile_width - 1) / tile_width;
   int64_t slices = 1;
   merge_forward_slices(prm.S, prm.tiles, rows_per_pass, max_rows, prm.segs_per_slice, slices);
   const size_t smem = smem_of(prm.segs_per_slice);
   int64_t on_device = 0;
   LORY_RETURN_IF_ERROR(max_resident_blocks(kernel, kMergeThreads, smem, on_device));
+  if (counters) {
+    prm.tile_counters = static_cast<unsigned long long*>(counters);
+    if (cudaMemsetAsync(counters, 0, size_t(slices) * sizeof(unsigned long long), stream) != cudaSuccess)
+      return Status::kErrorCudaLaunch;
+  }
   // Persistent over P-tiles: each block loads its slice's weights once and loops over tiles.
   const int64_t resident = std::max<int64_t>(1, on_device / slices);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(prm.tiles, resident)), static_cast<unsigned>(slices));
@@ -1605,30 +1640,57 @@ Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t ti
   return check_launch();
 }
 
-// The tensor-core forward at kKSteps = ceil(E / 16), with Tuning's knobs for it.
+// The tensor-core forward at kKSteps = ceil(E / 16), with Tuning's knobs for it; workspace holds
+// the tile counters of a dynamic-tile tuning.
 template <class T, bool kVecIO, class Tuning, int K>
-Status merge_forward_tc_at(const MergeForwardParams<T>& prm, cudaStream_t stream) {
+Status merge_forward_tc_at(const MergeForwardParams<T>& prm, void* workspace, cudaStream_t stream) {
   using Knobs = typename Tuning::template At<K>;
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
   return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
                                  Cfg::weights_budget() / Cfg::bytes_per_segment(),
-                                 [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream);
+                                 [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream,
+                                 Knobs::kDynamicTiles ? workspace : nullptr);
 }
 
 template <class T, bool kVecIO, class Tuning>
-Status merge_forward_tc(const MergeForwardParams<T>& prm, cudaStream_t stream) {
+Status merge_forward_tc(const MergeForwardParams<T>& prm, void* workspace, cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
     switch ((prm.E + 15) / 16) {
-      case 1: return merge_forward_tc_at<T, kVecIO, Tuning, 1>(prm, stream);
-      case 2: return merge_forward_tc_at<T, kVecIO, Tuning, 2>(prm, stream);
-      case 3: return merge_forward_tc_at<T, kVecIO, Tuning, 3>(prm, stream);
-      case 4: return merge_forward_tc_at<T, kVecIO, Tuning, 4>(prm, stream);
+      case 1: return merge_forward_tc_at<T, kVecIO, Tuning, 1>(prm, workspace, stream);
+      case 2: return merge_forward_tc_at<T, kVecIO, Tuning, 2>(prm, workspace, stream);
+      case 3: return merge_forward_tc_at<T, kVecIO, Tuning, 3>(prm, workspace, stream);
+      case 4: return merge_forward_tc_at<T, kVecIO, Tuning, 4>(prm, workspace, stream);
       default: return Status::kErrorInvalidArgument;
     }
   } else {
     return Status::kErrorInvalidArgument;
   }
 }
+#endif  // LORY_HAS_DEVICE_CODE
+
+// Workspace of the tensor-core forward's tile counters under Tuning (0 for static tiles): one
+// counter per S slice, as launch_merge_forward cuts them. Host-only arithmetic.
+template <class T, class Tuning, int K>
+size_t merge_forward_tc_counter_bytes_at(int64_t S, int64_t P) {
+  using Knobs = typename Tuning::template At<K>;
+  using Cfg = MergeForwardTcConfig<T, K, Knobs>;
+  if (!Knobs::kDynamicTiles) return 0;
+  int64_t segs = 0, slices = 0;
+  merge_forward_slices(S, (P + Cfg::kTileN - 1) / Cfg::kTileN, Cfg::kRowsPerPass,
+                       Cfg::weights_budget() / Cfg::bytes_per_segment(), segs, slices);
+  return size_t(slices) * sizeof(unsigned long long);
+}
+template <class T, class Tuning>
+size_t merge_forward_tc_counter_bytes(int64_t S, int E, int64_t P) {
+  switch ((E + 15) / 16) {
+    case 1: return merge_forward_tc_counter_bytes_at<T, Tuning, 1>(S, P);
+    case 2: return merge_forward_tc_counter_bytes_at<T, Tuning, 2>(S, P);
+    case 3: return merge_forward_tc_counter_bytes_at<T, Tuning, 3>(S, P);
+    case 4: return merge_forward_tc_counter_bytes_at<T, Tuning, 4>(S, P);
+    default: return 0;
+  }
+}
+#if LORY_HAS_DEVICE_CODE
 #endif  // LORY_HAS_DEVICE_CODE
 
 }  // namespace detail
@@ -1701,9 +1763,16 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
                              cudaStream_t stream, MergePath path) {
   LORY_RETURN_IF_ERROR(merge_forward_can_implement(a));
   if (path == MergePath::kTensorCore && !merge_tc_supports<T>(a.experts)) return Status::kErrorInvalidArgument;
+  // A dynamic-tile tuning's counters, wherever the tensor cores may run (an upper bound for kAuto).
+  const size_t counter_bytes =
+      path != MergePath::kSimt && merge_tc_supports<T>(a.experts)
+          ? merge_forward_tc_counter_bytes<T, Tuning>(a.num_segments, a.experts, a.params)
+          : 0;
   bool size_query = false;
-  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, kMergeMinWorkspaceBytes, size_query));
+  LORY_RETURN_IF_ERROR(
+      workspace_protocol(workspace, workspace_bytes, std::max(kMergeMinWorkspaceBytes, counter_bytes), size_query));
   if (size_query) return Status::kSuccess;
+  if (counter_bytes && !is_aligned(workspace, alignof(unsigned long long))) return Status::kErrorMisalignedPointer;
 
   if (path == MergePath::kAuto || path == MergePath::kTensorCore) {
     int major = 0;
@@ -1728,7 +1797,8 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
   const bool vec = merge_vec_io(a.W, a.expert_stride, a.Wbar, a.segment_stride);
   if (path == MergePath::kTensorCore) {
     prm.col_vecs = 32;
-    return vec ? merge_forward_tc<T, true, Tuning>(prm, stream) : merge_forward_tc<T, false, Tuning>(prm, stream);
+    return vec ? merge_forward_tc<T, true, Tuning>(prm, workspace, stream)
+               : merge_forward_tc<T, false, Tuning>(prm, workspace, stream);
   }
   using Cfg = MergeForwardSimtConfig<T>;
   prm.col_vecs = Cfg::col_vecs(a.experts);

@@ -270,6 +270,11 @@ inline float atomicAdd(float* p, float v) {  // one OS thread runs every fiber: 
   *p = old + v;
   return old;
 }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
   const int lane = static_cast<int>(threadIdx.x % 32);

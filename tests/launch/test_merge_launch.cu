@@ -150,6 +150,38 @@ TEST_CASE("merge_forward: forcing tensor cores where they cannot run is an error
         Status::kSuccess);
 }
 
+// The dynamic-tile forward variants keep one counter per S slice in the workspace: the query asks
+// for them (on the tensor-core path; the CUDA-core path needs none), and a workspace that is not
+// 8-byte aligned is refused before anything runs.
+TEST_CASE("merge_forward (dynamic tiles) workspace query and alignment", "[launch][merge]") {
+  using Dyn = lory::detail::MergeForwardTcVariantDynamic;
+  using lory::detail::MergePath;
+  auto a = good_forward<__nv_bfloat16>();
+  a.num_segments = 300;  // a single 256-param tile: S is cut into slices to fill the device
+  a.params = 200;
+  a.expert_stride = a.segment_stride = 200;
+  int64_t segs = 0, slices = 0;
+  using Cfg = lory::detail::MergeForwardTcConfig<__nv_bfloat16, 1, Dyn::At<1>>;
+  lory::detail::merge_forward_slices(a.num_segments, 1, Cfg::kRowsPerPass, Cfg::weights_budget() / Cfg::bytes_per_segment(),
+                                     segs, slices);
+  REQUIRE(slices > 2);
+  size_t bytes = 0;
+  REQUIRE(lory::detail::merge_forward_on_path<__nv_bfloat16, Dyn>(a, nullptr, bytes, nullptr, MergePath::kAuto) ==
+          Status::kSuccess);
+  CHECK(bytes == std::max<size_t>(lory::detail::kMergeMinWorkspaceBytes, size_t(slices) * 8));
+  size_t simt = 0;
+  REQUIRE(lory::detail::merge_forward_on_path<__nv_bfloat16, Dyn>(a, nullptr, simt, nullptr, MergePath::kSimt) ==
+          Status::kSuccess);
+  CHECK(simt == lory::detail::kMergeMinWorkspaceBytes);
+  size_t small = bytes - 1;
+  CHECK(lory::detail::merge_forward_on_path<__nv_bfloat16, Dyn>(a, bogus_ws(), small, nullptr, MergePath::kAuto) ==
+        Status::kErrorWorkspaceTooSmall);
+  size_t big = bytes + 64;
+  void* odd = reinterpret_cast<void*>(uintptr_t(0x7004));
+  CHECK(lory::detail::merge_forward_on_path<__nv_bfloat16, Dyn>(a, odd, big, nullptr, MergePath::kTensorCore) ==
+        Status::kErrorMisalignedPointer);
+}
+
 TEMPLATE_TEST_CASE("merge_backward rejects every invalid argument before launching", "[launch][merge]", float,
                    __half, __nv_bfloat16) {
   using T = TestType;
