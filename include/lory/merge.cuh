@@ -1614,7 +1614,6 @@ inline void merge_forward_slices(int64_t S, int64_t tiles, int64_t rows_per_pass
   slices = (S + segs_per_slice - 1) / segs_per_slice;
 }
 
-
 #if LORY_HAS_DEVICE_CODE
 // smem_of(slice_rows) gives the kernel's dynamic shared memory for a slice.
 // counters: where the tile counters of a dynamic-tile kernel go (one per slice, zeroed here on the
@@ -1690,8 +1689,6 @@ size_t merge_forward_tc_counter_bytes(int64_t S, int E, int64_t P) {
     default: return 0;
   }
 }
-#if LORY_HAS_DEVICE_CODE
-#endif  // LORY_HAS_DEVICE_CODE
 
 }  // namespace detail
 
