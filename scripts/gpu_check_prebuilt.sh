@@ -62,7 +62,7 @@ san_total=0
 san_spec() {
   case $1 in
     memcheck) echo "merge_backward (tensor cores) matches the CPU twin in every mode - __nv_bfloat16,CUDA inference matches the double twin: bfloat16,merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,merge_forward (CUDA cores) matches the CPU twin - float,swiglu_backward matches the CPU twin - __half,router_backward matches the CPU twin in every mode - __nv_bfloat16,router_forward matches the CPU twin in every mode - float";;
-    racecheck) echo "merge_backward (tensor cores) matches the CPU twin in every mode - __half,merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,router_forward matches the CPU twin in every mode - __nv_bfloat16,router_backward matches the CPU twin in every mode - float";;
+    racecheck) echo "merge_backward (tensor cores) matches the CPU twin in every mode - __half,merge_forward (tensor cores) matches the CPU twin - __nv_bfloat16,merge_forward (tensor-core variants) matches the CPU twin - __nv_bfloat16,router_forward matches the CPU twin in every mode - __nv_bfloat16,router_backward matches the CPU twin in every mode - float";;
     memcheck_sm90) echo "merge_backward (wgmma variant) matches the CPU twin - __nv_bfloat16";;
   esac
 }
