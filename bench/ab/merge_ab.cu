@@ -125,6 +125,17 @@ int main(int argc, char** argv) {
     std::printf("%-9s E%-2d S%-4lld %9.3f ms %8.0f GB/s %5.1f%% of copy %5.1f%% of r/w roof %s\n", what, E,
                 static_cast<long long>(S), ms, gbs, 100.0 * gbs / copy_gbs, 100.0 * roof_ms / ms, variant);
   };
+  // One timing of the default or a variant on a case: run(workspace, bytes) is a launcher call.
+  auto time_one = [&](const char* what, int E, int64_t S, double read, double written, const char* variant,
+                      auto&& run) {
+    size_t bytes = 0;
+    if (run(nullptr, bytes) != lory::Status::kSuccess || bytes > ws_cap) {
+      report(what, E, S, -1.f, 0, 0, variant);
+      return;
+    }
+    const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
+    report(what, E, S, ms, read, written, variant);
+  };
 
   for (int64_t S : {int64_t(128), int64_t(512)})
     for (int E : {8, 16, 32, 64}) {
@@ -132,23 +143,15 @@ int main(int argc, char** argv) {
       lory::MergeForwardArgs<bf16, float> f;
       f.num_segments = S, f.experts = E, f.params = P, f.W = W, f.expert_stride = P, f.weights = w, f.Wbar = G,
       f.segment_stride = P;
-      // One timing for the default and each variant: run(workspace, bytes) is a launcher call.
-      auto time_one = [&](const char* variant, auto&& run) {
-        size_t bytes = 0;
-        if (run(nullptr, bytes) != lory::Status::kSuccess || bytes > ws_cap) {
-          report("forward", E, S, -1.f, 0, 0, variant);
-          return;
-        }
-        const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
-        report("forward", E, S, ms, double(E) * P * sizeof(bf16), double(S) * P * sizeof(bf16), variant);
-      };
-      if (wanted(base)) time_one("", [&](void* w_, size_t& n_) { return lory::merge_forward(f, w_, n_, nullptr); });
+      const double read = double(E) * P * sizeof(bf16), written = double(S) * P * sizeof(bf16);
+      auto time_fwd = [&](const char* variant, auto&& run) { time_one("forward", E, S, read, written, variant, run); };
+      if (wanted(base)) time_fwd("", [&](void* w_, size_t& n_) { return lory::merge_forward(f, w_, n_, nullptr); });
 #ifdef LORY_MERGE_FORWARD_TC_TUNING
       // Revisions with the forward's tuning knobs: each variant on the same case ("forward E8 S512 cs").
       lory::detail::for_each_merge_forward_tc_variant([&](auto tag) {
         using V = typename decltype(tag)::type;
         if (!wanted(base + " " + V::kName)) return;
-        time_one(V::kName, [&](void* w_, size_t& n_) {
+        time_fwd(V::kName, [&](void* w_, size_t& n_) {
           return lory::detail::merge_forward_on_path<bf16, V>(f, w_, n_, nullptr, lory::detail::MergePath::kAuto);
         });
       });
@@ -188,34 +191,26 @@ int main(int argc, char** argv) {
     b.num_segments = c.S, b.experts = c.E, b.params = P, b.G = G, b.grad_segment_stride = P, b.W = W,
     b.expert_stride = P, b.weights = w, b.dW = c.dW ? dW : nullptr, b.dW_expert_stride = P,
     b.d_weights = c.de ? dw : nullptr;
-    const double read = (double(c.S) + (c.de ? c.E : 0)) * P * sizeof(bf16), written = (c.dW ? c.E : 0) * double(P) * sizeof(bf16);
-    // One timing for the default and each variant: run(workspace, bytes) is a launcher call.
-    auto time_one = [&](const char* variant, auto&& run) {
-      size_t bytes = 0;
-      if (run(nullptr, bytes) != lory::Status::kSuccess || bytes > ws_cap) {
-        report(c.what, c.E, c.S, -1.f, 0, 0, variant);
-        return;
-      }
-      const float ms = best_ms(reps, [&] { return run(ws, bytes) == lory::Status::kSuccess; });
-      report(c.what, c.E, c.S, ms, read, written, variant);
-    };
+    const double read = (double(c.S) + (c.de ? c.E : 0)) * P * sizeof(bf16);
+    const double written = (c.dW ? c.E : 0) * double(P) * sizeof(bf16);
+    auto time_bwd = [&](const char* variant, auto&& run) { time_one(c.what, c.E, c.S, read, written, variant, run); };
 #ifdef LORY_MERGE_BACKWARD_WGMMA
     if (wgmma_pass) {
       using V = lory::detail::MergeBackwardWgmma;
-      time_one(V::kName, [&](void* w_, size_t& n_) {
+      time_bwd(V::kName, [&](void* w_, size_t& n_) {
         return lory::detail::merge_backward_on_path<bf16, V>(b, w_, n_, nullptr, lory::detail::MergePath::kAuto);
       });
       continue;
     }
 #endif
-    if (wanted(base)) time_one("", [&](void* w_, size_t& n_) { return lory::merge_backward(b, w_, n_, nullptr); });
+    if (wanted(base)) time_bwd("", [&](void* w_, size_t& n_) { return lory::merge_backward(b, w_, n_, nullptr); });
 #ifdef LORY_MERGE_BACKWARD_TC_TUNING
     // Revisions with tuning knobs: every variant of the tensor-core kernel on the same case, named
     // after its label ("backward E32 S128 dw2x4"; a filter of the bare label matches them all).
     lory::detail::for_each_merge_backward_tc_variant([&](auto tag) {
       using V = typename decltype(tag)::type;
       if (!wanted(base + " " + V::kName)) return;
-      time_one(V::kName, [&](void* w_, size_t& n_) {
+      time_bwd(V::kName, [&](void* w_, size_t& n_) {
         return lory::detail::merge_backward_on_path<bf16, V>(b, w_, n_, nullptr, lory::detail::MergePath::kAuto);
       });
     });
