@@ -91,6 +91,14 @@ class DeviceBuffer {
 // A byte buffer for caller-owned workspaces.
 using DeviceBytes = DeviceBuffer<unsigned char>;
 
+// A caller-owned workspace with stale contents (0x5a bytes, as a previous call might leave it): no
+// launcher may rely on what a workspace holds.
+inline DeviceBytes stale_workspace(size_t bytes) {
+  DeviceBytes ws(bytes);
+  if (bytes) LORY_TEST_CUDA(cudaMemset(ws.get(), 0x5a, bytes));
+  return ws;
+}
+
 // A non-blocking stream and a cuBLAS handle bound to it, for the primitives that take both.
 struct GpuContext {
   cudaStream_t stream = nullptr;

@@ -112,7 +112,7 @@ void check_case(const Case& c, std::mt19937_64& rng, GpuContext& ctx) {
     da.y = dy.get();
     size_t need = 0;
     REQUIRE(lory::decode_step(da, nullptr, need, ctx.handle, ctx.stream) == Status::kSuccess);
-    lory_test::DeviceBytes ws(need);
+    auto ws = lory_test::stale_workspace(need);
     REQUIRE(lory::decode_step(da, ws.get(), need, ctx.handle, ctx.stream) == Status::kSuccess);
     LORY_TEST_SYNC();
     y_of[static_cast<int>(method) % 3] = dy.download(B * d);
@@ -135,7 +135,7 @@ void check_case(const Case& c, std::mt19937_64& rng, GpuContext& ctx) {
     da.y = xy.get();
     size_t need = 0;
     REQUIRE(lory::decode_step(da, nullptr, need, ctx.handle, ctx.stream) == Status::kSuccess);
-    lory_test::DeviceBytes ws(need);
+    auto ws = lory_test::stale_workspace(need);
     REQUIRE(lory::decode_step(da, ws.get(), need, ctx.handle, ctx.stream) == Status::kSuccess);
     LORY_TEST_SYNC();
     const auto y = xy.download(B * d);
@@ -175,7 +175,7 @@ TEST_CASE("CUDA decode_step refuses a cuBLAS handle bound to another stream", "[
   a.cache = cache.get();
   size_t need = 0;
   REQUIRE(lory::decode_step(a, nullptr, need, ctx.handle, ctx.stream) == Status::kSuccess);
-  lory_test::DeviceBytes ws(need);
+  auto ws = lory_test::stale_workspace(need);
   REQUIRE(lory::decode_step(a, ws.get(), need, ctx.handle, nullptr) == Status::kErrorInvalidArgument);
   LORY_TEST_SYNC();
 }

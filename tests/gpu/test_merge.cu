@@ -132,8 +132,7 @@ void run_forward(const FwdCase& c, MergePath path) {
   a.segment_stride = out.stride;
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
-  DeviceBytes ws(bytes);
-  LORY_TEST_CUDA(cudaMemset(ws.get(), 0x5a, bytes));  // stale: no launcher may rely on a workspace's contents
+  auto ws = stale_workspace(bytes);
   REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
   LORY_TEST_SYNC();
 
@@ -267,8 +266,7 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, in
   }
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_backward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
-  DeviceBytes ws(bytes);
-  LORY_TEST_CUDA(cudaMemset(ws.get(), 0x5a, bytes));  // stale: no launcher may rely on a workspace's contents
+  auto ws = stale_workspace(bytes);
   BwdResult<T> first;
   for (int rep = 0; rep < repeats; ++rep) {
     ddW.upload(dW.data);  // fresh initial values each repeat (accumulate modes)

@@ -86,7 +86,7 @@ TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merg
     a.segment_stride = stride;
     size_t bytes = 0;
     REQUIRE(lory::detail::merge_forward_on_path(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
-    DeviceBytes ws(bytes);
+    auto ws = stale_workspace(bytes);
     REQUIRE(lory::detail::merge_forward_on_path(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
     LORY_TEST_SYNC();
     for (int64_t c0 : windows) {
@@ -134,7 +134,7 @@ TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merg
     CHECK(lory::detail::merge_backward_uses_tc(b, path) == (path == MergePath::kTensorCore));
     size_t bytes = 0;
     REQUIRE(lory::detail::merge_backward_on_path(b, nullptr, bytes, nullptr, path) == Status::kSuccess);
-    DeviceBytes ws(bytes);
+    auto ws = stale_workspace(bytes);
     REQUIRE(lory::detail::merge_backward_on_path(b, ws.get(), bytes, nullptr, path) == Status::kSuccess);
     LORY_TEST_SYNC();
     for (int64_t c0 : windows) {

@@ -62,7 +62,7 @@ void run_and_check(const LayerProblem<T>& H, const InitialGrads<T>* init, MoeFfn
   const auto ref = run_reference(H, init);
   const DeviceInputs<T> in(H);
   DeviceOutputs<T> out(new_outputs<T, float>(H, init));
-  lory_test::DeviceBytes ws(plan.workspace_size());
+  auto ws = lory_test::stale_workspace(plan.workspace_size());
   LORY_TEST_CUDA(cudaMemset(ws.get(), 0xff, plan.workspace_size()));  // NaN in every float dtype
 
   const auto f = forward_args(layer_params<T, float>(H.lay, H.sh, H.mode, in), in.x.get(), out);
@@ -119,7 +119,7 @@ TEST_CASE("CUDA MoE FFN plan refuses a cuBLAS handle bound to another stream", "
   REQUIRE(plan.can_implement() == Status::kSuccess);
   const DeviceInputs<float> in(H);
   DeviceOutputs<float> out(new_outputs<float, float>(H));
-  lory_test::DeviceBytes ws(plan.workspace_size());
+  auto ws = lory_test::stale_workspace(plan.workspace_size());
   const auto f = forward_args(layer_params<float, float>(H.lay, H.sh, H.mode, in), in.x.get(), out);
   const lory::MoeFfnCudaBackend::Stream other{nullptr, ctx.handle};  // the handle is bound to ctx.stream
   REQUIRE(plan.forward(f, ws.get(), plan.workspace_size(), other) == Status::kErrorInvalidArgument);
