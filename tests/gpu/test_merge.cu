@@ -197,7 +197,6 @@ struct BwdResult {
   std::vector<float> de;
 };
 
-
 // A backward problem of case c in mode m: fresh random inputs on the host and the device, the
 // launcher's arguments for them. d_weights [S, E] is contiguous, followed by a poisoned guard.
 template <class T>
@@ -396,8 +395,9 @@ TEMPLATE_TEST_CASE("merge_forward (tensor cores) matches the CPU twin", "[gpu][m
     if (c.E <= 64) run_forward<TestType>(c, MergePath::kTensorCore);
 }
 
-// The variants of the tensor-core forward (512-param tiles, evict-first stores) that
-// bench/ab/merge_ab.cu times against the default, on every case the tensor cores take.
+// The variants of the tensor-core forward (512-param tiles, evict-first stores, three blocks per SM,
+// tiles taken from a counter in the workspace) that bench/ab/merge_ab.cu times against the default,
+// on every case the tensor cores take.
 TEMPLATE_TEST_CASE("merge_forward (tensor-core variants) matches the CPU twin", "[gpu][merge]", __nv_bfloat16) {
   lory::detail::for_each_merge_forward_tc_variant([](auto tag) {
     using V = typename decltype(tag)::type;
