@@ -69,6 +69,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "lory/config.hpp"
 #include "lory/detail/cuda.cuh"
@@ -394,6 +395,8 @@ struct MergeForwardTcConfig {
                : std::min<int64_t>(kMergeForwardWeightsSmem,
                                    int64_t(kMergeSm90SmemLimits.per_sm / Knobs::kMinBlocks) - 1024 - int64_t(kFixedBytes));
   }
+  // The most segments a slice may have (merge_forward_slices' max_rows).
+  static int64_t max_rows() { return weights_budget() / bytes_per_segment(); }
 };
 
 #if LORY_HAS_DEVICE_CODE
@@ -1601,6 +1604,19 @@ constexpr bool merge_tc_supports(int E) {
   return is_mma_b16<T>::value && E >= 1 && E <= 64;
 }
 
+// Calls f(std::integral_constant<int, K>{}) with K = ceil(E / 16), the tensor-core kernels' kKSteps
+// (E in 1..64), and returns its result; `otherwise` for any other E.
+template <class R, class F>
+R with_ksteps(int E, R otherwise, F&& f) {
+  switch ((E + 15) / 16) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return otherwise;
+  }
+}
+
 // S slices: when the slice's weights would not fit in shared memory, or when the
 // P-tiles alone cannot fill the GPU. A slice is whole passes; W is read once per slice.
 inline void merge_forward_slices(int64_t S, int64_t tiles, int64_t rows_per_pass, int64_t max_rows,
@@ -1646,21 +1662,16 @@ Status merge_forward_tc_at(const MergeForwardParams<T>& prm, void* workspace, cu
   using Knobs = typename Tuning::template At<K>;
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
   return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
-                                 Cfg::weights_budget() / Cfg::bytes_per_segment(),
-                                 [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream,
+                                 Cfg::max_rows(), [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream,
                                  Knobs::kDynamicTiles ? workspace : nullptr);
 }
 
 template <class T, bool kVecIO, class Tuning>
 Status merge_forward_tc(const MergeForwardParams<T>& prm, void* workspace, cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
-    switch ((prm.E + 15) / 16) {
-      case 1: return merge_forward_tc_at<T, kVecIO, Tuning, 1>(prm, workspace, stream);
-      case 2: return merge_forward_tc_at<T, kVecIO, Tuning, 2>(prm, workspace, stream);
-      case 3: return merge_forward_tc_at<T, kVecIO, Tuning, 3>(prm, workspace, stream);
-      case 4: return merge_forward_tc_at<T, kVecIO, Tuning, 4>(prm, workspace, stream);
-      default: return Status::kErrorInvalidArgument;
-    }
+    return with_ksteps(prm.E, Status::kErrorInvalidArgument, [&](auto k) {
+      return merge_forward_tc_at<T, kVecIO, Tuning, decltype(k)::value>(prm, workspace, stream);
+    });
   } else {
     return Status::kErrorInvalidArgument;
   }
@@ -1675,19 +1686,13 @@ size_t merge_forward_tc_counter_bytes_at(int64_t S, int64_t P) {
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
   if (!Knobs::kDynamicTiles) return 0;
   int64_t segs = 0, slices = 0;
-  merge_forward_slices(S, (P + Cfg::kTileN - 1) / Cfg::kTileN, Cfg::kRowsPerPass,
-                       Cfg::weights_budget() / Cfg::bytes_per_segment(), segs, slices);
+  merge_forward_slices(S, (P + Cfg::kTileN - 1) / Cfg::kTileN, Cfg::kRowsPerPass, Cfg::max_rows(), segs, slices);
   return size_t(slices) * sizeof(unsigned long long);
 }
 template <class T, class Tuning>
 size_t merge_forward_tc_counter_bytes(int64_t S, int E, int64_t P) {
-  switch ((E + 15) / 16) {
-    case 1: return merge_forward_tc_counter_bytes_at<T, Tuning, 1>(S, P);
-    case 2: return merge_forward_tc_counter_bytes_at<T, Tuning, 2>(S, P);
-    case 3: return merge_forward_tc_counter_bytes_at<T, Tuning, 3>(S, P);
-    case 4: return merge_forward_tc_counter_bytes_at<T, Tuning, 4>(S, P);
-    default: return 0;
-  }
+  return with_ksteps(E, size_t(0),
+                     [&](auto k) { return merge_forward_tc_counter_bytes_at<T, Tuning, decltype(k)::value>(S, P); });
 }
 
 }  // namespace detail
@@ -1953,17 +1958,9 @@ template <class T, class Tuning>
 Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
                          cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
-    switch ((prm.E + 15) / 16) {
-#define LORY_MERGE_BWD_TC_CASE(K) \
-  case K:                         \
-    return launch_merge_backward_tuned<T, K, Tuning>(prm, max_blocks, partial_in_smem, blocks, stream);
-      LORY_MERGE_BWD_TC_CASE(1)
-      LORY_MERGE_BWD_TC_CASE(2)
-      LORY_MERGE_BWD_TC_CASE(3)
-      LORY_MERGE_BWD_TC_CASE(4)
-#undef LORY_MERGE_BWD_TC_CASE
-      default: return Status::kErrorInvalidArgument;
-    }
+    return with_ksteps(prm.E, Status::kErrorInvalidArgument, [&](auto k) {
+      return launch_merge_backward_tuned<T, decltype(k)::value, Tuning>(prm, max_blocks, partial_in_smem, blocks, stream);
+    });
   } else {
     return Status::kErrorInvalidArgument;
   }

@@ -162,8 +162,7 @@ TEST_CASE("merge_forward (dynamic tiles) workspace query and alignment", "[launc
   a.expert_stride = a.segment_stride = 200;
   int64_t segs = 0, slices = 0;
   using Cfg = lory::detail::MergeForwardTcConfig<__nv_bfloat16, 1, Dyn::At<1>>;
-  lory::detail::merge_forward_slices(a.num_segments, 1, Cfg::kRowsPerPass, Cfg::weights_budget() / Cfg::bytes_per_segment(),
-                                     segs, slices);
+  lory::detail::merge_forward_slices(a.num_segments, 1, Cfg::kRowsPerPass, Cfg::max_rows(), segs, slices);
   REQUIRE(slices > 2);
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_forward_on_path<__nv_bfloat16, Dyn>(a, nullptr, bytes, nullptr, MergePath::kAuto) ==
