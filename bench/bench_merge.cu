@@ -4,7 +4,7 @@
 //   merge_forward_cublas/...   [S x E] x [E x P] with cublasGemmEx (bf16, fp32 compute)
 //   merge_backward/...         lory::merge_backward (dW and d_weights, deterministic): tensor cores
 //   merge_backward_simt/...    the same, CUDA-core kernel forced (the default before the tensor-core one)
-//   merge_backward_cublas/...  two GEMMs: dW = weights^T G, d_weights = G W^T
+//   merge_backward_cublas/...  two GEMMs: dW = weights^T G, d_weights = G W^T (lory's kGemm method)
 // Names share the suffix /bf16/d<d>_f<f>/E<E>/S<S> so a script can pair them.
 // P = 3 d f (the three FFN matrices merged as one [E, P] tensor); S = 16 segments x 8 or 32 sequences.
 // Bytes are each kernel's minimum: forward (E P + S P) * 2, backward (S P + 2 E P) * 2 + S E * 4.
@@ -16,6 +16,7 @@
 
 #include "bench_common.cuh"
 #include "lory/merge.cuh"
+#include "lory/merge_gemm.cuh"
 
 namespace lory_bench {
 namespace {
@@ -149,7 +150,10 @@ void bench_forward_cublas(benchmark::State& state, Shape s) {
   set_rate_counters(state, forward_bytes(s), 2.0 * s.S * s.E * s.P());
 }
 
-void bench_backward_on_path(benchmark::State& state, Shape s, lory::detail::MergePath path) {
+// Times launch(args, workspace, bytes, stream) (a null workspace asks for the size) on shape s;
+// returns the arguments it ran with.
+template <class Launch>
+lory::MergeBackwardArgs<bf16, float> bench_backward_with(benchmark::State& state, Shape s, Launch&& launch) {
   auto& B = buffers();
   B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
   Routing r(s.S, s.E);
@@ -166,19 +170,26 @@ void bench_backward_on_path(benchmark::State& state, Shape s, lory::detail::Merg
   a.dW_expert_stride = s.P();
   a.d_weights = B.d_weights;
   size_t bytes = 0;
-  if (lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, path) != lory::Status::kSuccess) {
+  if (launch(a, nullptr, bytes, nullptr) != lory::Status::kSuccess) {
     state.SkipWithError("merge_backward size query failed");
-    return;
+    return a;
   }
   Workspace ws(bytes);
   GpuTimer timer;
   lory::Status st = lory::Status::kSuccess;
   timer.run(state, [&](cudaStream_t stream) {
-    const lory::Status x = lory::detail::merge_backward_on_path(a, ws.p, ws.bytes, stream, path);
+    const lory::Status x = launch(a, ws.p, ws.bytes, stream);
     if (x != lory::Status::kSuccess) st = x;
   });
   if (st != lory::Status::kSuccess) state.SkipWithError(lory::status_string(st));
   set_rate_counters(state, backward_bytes(s), 4.0 * s.S * s.E * s.P());
+  return a;
+}
+
+void bench_backward_on_path(benchmark::State& state, Shape s, lory::detail::MergePath path) {
+  const auto a = bench_backward_with(state, s, [&](const auto& x, void* ws, size_t& bytes, cudaStream_t stream) {
+    return lory::detail::merge_backward_on_path(x, ws, bytes, stream, path);
+  });
   state.counters["tensor_cores"] = lory::detail::merge_backward_uses_tc(a, path) ? 1 : 0;  // the kernel that ran (sm_80+)
 }
 
@@ -189,28 +200,13 @@ void bench_backward_simt(benchmark::State& state, Shape s) {
   bench_backward_on_path(state, s, lory::detail::MergePath::kSimt);
 }
 
+// The baseline: lory's GEMM method (lory/merge_gemm.cuh), dW = weights^T G and d_weights = G W^T
+// as two cublasGemmEx calls, plus the routing weights rounded to bf16 by a small kernel.
 void bench_backward_cublas(benchmark::State& state, Shape s) {
-  auto& B = buffers();
-  B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
-  Routing r(s.S, s.E);
-  GpuTimer timer;
-  const cublasHandle_t h = cublas_handle_on(timer.stream());
-  const float alpha = 1.f, beta = 0.f;
-  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-  const int P = int(s.P()), S = int(s.S), E = s.E;
-  timer.run(state, [&](cudaStream_t) {
-    // dW[E, P] = w^T G  <=>  column-major dW^T[P, E] = G^T[P, S] w[S, E] (w stored row-major = w^T column-major).
-    cublasStatus_t x = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, P, E, S, &alpha, B.big, CUDA_R_16BF, P, r.b16,
-                                    CUDA_R_16BF, E, &beta, B.dW, CUDA_R_16BF, P, CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT);
-    if (x != CUBLAS_STATUS_SUCCESS) st = x;
-    // d_weights[S, E] = G W^T  <=>  column-major d_weights^T[E, S] = W[E, P] G^T[P, S], fp32 output.
-    x = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, E, S, P, &alpha, B.W, CUDA_R_16BF, P, B.big, CUDA_R_16BF, P,
-                     &beta, B.d_weights, CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (x != CUBLAS_STATUS_SUCCESS) st = x;
+  bench_backward_with(state, s, [&](const auto& x, void* ws, size_t& bytes, cudaStream_t stream) {
+    const cublasHandle_t h = ws ? cublas_handle_on(stream) : nullptr;  // a size query needs none
+    return lory::merge_backward(x, lory::MergeBackwardMethod::kGemm, ws, bytes, h, stream);
   });
-  if (st != CUBLAS_STATUS_SUCCESS) state.SkipWithError("cublasGemmEx failed");
-  set_rate_counters(state, backward_bytes(s), 4.0 * s.S * s.E * s.P());
 }
 
 // Registered at start-up: every paper shape x E in {8, 16, 32} x S in {128, 512}.

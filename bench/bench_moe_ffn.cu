@@ -3,6 +3,8 @@
 // bf16 GEMMs (fp32 accumulation) and the same SwiGLU kernels, in the same run:
 //   lory_layer_{fwd,bwd,fwdbwd}/bf16/d1536_f4096/E32/B8_L4096_T256
 //   dense_ffn_{fwd,bwd,fwdbwd}/bf16/d1536_f4096/E32/B8_L4096_T256   (same suffix: pair them)
+//   lory_layer_bwd/.../B8_L4096_T256/{fused,gemm}   the backward with each merge-backward method
+//                                                    (the rows above: MergeBackwardMethod::kAuto)
 // The dense FFN does not depend on E; it is registered once per E so that
 // every Lory row has its baseline under the same suffix.
 // Counters: GB/s and TFLOP/s (executed FLOPs: Lory includes its merges and the
@@ -112,21 +114,29 @@ struct TimedBackend : lory::MoeFfnCudaBackend {
   LORY_TIMED_LEAF(router_forward, lory::RouterForwardArgs<V LORY_COMMA float>, router)
   LORY_TIMED_LEAF(router_backward, lory::RouterBackwardArgs<V LORY_COMMA float>, router)
   LORY_TIMED_LEAF(merge_forward, lory::MergeForwardArgs<V LORY_COMMA float>, merge_fwd)
-  LORY_TIMED_LEAF(merge_backward, lory::MergeBackwardArgs<V LORY_COMMA float>, merge_bwd)
   LORY_TIMED_LEAF(swiglu_forward, lory::SwigluForwardArgs<V>, swiglu)
   LORY_TIMED_LEAF(swiglu_backward, lory::SwigluBackwardArgs<V>, swiglu)
 #undef LORY_TIMED_LEAF
+  template <class V>
+  static Status merge_backward(const lory::MergeBackwardArgs<V, float>& a, lory::MergeBackwardMethod m, void* ws,
+                               size_t& bytes, Stream s) {
+    if (!ws) return Base::merge_backward(a, m, ws, bytes, s);
+    return timed(leaf_times().merge_bwd, s.stream, [&] { return Base::merge_backward(a, m, ws, bytes, s); });
+  }
   template <class V>
   static Status gemm(const lory::StridedBatchedGemm<V>& g, Stream s) {
     return timed(leaf_times().gemm, s.stream, [&] { return Base::gemm(g, s); });
   }
 };
 
-void bench_lory(benchmark::State& state, Pass pass, Config c) {
+void bench_lory(benchmark::State& state, Pass pass, Config c,
+                lory::MergeBackwardMethod method = lory::MergeBackwardMethod::kAuto) {
   Buffers& B = buffers();
   const lory::SegmentLayout lay{kBatch, kSeqLen, kSegLen};
   const lory::FfnShape sh{c.d, c.f, c.E};
-  const lory::MoeFfnCudaPlan<T> plan(lay, sh, lory::RoutingMode::kCausalSegment);
+  lory::MoeFfnOptions opt;
+  opt.merge_backward = method;
+  const lory::MoeFfnCudaPlan<T> plan(lay, sh, lory::RoutingMode::kCausalSegment, opt);
   LORY_BENCH_OK(plan.can_implement());
   const size_t tokens = c.tokens(), E = c.E, S = c.segments(), fd = c.f * c.d;
   const float wscale = 1.f / std::sqrt(static_cast<float>(c.d));
@@ -179,7 +189,7 @@ void bench_lory(benchmark::State& state, Pass pass, Config c) {
   state.counters["chunk_segments"] = static_cast<double>(plan.chunk_segments());
 
   // One more pass with every leaf timed: milliseconds per kind of leaf.
-  const lory::MoeFfnPlan<T, TimedBackend> timed_plan(lay, sh, lory::RoutingMode::kCausalSegment);
+  const lory::MoeFfnPlan<T, TimedBackend> timed_plan(lay, sh, lory::RoutingMode::kCausalSegment, opt);
   LORY_BENCH_OK(timed_plan.can_implement());
   void* tws = B.workspace.get(timed_plan.workspace_size(), 27, 0.f);
   leaf_times() = LeafTimes{};
@@ -275,6 +285,12 @@ const bool registered = [] {
       benchmark::RegisterBenchmark(("dense_ffn_" + suffix).c_str(),
                                    [pass, c](benchmark::State& s) { bench_dense(s, pass, c); })
           ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+      // The backward with each merge-backward method named (the rows above take kAuto's pick).
+      if (pass == Pass::kBwd)
+        for (auto m : {lory::MergeBackwardMethod::kFused, lory::MergeBackwardMethod::kGemm})
+          benchmark::RegisterBenchmark(("lory_layer_" + suffix + "/" + lory::merge_backward_method_name(m)).c_str(),
+                                       [pass, c, m](benchmark::State& s) { bench_lory(s, pass, c, m); })
+              ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
     }
   return true;
 }();

@@ -16,7 +16,8 @@ where the benchmark splits its traffic (counter pct_rw_roof; context
 peak_read_GBps / peak_write_GBps), and the speed-up over the in-run baseline:
   X/<rest>            pairs with  X_cublas/<rest>
   lory_layer*/<rest>  pairs with  dense_ffn*/<rest>, also with E<n> components
-                      dropped from <rest> (a dense FFN has no expert count)
+                      dropped from <rest> (a dense FFN has no expert count), and with a
+                      trailing merge-backward method ("fused", "gemm") left out
 speed-up = baseline time / our time; > 1 means ours is faster.
 
 Standard library only: it runs on the GPU machine and in CI.
@@ -116,6 +117,11 @@ def baseline_candidates(name):
         out.append("/".join([dense] + rest))
         no_e = [p for p in rest if not re.fullmatch(r"E\d+", p)]
         out.append("/".join([dense] + no_e))
+        # A layer row with a named merge-backward method (".../fused", ".../gemm") pairs with the
+        # dense FFN of the same shape.
+        bare = [p for p in rest if p not in ("fused", "gemm")]
+        if bare != rest:
+            out.append("/".join([dense] + bare))
     return out
 
 

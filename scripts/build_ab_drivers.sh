@@ -38,6 +38,6 @@ for rev in "$@"; do
   bin=$(printf "%s/%02d_%s" "$out" "$n" "$name")
   echo "building $bin (include/ at $rev, sm_$arch)"
   "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -gencode "arch=compute_$arch,code=sm_$arch" \
-    -I"$src/include" "$root/bench/ab/merge_ab.cu" -o "$bin"
+    -I"$src/include" "$root/bench/ab/merge_ab.cu" -o "$bin" -lcublas
 done
 ls -l "$out"

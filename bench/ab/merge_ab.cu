@@ -14,7 +14,9 @@
 // Revisions whose merge.cuh has the tensor-core backward's tuning knobs (LORY_MERGE_BACKWARD_TC_TUNING)
 // also time each variant (lory::detail::for_each_merge_backward_tc_variant) on every backward case,
 // one line each, named at the end of the line; those with the wgmma variant (LORY_MERGE_BACKWARD_WGMMA,
-// sm_90a) time it last, over every case, after all the others.
+// sm_90a) time it last, over every case, after all the others. Revisions with lory/merge_gemm.cuh
+// also time the backward's cuBLAS GEMM method (MergeBackwardMethod::kGemm) on every backward case,
+// named "gemm", right after the default.
 //   usage: merge_ab [reps=5] [filter]   filter: run only the cases whose label contains it, e.g.
 //          "backward E32 S128" (for Nsight Compute on one case: scripts/gpu_check_prebuilt.sh, LORY_AB_NCU;
 //          "backward E32 S128 dw2x4+de32" picks one variant)
@@ -27,6 +29,10 @@
 
 #include "../bandwidth_peaks.cuh"
 #include "lory/merge.cuh"
+#if __has_include("lory/merge_gemm.cuh")
+#include "lory/merge_gemm.cuh"
+#define LORY_AB_GEMM_METHOD 1  // revisions with the backward's cuBLAS GEMM method
+#endif
 
 namespace {
 using bf16 = __nv_bfloat16;
@@ -170,6 +176,13 @@ int main(int argc, char** argv) {
                         {8, 512, true, true, "backward"},   {16, 512, true, true, "backward"},
                         {32, 512, true, true, "backward"},  {32, 128, true, false, "dW only"},
                         {32, 128, false, true, "de only"}};
+#ifdef LORY_AB_GEMM_METHOD
+  cublasHandle_t cublas = nullptr;  // on the default stream, as the timings
+  if (cublasCreate(&cublas) != CUBLAS_STATUS_SUCCESS) {
+    std::printf("cublasCreate failed\n");
+    return 1;
+  }
+#endif
   // wgmma_pass: the wgmma variant (sm_90a) alone, over every case after all the others, so that a
   // fault in it (its first runs on a GPU) cannot cost the other timings.
   auto run_cases = [&](bool wgmma_pass) {
@@ -185,6 +198,9 @@ int main(int argc, char** argv) {
 #endif
 #ifdef LORY_MERGE_BACKWARD_WGMMA
     any = any || (wgmma_pass && wanted(base + " " + lory::detail::MergeBackwardWgmma::kName));
+#endif
+#ifdef LORY_AB_GEMM_METHOD
+    any = any || (!wgmma_pass && wanted(base + " gemm"));
 #endif
     if (!any) continue;
     lory::MergeBackwardArgs<bf16, float> b;
@@ -204,6 +220,12 @@ int main(int argc, char** argv) {
     }
 #endif
     if (wanted(base)) time_bwd("", [&](void* w_, size_t& n_) { return lory::merge_backward(b, w_, n_, nullptr); });
+#ifdef LORY_AB_GEMM_METHOD
+    if (wanted(base + " gemm"))
+      time_bwd("gemm", [&](void* w_, size_t& n_) {
+        return lory::merge_backward(b, lory::MergeBackwardMethod::kGemm, w_, n_, cublas, nullptr);
+      });
+#endif
 #ifdef LORY_MERGE_BACKWARD_TC_TUNING
     // Revisions with tuning knobs: every variant of the tensor-core kernel on the same case, named
     // after its label ("backward E32 S128 dw2x4"; a filter of the bare label matches them all).

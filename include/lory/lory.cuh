@@ -3,6 +3,7 @@
 #include "lory/inference.cuh"
 #include "lory/lory.hpp"
 #include "lory/merge.cuh"
+#include "lory/merge_gemm.cuh"
 #include "lory/moe_ffn.cuh"
 #include "lory/router.cuh"
 #include "lory/swiglu.cuh"

@@ -58,6 +58,9 @@
 //   pointers) passed them under the CPU emulator (tests/emu/) only: see
 //   docs/gpu-results.md for what ran where.
 //
+// lory/merge_gemm.cuh adds the backward as two cuBLAS GEMMs and MergeBackwardMethod::kAuto's
+// choice between them and the fused kernel here (the layer plan's default).
+//
 // Paths: every pointer only needs its element alignment. 16-byte vector loads
 // and stores are used when the base pointers are 16-byte aligned and the
 // strides are multiples of 16 bytes; otherwise a scalar path runs (same

@@ -52,6 +52,28 @@ struct MergeBackwardArgs {
   bool deterministic = true;
 };
 
+// How the GPU computes the merge backward (lory/merge_gemm.cuh; the CPU twin has one way).
+//   kFused  lory's one-pass kernel (merge.cuh): reads G once and feeds both products from it.
+//   kGemm   two cuBLAS GEMMs, dW = weights^T G and d_weights = G W^T: reads G twice, and the
+//           routing weights enter dW rounded to the storage dtype (a bf16 weight keeps 8 bits;
+//           the fused tensor-core kernel keeps about 16 through a hi + lo split). Deterministic
+//           for a given device and handle in both modes (cuBLAS' split-K reductions are).
+//   kAuto   the one measured faster at the shape (resolve_merge_backward_method).
+enum class MergeBackwardMethod : int { kAuto = 0, kFused = 1, kGemm = 2 };
+
+inline const char* merge_backward_method_name(MergeBackwardMethod m) {
+  switch (m) {
+    case MergeBackwardMethod::kAuto: return "auto";
+    case MergeBackwardMethod::kFused: return "fused";
+    case MergeBackwardMethod::kGemm: return "gemm";
+  }
+  return "invalid";
+}
+
+inline bool is_valid(MergeBackwardMethod m) {
+  return m == MergeBackwardMethod::kAuto || m == MergeBackwardMethod::kFused || m == MergeBackwardMethod::kGemm;
+}
+
 // Shape and pointer checks shared by the CPU twin and the GPU launchers.
 template <class T, class R>
 Status validate(const MergeForwardArgs<T, R>& a) {

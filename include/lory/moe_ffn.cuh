@@ -18,12 +18,13 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include <climits>
 #include <cstdint>
 
 #include "lory/config.hpp"
+#include "lory/detail/cublas.cuh"
 #include "lory/detail/cuda.cuh"
 #include "lory/merge.cuh"
+#include "lory/merge_gemm.cuh"
 #include "lory/moe_ffn.hpp"
 #include "lory/moe_ffn_plan.hpp"
 #include "lory/router.cuh"
@@ -31,16 +32,6 @@
 #include "lory/swiglu.cuh"
 
 LORY_NAMESPACE_BEGIN
-namespace detail {
-
-template <class T> struct cublas_dtype;
-template <> struct cublas_dtype<float> { static constexpr cudaDataType_t value = CUDA_R_32F; };
-template <> struct cublas_dtype<__half> { static constexpr cudaDataType_t value = CUDA_R_16F; };
-template <> struct cublas_dtype<__nv_bfloat16> { static constexpr cudaDataType_t value = CUDA_R_16BF; };
-
-inline bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
-
-}  // namespace detail
 
 struct MoeFfnCudaBackend {
   // The execution context of one plan call: the caller's stream and cuBLAS handle.
@@ -51,16 +42,7 @@ struct MoeFfnCudaBackend {
 
   // Checked before anything is launched: a null handle, or one bound to another
   // stream or in device pointer mode, would fail (or race) only after the router ran.
-  static Status check_stream(const Stream& s) {
-    if (!s.cublas) return Status::kErrorNullPointer;
-    cudaStream_t bound = nullptr;
-    if (cublasGetStream(s.cublas, &bound) != CUBLAS_STATUS_SUCCESS) return Status::kErrorCublas;
-    if (bound != s.stream) return Status::kErrorInvalidArgument;
-    cublasPointerMode_t mode = CUBLAS_POINTER_MODE_HOST;
-    if (cublasGetPointerMode(s.cublas, &mode) != CUBLAS_STATUS_SUCCESS) return Status::kErrorCublas;
-    if (mode != CUBLAS_POINTER_MODE_HOST) return Status::kErrorInvalidArgument;
-    return Status::kSuccess;
-  }
+  static Status check_stream(const Stream& s) { return detail::check_cublas_handle(s.cublas, s.stream); }
 
   // GPU-only shape limits: cuBLAS takes m, n, k, leading dimensions and the
   // batch count as int.
@@ -86,8 +68,9 @@ struct MoeFfnCudaBackend {
     return LORY_NS_QUALIFIER::merge_forward(a, ws, ws_bytes, s.stream);
   }
   template <class T>
-  static Status merge_backward(const MergeBackwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream s) {
-    return LORY_NS_QUALIFIER::merge_backward(a, ws, ws_bytes, s.stream);
+  static Status merge_backward(const MergeBackwardArgs<T, float>& a, MergeBackwardMethod method, void* ws,
+                               size_t& ws_bytes, Stream s) {
+    return LORY_NS_QUALIFIER::merge_backward(a, method, ws, ws_bytes, s.cublas, s.stream);
   }
   // The SwiGLU launchers take no workspace: a size query answers 0.
   template <class T>

@@ -12,7 +12,8 @@
 //   template <class T> static Status router_forward (const RouterForwardArgs<T, float>&,  void* ws, size_t& ws_bytes, Stream);
 //   template <class T> static Status router_backward(const RouterBackwardArgs<T, float>&, void* ws, size_t& ws_bytes, Stream);
 //   template <class T> static Status merge_forward  (const MergeForwardArgs<T, float>&,   void* ws, size_t& ws_bytes, Stream);
-//   template <class T> static Status merge_backward (const MergeBackwardArgs<T, float>&,  void* ws, size_t& ws_bytes, Stream);
+//   template <class T> static Status merge_backward (const MergeBackwardArgs<T, float>&,  MergeBackwardMethod,
+//                                                    void* ws, size_t& ws_bytes, Stream);
 //   template <class T> static Status swiglu_forward (const SwigluForwardArgs<T>&,         void* ws, size_t& ws_bytes, Stream);
 //   template <class T> static Status swiglu_backward(const SwigluBackwardArgs<T>&,        void* ws, size_t& ws_bytes, Stream);
 //   template <class T> static Status gemm(const StridedBatchedGemm<T>&, Stream);
@@ -50,6 +51,9 @@ LORY_NAMESPACE_BEGIN
 struct MoeFfnOptions {
   size_t workspace_budget_bytes = 0;  // 0: no limit -> all segments in one chunk
   int64_t max_chunk_segments = 0;     // 0: as many as the budget allows
+  // How the backward's merge backward runs on the GPU (lory/merge.hpp: the fused kernel, two cuBLAS
+  // GEMMs, or kAuto's pick per shape); the CPU backend has one way and ignores it.
+  MergeBackwardMethod merge_backward = MergeBackwardMethod::kAuto;
 };
 
 // C[b] = alpha * op(A[b]) op(B[b]) + beta * C[b] for b < batch, with ROW-MAJOR
@@ -297,7 +301,7 @@ class MoeFfnPlan {
         mb.d_weights = d_weights + s0 * E;
         mb.accumulate_d_weights = i > 0;
         mb.deterministic = true;
-        LORY_RETURN_IF_ERROR(leaf(Backend::template merge_backward<T>, mb, w, stream));
+        LORY_RETURN_IF_ERROR(leaf(merge_backward_leaf(options_.merge_backward), mb, w, stream));
       }
     }
 
@@ -334,7 +338,7 @@ class MoeFfnPlan {
     if (mode_ != RoutingMode::kCausalSegment && mode_ != RoutingMode::kPromptLevel &&
         mode_ != RoutingMode::kGivenWeights)
       return Status::kErrorInvalidArgument;
-    if (options_.max_chunk_segments < 0) return Status::kErrorInvalidArgument;
+    if (options_.max_chunk_segments < 0 || !is_valid(options_.merge_backward)) return Status::kErrorInvalidArgument;
     const int64_t wide = shape_.d > shape_.f ? shape_.d : shape_.f;
     if (!detail::mul_fits(layout_.num_tokens(), wide) ||
         !detail::mul_fits(layout_.num_segments(), shape_.params_per_expert()) ||
@@ -428,7 +432,16 @@ class MoeFfnPlan {
       mb.dW = shape_only_pointer<T>(); mb.dW_expert_stride = fd;
       mb.d_weights = shape_only_pointer<float>();
       mb.deterministic = true;
-      LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template merge_backward<T>(mb, nullptr, b, stream); }));
+      // kAuto resolves per call (the alignment of the caller's W decides too): room for either
+      // method it may pick. It never picks one that cannot run these shapes (the GEMMs past
+      // cuBLAS' int limits), so that one's refusal is not the plan's.
+      const MergeBackwardMethod chosen = options_.merge_backward;
+      for (const MergeBackwardMethod m : {MergeBackwardMethod::kFused, MergeBackwardMethod::kGemm}) {
+        if (chosen != MergeBackwardMethod::kAuto && chosen != m) continue;
+        const Status st = take([&](size_t& b) { return merge_backward_leaf(m)(mb, nullptr, b, stream); });
+        if (st != Status::kSuccess && (chosen != MergeBackwardMethod::kAuto || m == MergeBackwardMethod::kFused))
+          return st;
+      }
     }
     const int64_t tmax = layout_.segment_len < layout_.seq_len ? layout_.segment_len : layout_.seq_len;
     SwigluForwardArgs<T> sf;
@@ -473,6 +486,13 @@ class MoeFfnPlan {
   static Status leaf(Fn fn, const Args& args, const Workspace& w, Stream stream) {
     size_t bytes = w.scratch_bytes;
     return fn(args, w.scratch, bytes, stream);
+  }
+
+  // The backend's merge backward by `method`, as a leaf operation.
+  static auto merge_backward_leaf(MergeBackwardMethod method) {
+    return [method](const MergeBackwardArgs<T, float>& mb, void* ws, size_t& bytes, Stream s) {
+      return Backend::template merge_backward<T>(mb, method, ws, bytes, s);
+    };
   }
 
   // Tokens covered by segments [s0, s1): a contiguous range starting at token_begin(s0).

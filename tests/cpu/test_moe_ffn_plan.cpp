@@ -174,6 +174,9 @@ TEST_CASE("CPU MoE FFN plan reports bad arguments before touching memory", "[cpu
   MoeFfnOptions neg;
   neg.max_chunk_segments = -1;
   REQUIRE(Plan(lay, sh, RoutingMode::kCausalSegment, neg).can_implement() == Status::kErrorInvalidArgument);
+  MoeFfnOptions bad_method;
+  bad_method.merge_backward = static_cast<lory::MergeBackwardMethod>(5);
+  REQUIRE(Plan(lay, sh, RoutingMode::kCausalSegment, bad_method).can_implement() == Status::kErrorInvalidArgument);
 
   const auto D = random_layer<float>(lay, sh, RoutingMode::kCausalSegment, false, rng);
   auto out = new_outputs<float, float>(D);  // poisoned

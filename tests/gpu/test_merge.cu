@@ -5,10 +5,13 @@
 // are NaN-poisoned, in inputs (a kernel reading outside its view produces NaN)
 // and in outputs (a kernel writing outside its view leaves a non-NaN). Outputs
 // are poisoned inside the view too, so full coverage is checked.
+#include <cublas_v2.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -18,6 +21,7 @@
 #include "common/gpu_util.cuh"
 #include "common/test_util.hpp"
 #include "lory/merge.cuh"
+#include "lory/merge_gemm.cuh"
 #include "lory/reference/merge.hpp"
 
 namespace {
@@ -240,13 +244,19 @@ struct BwdProblem {
   }
 };
 
-// `repeats` > 1 checks that the outputs are bitwise identical run to run.
-template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
-BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, int repeats = 1) {
+// One launcher call of a backward test: (args, workspace, bytes) -> status; a null workspace asks.
+template <class T>
+using BwdLaunch = std::function<Status(const lory::MergeBackwardArgs<T, float>&, void*, size_t&)>;
+
+// Case c in mode m through `launch` (named `how` in the tag that seeds the data), against the
+// double twin. `repeats` > 1 checks that the outputs are bitwise identical run to run.
+template <class T>
+BwdResult<T> run_backward_with(const BwdCase& c, const BwdMode& m, const std::string& how, const BwdLaunch<T>& launch,
+                               int repeats = 1,
+                               const std::function<void(const lory::MergeBackwardArgs<T, float>&)>& check_args = {}) {
   const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
                           std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
-                          "/off" + std::to_string(c.offset) + "/path" + std::to_string(static_cast<int>(path)) +
-                          "/" + m.name() + tuning_tag<Tuning, lory::detail::MergeBackwardTcDefault>();
+                          "/off" + std::to_string(c.offset) + "/" + how + "/" + m.name();
   INFO(tag);
   auto rng = make_rng(tag);
   BwdProblem<T> prob(c, m, rng);
@@ -258,19 +268,15 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, in
   auto& ddW = prob.ddW;
   auto& dde = prob.dde;
   auto& a = prob.a;
-  if (path == MergePath::kTensorCore) {
-    // Aligned views must really run the tensor-core kernel; misaligned ones fall back.
-    const bool aligned = c.offset == 0 && (c.P + c.pad) % 8 == 0;
-    CHECK(lory::detail::merge_backward_uses_tc(a, path) == aligned);
-  }
+  if (check_args) check_args(a);
   size_t bytes = 0;
-  REQUIRE(lory::detail::merge_backward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
+  REQUIRE(launch(a, nullptr, bytes) == Status::kSuccess);
   auto ws = stale_workspace(bytes);
   BwdResult<T> first;
   for (int rep = 0; rep < repeats; ++rep) {
     ddW.upload(dW.data);  // fresh initial values each repeat (accumulate modes)
     dde.upload(de);
-    REQUIRE(lory::detail::merge_backward_on_path<T, Tuning>(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+    REQUIRE(launch(a, ws.get(), bytes) == Status::kSuccess);
     LORY_TEST_SYNC();
     BwdResult<T> r;
     r.dW = ddW.download(dW.data.size());
@@ -326,6 +332,49 @@ BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, in
   }
   return first;
 }
+
+// The fused kernel on `path` with tuning `Tuning`.
+template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
+BwdResult<T> run_backward(const BwdCase& c, const BwdMode& m, MergePath path, int repeats = 1) {
+  const std::string how = "path" + std::to_string(static_cast<int>(path)) +
+                          tuning_tag<Tuning, lory::detail::MergeBackwardTcDefault>();
+  return run_backward_with<T>(
+      c, m, how,
+      [&](const lory::MergeBackwardArgs<T, float>& a, void* ws, size_t& bytes) {
+        return lory::detail::merge_backward_on_path<T, Tuning>(a, ws, bytes, nullptr, path);
+      },
+      repeats,
+      [&](const lory::MergeBackwardArgs<T, float>& a) {
+        if (path != MergePath::kTensorCore) return;
+        // Aligned views must really run the tensor-core kernel; misaligned ones fall back.
+        const bool aligned = c.offset == 0 && (c.P + c.pad) % 8 == 0;
+        CHECK(lory::detail::merge_backward_uses_tc(a, path) == aligned);
+      });
+}
+
+// lory::merge_backward with a method (lory/merge_gemm.cuh), on the default stream; kAuto must
+// resolve to `expect` (kAuto itself: no expectation).
+template <class T>
+BwdResult<T> run_backward_method(const BwdCase& c, const BwdMode& m, lory::MergeBackwardMethod method,
+                                 cublasHandle_t handle, int repeats = 1,
+                                 lory::MergeBackwardMethod expect = lory::MergeBackwardMethod::kAuto) {
+  return run_backward_with<T>(
+      c, m, std::string("method-") + lory::merge_backward_method_name(method),
+      [&](const lory::MergeBackwardArgs<T, float>& a, void* ws, size_t& bytes) {
+        return lory::merge_backward(a, method, ws, bytes, handle, nullptr);
+      },
+      repeats,
+      [&](const lory::MergeBackwardArgs<T, float>& a) {
+        if (expect != lory::MergeBackwardMethod::kAuto) CHECK(lory::resolve_merge_backward_method(a, method) == expect);
+      });
+}
+
+// A cuBLAS handle on the default stream (the merge tests' stream).
+struct DefaultStreamHandle {
+  cublasHandle_t h = nullptr;
+  DefaultStreamHandle() { REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS); }
+  ~DefaultStreamHandle() { cublasDestroy(h); }
+};
 
 const std::vector<BwdCase>& backward_cases() {
   static const std::vector<BwdCase> cases = {
@@ -488,4 +537,102 @@ TEMPLATE_TEST_CASE("merge_backward deterministic mode is bitwise reproducible", 
     run_backward<TestType>({33, 8, kManyTilesP, 0, 0}, m, path, 2);
     run_backward<TestType>({600, 32, 257, 7, 0}, m, path, 2);
   }
+}
+
+// The merge backward as two cuBLAS GEMMs (lory::merge_backward with MergeBackwardMethod::kGemm):
+// every case of both lists and the mode matrix (the fast mode runs the same GEMMs), bitwise
+// reproducible, and kAuto's choice on the tensor-core cases.
+TEMPLATE_TEST_CASE("merge_backward (cuBLAS GEMM method) matches the CPU twin in every mode", "[gpu][merge]", float,
+                   __half, __nv_bfloat16) {
+  using lory::MergeBackwardMethod;
+  DefaultStreamHandle handle;
+  for (const auto& c : backward_cases()) run_backward_method<TestType>(c, BwdMode{}, MergeBackwardMethod::kGemm, handle.h);
+  for (const auto& c : backward_tc_cases())
+    run_backward_method<TestType>(c, BwdMode{}, MergeBackwardMethod::kGemm, handle.h);
+  for (int ci : {1, 4, 6}) {
+    for (int outs = 0; outs < 3; ++outs)
+      for (bool acc : {false, true}) {
+        BwdMode m;
+        m.deterministic = outs != 1;
+        m.want_dW = outs != 2;
+        m.want_de = outs != 1;
+        m.accumulate_dW = acc;
+        m.accumulate_de = acc;
+        run_backward_method<TestType>(backward_cases()[ci], m, MergeBackwardMethod::kGemm, handle.h);
+      }
+  }
+  BwdMode m;
+  m.accumulate_de = true;
+  m.accumulate_dW = true;
+  run_backward_method<TestType>({600, 32, 257, 7, 0}, m, MergeBackwardMethod::kGemm, handle.h, 2);
+}
+
+// kAuto: the fused tensor-core kernel at E <= 8 with aligned 16-bit views, the GEMMs otherwise.
+TEMPLATE_TEST_CASE("merge_backward (method kAuto) picks by the shape and matches the CPU twin", "[gpu][merge]",
+                   float, __nv_bfloat16) {
+  using lory::MergeBackwardMethod;
+  DefaultStreamHandle handle;
+  const bool b16 = !std::is_same<TestType, float>::value;
+  const struct {
+    BwdCase c;
+    bool fused;  // for 16-bit storage
+  } cases[] = {
+      {{100, 3, 2048, 0, 0}, true},     // E = 3, aligned
+      {{33, 8, 4096, 0, 0}, true},      // E = 8, aligned
+      {{21, 12, 520, 0, 0}, false},     // E = 12
+      {{45, 20, 1001, 7, 0}, false},    // E = 20
+      {{600, 32, 257, 7, 0}, false},    // E = 32
+      {{9, 8, 1000, 8, 1}, false},      // E = 8, misaligned: the fused kernel would run on CUDA cores
+  };
+  for (const auto& k : cases)
+    run_backward_method<TestType>(k.c, BwdMode{}, MergeBackwardMethod::kAuto, handle.h, 1,
+                                  b16 && k.fused ? MergeBackwardMethod::kFused : MergeBackwardMethod::kGemm);
+  // kFused through the same entry point runs the fused kernel, handle or not.
+  run_backward_method<TestType>({45, 20, 1001, 7, 0}, BwdMode{}, MergeBackwardMethod::kFused, nullptr, 1,
+                                MergeBackwardMethod::kFused);
+}
+
+// The GEMM method's refusals come before anything is launched: the outputs and the workspace stay
+// as they were.
+TEST_CASE("merge_backward (cuBLAS GEMM method) refuses a bad handle or workspace and touches nothing", "[gpu][merge]") {
+  using T = __nv_bfloat16;
+  using lory::MergeBackwardMethod;
+  auto rng = make_rng("gemm-refused");
+  BwdProblem<T> prob({70, 32, 520, 0, 0}, BwdMode{}, rng);
+  const auto& a = prob.a;
+  size_t bytes = 0;
+  REQUIRE(lory::merge_backward(a, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  CHECK(bytes == size_t(70) * 32 * sizeof(T));
+  std::vector<unsigned char> poison(bytes + 16, 0xA5);
+  DeviceBuffer<unsigned char> ws(poison);
+  DefaultStreamHandle on_default;
+  GpuContext on_other;  // a handle bound to another stream
+  cublasHandle_t device_mode = nullptr;
+  REQUIRE(cublasCreate(&device_mode) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasSetPointerMode(device_mode, CUBLAS_POINTER_MODE_DEVICE) == CUBLAS_STATUS_SUCCESS);
+  const struct {
+    cublasHandle_t h;
+    void* ws;
+    size_t bytes;
+    MergeBackwardMethod method;
+    Status want;
+  } calls[] = {
+      {nullptr, ws.get(), bytes, MergeBackwardMethod::kGemm, Status::kErrorNullPointer},
+      {nullptr, ws.get(), bytes, MergeBackwardMethod::kAuto, Status::kErrorNullPointer},  // E = 32: the GEMMs
+      {on_other.handle, ws.get(), bytes, MergeBackwardMethod::kGemm, Status::kErrorInvalidArgument},
+      {device_mode, ws.get(), bytes, MergeBackwardMethod::kGemm, Status::kErrorInvalidArgument},
+      {on_default.h, ws.get(), bytes - 1, MergeBackwardMethod::kGemm, Status::kErrorWorkspaceTooSmall},
+      {on_default.h, ws.get() + 8, bytes, MergeBackwardMethod::kGemm, Status::kErrorMisalignedPointer},
+      {on_default.h, ws.get(), bytes, static_cast<MergeBackwardMethod>(7), Status::kErrorInvalidArgument},
+  };
+  for (const auto& k : calls) {
+    size_t n = k.bytes;
+    CHECK(lory::merge_backward(a, k.method, k.ws, n, k.h, nullptr) == k.want);
+  }
+  cublasDestroy(device_mode);
+  LORY_TEST_SYNC();
+  const std::vector<T> got_dW = prob.ddW.download(prob.dW.data.size());
+  CHECK(std::memcmp(got_dW.data(), prob.dW.data.data(), got_dW.size() * sizeof(T)) == 0);
+  CHECK(count_nan(prob.dde.download(prob.de.size())) == static_cast<int64_t>(prob.de.size()));
+  CHECK(ws.download(bytes + 16) == poison);
 }

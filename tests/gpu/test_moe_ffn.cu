@@ -87,6 +87,7 @@ void check_dtype(const char* tag) {
   // not multiples of 8 (unaligned rows: scalar kernel paths); one expert and
   // L < T (every segment short).
   const Shape shapes[] = {{{2, 300, 64}, {136, 200, 16}}, {{3, 128, 32}, {100, 150, 8}}, {{2, 40, 64}, {72, 40, 1}}};
+  int run = 0;
   for (const Shape& s : shapes)
     for (RoutingMode mode : kAllRoutingModes) {
       INFO("B=" << s.lay.batch << " L=" << s.lay.seq_len << " T=" << s.lay.segment_len << " d=" << s.sh.d
@@ -100,6 +101,11 @@ void check_dtype(const char* tag) {
       MoeFfnOptions o;
       o.workspace_budget_bytes = probe.workspace_size_for_chunk(s.lay.num_segments() > 3 ? 3 : 1);
       run_and_check(H, &init, o, ctx.stream, ctx.handle);
+      // Both of kAuto's above; each method by name too, in turn (one chunk, accumulating).
+      MoeFfnOptions named;
+      named.merge_backward = run++ % 2 ? lory::MergeBackwardMethod::kGemm : lory::MergeBackwardMethod::kFused;
+      INFO("merge backward " << lory::merge_backward_method_name(named.merge_backward));
+      run_and_check(H, &init, named, ctx.stream, ctx.handle);
     }
 }
 

@@ -3,11 +3,13 @@
 // query works. Pointers are bogus non-null values that must never be
 // dereferenced (validation has to fail first); no success path here may reach
 // the CUDA runtime.
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
 #include "common/catch.hpp"
 #include "lory/merge.cuh"
+#include "lory/merge_gemm.cuh"
 
 namespace {
 
@@ -56,10 +58,18 @@ Status fwd(const lory::MergeForwardArgs<T, float>& a) {
   size_t bytes = size_t(1) << 40;
   return lory::merge_forward(a, bogus_ws(), bytes, nullptr);
 }
+// Every method of lory::merge_backward (lory/merge_gemm.cuh) must refuse the same way, before it
+// needs a cuBLAS handle (none is passed).
 template <class T>
 Status bwd(const lory::MergeBackwardArgs<T, float>& a) {
   size_t bytes = size_t(1) << 40;
-  return lory::merge_backward(a, bogus_ws(), bytes, nullptr);
+  const Status st = lory::merge_backward(a, bogus_ws(), bytes, nullptr);
+  for (auto m : {lory::MergeBackwardMethod::kAuto, lory::MergeBackwardMethod::kFused, lory::MergeBackwardMethod::kGemm}) {
+    size_t b = size_t(1) << 40;
+    INFO("method " << lory::merge_backward_method_name(m));
+    CHECK(lory::merge_backward(a, m, bogus_ws(), b, nullptr, nullptr) == st);
+  }
+  return st;
 }
 
 }  // namespace
@@ -378,4 +388,83 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
   auto dw_misaligned_w = dw_only;
   dw_misaligned_w.W = bogus<T>(0x2002);
   CHECK(lory::detail::merge_backward_uses_tc(dw_misaligned_w, MergePath::kTensorCore));
+}
+
+// The method kAuto runs (lory/merge_gemm.cuh): the fused tensor-core kernel at E <= 8 with aligned
+// 16-bit views, the two cuBLAS GEMMs otherwise, and the fused kernel wherever the GEMMs' sizes pass
+// cuBLAS' int limits. Explicit methods stay as given.
+TEMPLATE_TEST_CASE("merge_backward method: kAuto's choice", "[launch][merge]", float, __half, __nv_bfloat16) {
+  using T = TestType;
+  using lory::MergeBackwardMethod;
+  const bool b16 = !std::is_same<T, float>::value;
+  auto pick = [](const lory::MergeBackwardArgs<T, float>& a) {
+    return lory::resolve_merge_backward_method(a, MergeBackwardMethod::kAuto);
+  };
+  auto a = good_backward<T>();  // E = 8, aligned views (stride 1000: a multiple of 16 bytes)
+  CHECK(pick(a) == (b16 ? MergeBackwardMethod::kFused : MergeBackwardMethod::kGemm));
+  a.experts = 1;
+  CHECK(pick(a) == (b16 ? MergeBackwardMethod::kFused : MergeBackwardMethod::kGemm));
+  a.experts = 9;
+  CHECK(pick(a) == MergeBackwardMethod::kGemm);
+  a.experts = 64;
+  CHECK(pick(a) == MergeBackwardMethod::kGemm);
+  a = good_backward<T>();
+  a.G = bogus<T>(0x1000 + sizeof(T));  // off the 16-byte grid: the fused kernel would run on CUDA cores
+  CHECK(pick(a) == MergeBackwardMethod::kGemm);
+  a = good_backward<T>();
+  a.experts = 32;
+  a.grad_segment_stride = int64_t(INT_MAX) + 9;  // past cuBLAS' int: the fused kernel
+  CHECK(pick(a) == MergeBackwardMethod::kFused);
+  for (auto m : {MergeBackwardMethod::kFused, MergeBackwardMethod::kGemm})
+    CHECK(lory::resolve_merge_backward_method(good_backward<T>(), m) == m);
+}
+
+TEMPLATE_TEST_CASE("merge_backward method: GEMM workspace query and refusals", "[launch][merge]", float, __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  using lory::MergeBackwardMethod;
+  constexpr bool b16 = !std::is_same<T, float>::value;
+  auto a = good_backward<T>();
+  a.experts = 32;
+  size_t bytes = 0;
+  // The weights rounded to the storage dtype (fp32 storage takes them as they are).
+  REQUIRE(lory::merge_backward(a, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  CHECK(bytes == (b16 ? size_t(5) * 32 * sizeof(T) : lory::detail::kMergeMinWorkspaceBytes));
+  size_t auto_bytes = 0;
+  REQUIRE(lory::merge_backward(a, MergeBackwardMethod::kAuto, nullptr, auto_bytes, nullptr, nullptr) ==
+          Status::kSuccess);
+  CHECK(auto_bytes == bytes);  // E = 32: kAuto is the GEMMs
+  auto tiny = a;
+  tiny.num_segments = 1;
+  tiny.experts = 1;
+  REQUIRE(lory::merge_backward(tiny, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  CHECK(bytes == lory::detail::kMergeMinWorkspaceBytes);
+  // kFused through this entry point is lory::merge_backward's own query.
+  size_t fused = 0, plain = 0;
+  REQUIRE(lory::merge_backward(a, MergeBackwardMethod::kFused, nullptr, fused, nullptr, nullptr) == Status::kSuccess);
+  REQUIRE(lory::merge_backward(a, nullptr, plain, nullptr) == Status::kSuccess);
+  CHECK(fused == plain);
+
+  // Refusals before the handle is looked at (none is passed; the workspace is bogus).
+  auto call = [&](const lory::MergeBackwardArgs<T, float>& x, MergeBackwardMethod m, void* ws, size_t n) {
+    return lory::merge_backward(x, m, ws, n, nullptr, nullptr);
+  };
+  REQUIRE(lory::merge_backward(a, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  CHECK(call(a, MergeBackwardMethod::kGemm, bogus_ws(), bytes - 1) == Status::kErrorWorkspaceTooSmall);
+  CHECK(call(a, MergeBackwardMethod::kGemm, static_cast<char*>(bogus_ws()) + 8, bytes) == Status::kErrorMisalignedPointer);
+  CHECK(call(a, MergeBackwardMethod::kGemm, bogus_ws(), bytes) == Status::kErrorNullPointer);  // the handle
+  CHECK(call(a, static_cast<MergeBackwardMethod>(3), bogus_ws(), bytes) == Status::kErrorInvalidArgument);
+  CHECK(call(a, static_cast<MergeBackwardMethod>(-1), nullptr, bytes) == Status::kErrorInvalidArgument);
+  // Sizes past cuBLAS' int: a leading dimension, the number of segments.
+  auto wide = a;
+  wide.grad_segment_stride = int64_t(INT_MAX) + 9;
+  CHECK(call(wide, MergeBackwardMethod::kGemm, nullptr, bytes) == Status::kErrorInvalidSize);
+  wide = a;
+  wide.dW_expert_stride = int64_t(INT_MAX) + 9;
+  CHECK(call(wide, MergeBackwardMethod::kGemm, nullptr, bytes) == Status::kErrorInvalidSize);
+  wide.dW = nullptr;  // a skipped output's stride does not count
+  CHECK(call(wide, MergeBackwardMethod::kGemm, nullptr, bytes) == Status::kSuccess);
+  wide = a;
+  wide.expert_stride = int64_t(INT_MAX) + 9;
+  CHECK(call(wide, MergeBackwardMethod::kGemm, nullptr, bytes) == Status::kErrorInvalidSize);
 }

@@ -42,8 +42,10 @@ struct MoeFfnCpuBackend {
   static Status merge_forward(const MergeForwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream) {
     return run(a, ws, ws_bytes, [&] { return reference::merge_forward<float>(a); });
   }
+  // One way on the CPU whatever the method (the GPU's choice of kernels).
   template <class T>
-  static Status merge_backward(const MergeBackwardArgs<T, float>& a, void* ws, size_t& ws_bytes, Stream) {
+  static Status merge_backward(const MergeBackwardArgs<T, float>& a, MergeBackwardMethod, void* ws, size_t& ws_bytes,
+                               Stream) {
     return run(a, ws, ws_bytes, [&] { return reference::merge_backward<float>(a); });
   }
   // The SwiGLU leaves loop here over the host-and-device formulas of
