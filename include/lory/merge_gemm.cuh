@@ -11,7 +11,8 @@
 //   dW^T [P, E]        = G^T [P, S] x weights [S, E]      (m = P, n = E, k = S; beta 1 to accumulate)
 //   d_weights^T [E, S] = W [E, P] x G^T [P, S]            (m = E, n = S, k = P; fp32 output)
 // For 16-bit storage the weights are first rounded to the storage dtype into the workspace (the
-// GEMMs take one dtype for both inputs). The handle is the caller's, bound to `stream` and in host
+// GEMMs take one dtype for both inputs; fp16 needs |weights| < 65504, as the fused tensor-core
+// kernels do). The handle is the caller's, bound to `stream` and in host
 // pointer mode (checked before any launch); a kFused call does not need one (it may be null).
 #pragma once
 #include <cublas_v2.h>

@@ -4,8 +4,9 @@
 //   C_i = alpha op(A_i) op(B_i) + beta C_i,  op(X) = X or X^T,
 //   X[r, c] at X + r + c * ld,  batch i at X + i * stride,
 // with fp32 compute (products summed in double, rounded once to the C type).
-// Only CUBLAS_COMPUTE_32F and host pointer mode are modelled; anything else
-// returns CUBLAS_STATUS_NOT_SUPPORTED, so an unmodelled call fails loudly.
+// Only CUBLAS_COMPUTE_32F, host pointer mode and the type combinations cuBLAS
+// takes are modelled; anything else returns CUBLAS_STATUS_NOT_SUPPORTED, so an
+// unmodelled call fails loudly.
 #include "emu/cuda_emu.hpp"
 
 #include <cublas_v2.h>
@@ -49,6 +50,13 @@ cublasStatus_t with_handle(cublasHandle_t handle, F f) {
 
 bool supported(cudaDataType_t t) { return t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF; }
 
+// The type combinations cuBLAS' GemmEx takes with CUBLAS_COMPUTE_32F among these types: A and B
+// of one type, C of that type or fp32 (cuBLAS docs, cublasGemmEx: "16F, 16F, 16F/32F", "16BF,
+// 16BF, 16BF/32F", "32F, 32F, 32F"). Anything else is refused, as the real library would.
+bool supported(cudaDataType_t a, cudaDataType_t b, cudaDataType_t c) {
+  return supported(a) && a == b && (c == a || c == CUDA_R_32F);
+}
+
 }  // namespace
 
 extern "C" {
@@ -85,7 +93,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation
                                           cublasComputeType_t compute, cublasGemmAlgo_t) {
   if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (reinterpret_cast<Handle*>(handle)->mode != CUBLAS_POINTER_MODE_HOST || compute != CUBLAS_COMPUTE_32F ||
-      !supported(Atype) || !supported(Btype) || !supported(Ctype) || transa == CUBLAS_OP_C || transb == CUBLAS_OP_C)
+      !supported(Atype, Btype, Ctype) || transa == CUBLAS_OP_C || transb == CUBLAS_OP_C)
     return CUBLAS_STATUS_NOT_SUPPORTED;
   const bool ta = transa == CUBLAS_OP_T, tb = transb == CUBLAS_OP_T;
   if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < std::max(1, ta ? k : m) || ldb < std::max(1, tb ? n : k) ||

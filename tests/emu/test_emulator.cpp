@@ -3,6 +3,8 @@
 // compute the warp collectives the kernels rely on correctly.
 #include "emu/cuda_emu.hpp"
 
+#include <cublas_v2.h>
+
 #include <cmath>
 #include <vector>
 
@@ -166,3 +168,28 @@ TEST_CASE("emulator: launch limits and poisoned allocations", "[emu]") {
 }
 
 }  // namespace
+
+// The emulated cuBLAS takes only the type combinations the real one does (A and B of one type, C of
+// that type or fp32), so a call the real library would refuse fails here too.
+TEST_CASE("emulator: cublasGemmEx refuses type combinations cuBLAS does not take", "[emu]") {
+  cublasHandle_t h = nullptr;
+  REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+  const float one = 1.f, zero = 0.f;
+  float a32[4] = {1, 2, 3, 4}, c32[4] = {};
+  __nv_bfloat16 a16[4], c16[4];
+  for (int i = 0; i < 4; ++i) a16[i] = __float2bfloat16_rn(a32[i]);
+  auto gemm = [&](const void* A, cudaDataType_t ta, const void* B, cudaDataType_t tb, void* C, cudaDataType_t tc) {
+    return cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, A, ta, 2, B, tb, 2, &zero, C, tc, 2,
+                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  };
+  CHECK(gemm(a16, CUDA_R_16BF, a16, CUDA_R_16BF, c16, CUDA_R_16BF) == CUBLAS_STATUS_SUCCESS);
+  CHECK(gemm(a16, CUDA_R_16BF, a16, CUDA_R_16BF, c32, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+  // [1 3; 2 4]^2 column-major = [7 15; 10 22]
+  CHECK(c32[0] == 7.f);
+  CHECK(c32[3] == 22.f);
+  CHECK(gemm(a32, CUDA_R_32F, a32, CUDA_R_32F, c32, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+  CHECK(gemm(a16, CUDA_R_16BF, a32, CUDA_R_32F, c32, CUDA_R_32F) == CUBLAS_STATUS_NOT_SUPPORTED);
+  CHECK(gemm(a32, CUDA_R_32F, a32, CUDA_R_32F, c16, CUDA_R_16BF) == CUBLAS_STATUS_NOT_SUPPORTED);
+  CHECK(gemm(a16, CUDA_R_16BF, a16, CUDA_R_16BF, c16, CUDA_R_16F) == CUBLAS_STATUS_NOT_SUPPORTED);
+  cublasDestroy(h);
+}

@@ -1,12 +1,16 @@
 // Merge forward / backward with more than 2^31 elements: 64-bit offsets on the
 // GPU (too big for the CPU emulator, so apart from tests/gpu/test_merge.cu).
+#include <cublas_v2.h>
+
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/catch.hpp"
 #include "common/gpu_util.cuh"
 #include "common/test_util.hpp"
 #include "lory/merge.cuh"
+#include "lory/merge_gemm.cuh"
 #include "lory/reference/merge.hpp"
 
 using lory::Status;
@@ -110,13 +114,19 @@ TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merg
     CHECK(count_nan(gap) == stride - P);
   }
 
-  // Backward: the forward's output buffer now holds G. Both paths (E = 3, aligned views).
+  // Backward: the forward's output buffer now holds G. The fused kernel on both paths (E = 3,
+  // aligned views), then the cuBLAS GEMM method (lory/merge_gemm.cuh: int sizes, operands past
+  // 2^31 elements).
   DeviceBuffer<T>& G = out;
   fill_device_periodic(G.get(), S, P, stride, gpat, pg);
   DeviceBuffer<T> dW(static_cast<size_t>(E * stride));
   DeviceBuffer<float> de(static_cast<size_t>(S * E));
-  for (MergePath path : {MergePath::kSimt, MergePath::kTensorCore}) {
-    INFO("backward path " << static_cast<int>(path));
+  cublasHandle_t handle = nullptr;  // on the default stream
+  REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
+  for (int run = 0; run < 3; ++run) {
+    const bool gemm = run == 2;
+    const MergePath path = run == 0 ? MergePath::kSimt : MergePath::kTensorCore;
+    INFO("backward " << (gemm ? std::string("GEMM method") : "path " + std::to_string(static_cast<int>(path))));
     LORY_TEST_CUDA(cudaMemset(dW.get(), 0xff, E * stride * sizeof(T)));
     LORY_TEST_CUDA(cudaMemset(de.get(), 0xff, S * E * sizeof(float)));
     lory::MergeBackwardArgs<T, float> b;
@@ -132,10 +142,14 @@ TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merg
     b.dW_expert_stride = stride;
     b.d_weights = de.get();
     CHECK(lory::detail::merge_backward_uses_tc(b, path) == (path == MergePath::kTensorCore));
+    auto launch = [&](void* w, size_t& bytes) {
+      return gemm ? lory::merge_backward(b, lory::MergeBackwardMethod::kGemm, w, bytes, handle, nullptr)
+                  : lory::detail::merge_backward_on_path(b, w, bytes, nullptr, path);
+    };
     size_t bytes = 0;
-    REQUIRE(lory::detail::merge_backward_on_path(b, nullptr, bytes, nullptr, path) == Status::kSuccess);
+    REQUIRE(launch(nullptr, bytes) == Status::kSuccess);
     auto ws = stale_workspace(bytes);
-    REQUIRE(lory::detail::merge_backward_on_path(b, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+    REQUIRE(launch(ws.get(), bytes) == Status::kSuccess);
     LORY_TEST_SYNC();
     for (int64_t c0 : windows) {
       auto got = download_window(dW.get(), E, stride, c0, n);
@@ -173,4 +187,5 @@ TEST_CASE("merge forward and backward with more than 2^31 elements", "[gpu][merg
     CHECK(count_nan(got_de) == 0);
     CHECK(rel_error(got_de, want_de) <= 1e-3);
   }
+  cublasDestroy(handle);
 }
