@@ -13,7 +13,8 @@ time for this exact torch version (scripts/build_torch_prebuilt.sh; used on shor
 
 Ops (namespace torch.ops.lory):
   moe_ffn_forward(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len,
-                  max_chunk_segments=0, workspace_budget_bytes=0) -> (y, hbar, probs, weights)
+                  max_chunk_segments=0, workspace_budget_bytes=0, merge_backward="auto")
+                  -> (y, hbar, probs, weights)     (merge_backward: for the backward, see moe_ffn)
   moe_ffn_backward(dy, x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode,
                    segment_len, ...) -> (dx, dW_r, dW_g, dW_u, dW_d, d_weights)
   prompt_route(x, W_r) -> weights [B, E]              (inference: one decision per sequence)
@@ -39,6 +40,7 @@ from torch import nn
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.abspath(os.path.join(_HERE, "..", ".."))
 MODES = ("causal", "prompt", "given")
+MERGE_BACKWARD_METHODS = ("auto", "fused", "gemm")
 
 _loaded: Optional[str] = None  # "cpu" or "cuda" once the extension is loaded
 
@@ -138,7 +140,7 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "moe_ffn_forward")
     def _fwd_fake(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk_segments=0,
-                  workspace_budget_bytes=0):
+                  workspace_budget_bytes=0, merge_backward="auto"):
         B, L, d = x.shape
         E = W_g.shape[0]
         N = (L + segment_len - 1) // segment_len
@@ -149,7 +151,7 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "moe_ffn_backward")
     def _bwd_fake(dy, x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode, segment_len,
-                  max_chunk_segments=0, workspace_budget_bytes=0):
+                  max_chunk_segments=0, workspace_budget_bytes=0, merge_backward="auto"):
         dW_r = x.new_empty((0,)) if mode == "given" else torch.empty_like(W_r)
         return (torch.empty_like(x), dW_r, torch.empty_like(W_g), torch.empty_like(W_u), torch.empty_like(W_d),
                 torch.empty_like(weights))
@@ -165,21 +167,21 @@ def _register_python_parts() -> None:
         return W_g.new_empty((B, f, d)), W_g.new_empty((B, f, d)), W_g.new_empty((B, d, f))
 
     def _setup(ctx, inputs, output):
-        x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk, budget = _full_inputs(inputs)
+        x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk, budget, method = _full_inputs(inputs)
         _, hbar, probs, weights = output
         ctx.save_for_backward(x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights)
-        ctx.lory_args = (mode, segment_len, max_chunk, budget)
+        ctx.lory_args = (mode, segment_len, max_chunk, budget, method)
         # hbar / probs / weights are saved state, not differentiable outputs.
         ctx.mark_non_differentiable(hbar, probs, weights)
 
     def _backward(ctx, dy, _dhbar, _dprobs, _dweights):
         x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights = ctx.saved_tensors
-        mode, segment_len, max_chunk, budget = ctx.lory_args
+        mode, segment_len, max_chunk, budget, method = ctx.lory_args
         dx, dW_r, dW_g, dW_u, dW_d, d_weights = torch.ops.lory.moe_ffn_backward(
             dy.contiguous(), x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode, segment_len,
-            max_chunk, budget)
+            max_chunk, budget, method)
         return (dx, None if mode == "given" else dW_r, dW_g, dW_u, dW_d,
-                d_weights if mode == "given" else None, None, None, None, None)
+                d_weights if mode == "given" else None, None, None, None, None, None)
 
     torch.library.register_autograd(lib + "moe_ffn_forward", _backward, setup_context=_setup)
 
@@ -203,7 +205,7 @@ def _register_python_parts() -> None:
 def _full_inputs(inputs):
     """inputs of moe_ffn_forward with the schema's defaults filled in."""
     inputs = tuple(inputs)
-    defaults = (0, 0)
+    defaults = (0, 0, "auto")
     return inputs + defaults[len(inputs) - 8:]
 
 
@@ -212,14 +214,21 @@ def _full_inputs(inputs):
 def moe_ffn(x: torch.Tensor, W_r: Optional[torch.Tensor], W_g: torch.Tensor, W_u: torch.Tensor,
             W_d: torch.Tensor, mode: str = "causal", segment_len: int = 256,
             routing_weights: Optional[torch.Tensor] = None, max_chunk_segments: int = 0,
-            workspace_budget_bytes: int = 0) -> torch.Tensor:
+            workspace_budget_bytes: int = 0, merge_backward: str = "auto") -> torch.Tensor:
     """The Lory layer on x [B, L, d] (differentiable w.r.t. x, the weights and, in "given" mode,
-    routing_weights [B, N, E])."""
+    routing_weights [B, N, E]).
+
+    merge_backward: how the backward's merge backward runs on CUDA (lory::MergeBackwardMethod):
+    "fused" (lory's one-pass kernel; the routing weights keep ~16 bits in dW), "gemm" (two cuBLAS
+    GEMMs; the routing weights enter dW rounded to the storage dtype) or "auto" (the one measured
+    faster at the shape). The CPU ops have one way and ignore it."""
     load()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if merge_backward not in MERGE_BACKWARD_METHODS:
+        raise ValueError(f"merge_backward must be one of {MERGE_BACKWARD_METHODS}, got {merge_backward!r}")
     y, _, _, _ = torch.ops.lory.moe_ffn_forward(x, W_r, W_g, W_u, W_d, routing_weights, mode, segment_len,
-                                                max_chunk_segments, workspace_budget_bytes)
+                                                max_chunk_segments, workspace_budget_bytes, merge_backward)
     return y
 
 
@@ -251,14 +260,17 @@ class LoryMoEFFN(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, routing: str = "causal",
                  segment_len: int = 256, device=None, dtype=None, max_chunk_segments: int = 0,
-                 workspace_budget_bytes: int = 0):
+                 workspace_budget_bytes: int = 0, merge_backward: str = "auto"):
         super().__init__()
         if routing not in MODES:
             raise ValueError(f"routing must be one of {MODES}, got {routing!r}")
         kw = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
         self.routing, self.segment_len = routing, segment_len
+        if merge_backward not in MERGE_BACKWARD_METHODS:
+            raise ValueError(f"merge_backward must be one of {MERGE_BACKWARD_METHODS}, got {merge_backward!r}")
         self.max_chunk_segments, self.workspace_budget_bytes = max_chunk_segments, workspace_budget_bytes
+        self.merge_backward = merge_backward
         self.W_r = None if routing == "given" else nn.Parameter(torch.empty(num_experts, d_model, **kw))
         self.W_g = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
         self.W_u = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
@@ -282,7 +294,7 @@ class LoryMoEFFN(nn.Module):
         if (routing_weights is not None) != (self.routing == "given"):
             raise ValueError("routing_weights are passed exactly when routing == 'given'")
         return moe_ffn(x, self.W_r, self.W_g, self.W_u, self.W_d, self.routing, self.segment_len,
-                       routing_weights, self.max_chunk_segments, self.workspace_budget_bytes)
+                       routing_weights, self.max_chunk_segments, self.workspace_budget_bytes, self.merge_backward)
 
     # Inference with prompt-level routing: route once on the prompt, cache the merged FFN per
     # sequence, then decode one token per sequence at the cost of a dense FFN.

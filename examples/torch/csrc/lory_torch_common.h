@@ -138,12 +138,21 @@ inline void check_saved(const LayerCall& c, const at::Tensor& x, const at::Tenso
   }
 }
 
-inline lory::MoeFfnOptions plan_options(int64_t max_chunk_segments, int64_t workspace_budget_bytes) {
+// merge_backward: "auto", "fused" or "gemm" (lory::MergeBackwardMethod; the CPU ops ignore it).
+inline lory::MoeFfnOptions plan_options(int64_t max_chunk_segments, int64_t workspace_budget_bytes,
+                                        const std::string& merge_backward) {
   TORCH_CHECK(max_chunk_segments >= 0 && workspace_budget_bytes >= 0,
               "lory: max_chunk_segments and workspace_budget_bytes must be >= 0");
   lory::MoeFfnOptions o;
   o.max_chunk_segments = max_chunk_segments;
   o.workspace_budget_bytes = static_cast<size_t>(workspace_budget_bytes);
+  bool known = false;
+  for (auto m : {lory::MergeBackwardMethod::kAuto, lory::MergeBackwardMethod::kFused, lory::MergeBackwardMethod::kGemm})
+    if (merge_backward == lory::merge_backward_method_name(m)) {
+      o.merge_backward = m;
+      known = true;
+    }
+  TORCH_CHECK(known, "lory: merge_backward must be \"auto\", \"fused\" or \"gemm\", got \"", merge_backward, "\"");
   return o;
 }
 
@@ -311,10 +320,11 @@ template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_forward_op(
     const at::Tensor& x, const std::optional<at::Tensor>& W_r, const at::Tensor& W_g, const at::Tensor& W_u,
     const at::Tensor& W_d, const std::optional<at::Tensor>& given, std::string mode, int64_t segment_len,
-    int64_t max_chunk_segments, int64_t workspace_budget_bytes) {
+    int64_t max_chunk_segments, int64_t workspace_budget_bytes, std::string merge_backward) {
   const LayerCall c = check_layer(x, W_r, W_g, W_u, W_d, given, mode, segment_len);
   Device::check_storage(c.storage, "moe_ffn_forward");
-  const lory::MoeFfnOptions opt = plan_options(max_chunk_segments, workspace_budget_bytes);
+  // merge_backward is the backward's; checked here too, so a bad value fails before the forward runs.
+  const lory::MoeFfnOptions opt = plan_options(max_chunk_segments, workspace_budget_bytes, merge_backward);
   const typename Device::Guard guard(x.device());
   const LayerTensors in = contiguous_inputs(c, x, W_r, W_g, W_u, W_d, given);
   const ForwardOutputs out = new_forward_outputs(c, in.x);
@@ -327,11 +337,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& W_r, const at::Tensor& W_g,
     const at::Tensor& W_u, const at::Tensor& W_d, const std::optional<at::Tensor>& given, const at::Tensor& hbar,
     const at::Tensor& probs, const at::Tensor& weights, std::string mode, int64_t segment_len,
-    int64_t max_chunk_segments, int64_t workspace_budget_bytes) {
+    int64_t max_chunk_segments, int64_t workspace_budget_bytes, std::string merge_backward) {
   const LayerCall c = check_layer(x, W_r, W_g, W_u, W_d, given, mode, segment_len);
   Device::check_storage(c.storage, "moe_ffn_backward");
   check_backward_inputs(c, dy, x, hbar, probs, weights);
-  const lory::MoeFfnOptions opt = plan_options(max_chunk_segments, workspace_budget_bytes);
+  const lory::MoeFfnOptions opt = plan_options(max_chunk_segments, workspace_budget_bytes, merge_backward);
   const typename Device::Guard guard(x.device());
   const LayerTensors in = contiguous_backward_inputs(c, dy, x, W_r, W_g, W_u, W_d, given, hbar, probs, weights);
   const BackwardOutputs out = new_backward_outputs(c, in.x);

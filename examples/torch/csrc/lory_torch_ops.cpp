@@ -120,12 +120,12 @@ Tensor decode_step(const Tensor& x, const Tensor& Wg_bar, const Tensor& Wu_bar, 
 TORCH_LIBRARY(lory, m) {
   m.def(
       "moe_ffn_forward(Tensor x, Tensor? W_r, Tensor W_g, Tensor W_u, Tensor W_d, Tensor? given_weights, "
-      "str mode, int segment_len, int max_chunk_segments=0, int workspace_budget_bytes=0) "
-      "-> (Tensor y, Tensor hbar, Tensor probs, Tensor weights)");
+      "str mode, int segment_len, int max_chunk_segments=0, int workspace_budget_bytes=0, "
+      "str merge_backward=\"auto\") -> (Tensor y, Tensor hbar, Tensor probs, Tensor weights)");
   m.def(
       "moe_ffn_backward(Tensor dy, Tensor x, Tensor? W_r, Tensor W_g, Tensor W_u, Tensor W_d, "
       "Tensor? given_weights, Tensor hbar, Tensor probs, Tensor weights, str mode, int segment_len, "
-      "int max_chunk_segments=0, int workspace_budget_bytes=0) "
+      "int max_chunk_segments=0, int workspace_budget_bytes=0, str merge_backward=\"auto\") "
       "-> (Tensor dx, Tensor dW_r, Tensor dW_g, Tensor dW_u, Tensor dW_d, Tensor d_weights)");
   m.def("prompt_route(Tensor x, Tensor W_r) -> Tensor");
   m.def("merge_experts(Tensor W_g, Tensor W_u, Tensor W_d, Tensor weights) -> (Tensor, Tensor, Tensor)");

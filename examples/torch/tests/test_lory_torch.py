@@ -78,6 +78,20 @@ def test_chunked_plan_matches_unchunked(ext, gen, mode, chunk):
         assert_close("d" + name, g1[name], g0[name], 1e-6)
 
 
+@pytest.mark.parametrize("method", ["fused", "gemm"])
+def test_merge_backward_method_is_the_gpus_choice(ext, gen, method):
+    """merge_backward picks how CUDA runs the merge backward; the CPU ops have one way, so every
+    method gives the "auto" result bit for bit, and the module carries the choice."""
+    p = make_layer(gen, 2, 29, 4, 6, 9, 3, mode="causal", dtype=torch.float32)
+    y0, g0 = run(lory_fn(), p)
+    y1, g1 = run(lory_fn(merge_backward=method), p)
+    assert torch.equal(y1, y0)
+    for name in g0:
+        assert torch.equal(g1[name], g0[name])
+    m = lory_torch.LoryMoEFFN(6, 9, 3, segment_len=4, merge_backward=method)
+    assert m.merge_backward == method
+
+
 def test_workspace_budget_too_small_is_an_error(ext, gen):
     p = make_layer(gen, 1, 8, 4, 4, 4, 2, mode="causal", dtype=torch.float32)
     with pytest.raises(RuntimeError, match="workspace too small"):
@@ -123,6 +137,7 @@ def test_opcheck_forward(ext, gen, mode):
     args = (p["x"].requires_grad_(True), p["W_r"], p["W_g"].requires_grad_(True), p["W_u"], p["W_d"],
             p["gw"], mode, 4)
     torch.library.opcheck(torch.ops.lory.moe_ffn_forward.default, args)
+    torch.library.opcheck(torch.ops.lory.moe_ffn_forward.default, args + (0, 0, "gemm"))
 
 
 def test_opcheck_inference_ops(ext, gen):
@@ -263,3 +278,9 @@ def test_errors(ext, gen):
         torch.ops.lory.moe_ffn_forward(p["x"], p["W_r"], *args, None, "topk", 4)
     with pytest.raises(RuntimeError, match="segment_len"):
         lory_torch.moe_ffn(p["x"], p["W_r"], *args, segment_len=0)
+    with pytest.raises(ValueError, match="merge_backward"):
+        lory_torch.moe_ffn(p["x"], p["W_r"], *args, merge_backward="fast")
+    with pytest.raises(ValueError, match="merge_backward"):
+        lory_torch.LoryMoEFFN(4, 6, 3, merge_backward="fast")
+    with pytest.raises(RuntimeError, match="merge_backward"):
+        torch.ops.lory.moe_ffn_forward(p["x"], p["W_r"], *args, None, "causal", 4, 0, 0, "fast")

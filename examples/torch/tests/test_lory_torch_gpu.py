@@ -60,6 +60,21 @@ def test_layer_matches_reference_gpu(ext, gen, dtype, mode, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("method", ["fused", "gemm"])
+@pytest.mark.parametrize("E", [4, 32])
+def test_merge_backward_methods_gpu(ext, gen, dtype, method, E):
+    """Each merge-backward method by name (the tests above run "auto": the fused kernel at E <= 8
+    with 16-bit storage, the cuBLAS GEMMs otherwise) against the reference."""
+    p = make_layer(gen, 2, 512, 256, 64, 96, E, mode="causal", dtype=dtype)
+    y, grads = run(lambda *a: lory_torch.moe_ffn(*a, merge_backward=method), p, device="cuda")
+    torch.cuda.synchronize()
+    y_ref, grads_ref = run(reference_fn, to64(p))
+    assert_close("y", y, y_ref, TOL[dtype])
+    for name in grads_ref:
+        assert_close("d" + name, grads[name], grads_ref[name], TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_chunked_and_side_stream_gpu(ext, gen, dtype):
     """A small workspace budget (many chunks) on a side stream gives the same result."""
     p = make_layer(gen, 2, 200, 64, 40, 72, 6, mode="causal", dtype=dtype)
