@@ -383,6 +383,8 @@ Status run_prompt_cache(const PromptCacheArgs<T, float>& a, void* workspace, siz
     return Status::kSuccess;
   }
   if (workspace_bytes < needed) return Status::kErrorWorkspaceTooSmall;
+  // Carved in 256-byte pieces from the base: a base off the 16-byte grid misaligns them all.
+  if (!detail::is_aligned(workspace, 16)) return Status::kErrorMisalignedPointer;
   const detail::PromptCacheWorkspace w = detail::PromptCacheWorkspace::carve(workspace, a.batch, a.shape, scratch);
   size_t leaf_bytes = w.scratch_bytes;
   LORY_RETURN_IF_ERROR(Backend::template router_forward<T>(detail::prompt_router_args(a, w.hbar, w.router_probs),
@@ -414,6 +416,8 @@ Status run_decode_step(const DecodeStepArgs<T, float>& a, void* workspace, size_
     return Status::kSuccess;
   }
   if (workspace_bytes < needed) return Status::kErrorWorkspaceTooSmall;
+  // Carved in 256-byte pieces from the base: a base off the 16-byte grid misaligns them all.
+  if (!detail::is_aligned(workspace, 16)) return Status::kErrorMisalignedPointer;
   LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
   const Workspace w = Workspace::carve(workspace, a.batch, a.shape, method, scratch);
   const int64_t B = a.batch, d = a.shape.d, f = a.shape.f, E = a.shape.experts;

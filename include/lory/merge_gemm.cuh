@@ -75,7 +75,9 @@ Status merge_backward_gemm(const MergeBackwardArgs<T, float>& a, void* workspace
   bool size_query = false;
   LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, merge_backward_gemm_workspace(a), size_query));
   if (size_query) return Status::kSuccess;
-  if (!is_aligned16(workspace)) return Status::kErrorMisalignedPointer;
+  // The weights rounded to T are the workspace's only use: T's alignment, no more (a workspace that
+  // suits the fused kernel's fp32 partials suits this too).
+  if (!std::is_same<T, float>::value && a.dW && !is_aligned(workspace, alignof(T))) return Status::kErrorMisalignedPointer;
   LORY_RETURN_IF_ERROR(check_cublas_handle(cublas, stream));
 
   constexpr cudaDataType_t type = cublas_dtype<T>::value;
@@ -113,7 +115,8 @@ Status merge_backward_gemm(const MergeBackwardArgs<T, float>& a, void* workspace
 // where the GEMMs' sizes do not fit cuBLAS' int limits; to the GEMMs otherwise
 // (detail::kMergeBackwardFusedMaxExperts says which measurements set the bound; off the
 // tensor-core path the fused kernel runs on CUDA cores, measured at 2-8% of copy bandwidth).
-// Depends on the arguments only, so a size query and the call it sizes agree.
+// Depends on the arguments only, so a size query and the call it sizes agree (and not on the
+// device: before sm_80, kAuto at E <= 8 runs the fused kernel on CUDA cores).
 template <class T>
 MergeBackwardMethod resolve_merge_backward_method(const MergeBackwardArgs<T, float>& a, MergeBackwardMethod method) {
   if (method != MergeBackwardMethod::kAuto) return method;
@@ -126,9 +129,10 @@ MergeBackwardMethod resolve_merge_backward_method(const MergeBackwardArgs<T, flo
 // dW (+)= weights^T x G and d_weights (+)= G x W^T by `method` (see above). Workspace: the
 // method's (the fused kernel's partials, or the converted weights; a null workspace asks).
 // Errors as merge_backward's, plus: an invalid method (kErrorInvalidArgument); for the GEMMs a
-// size or stride past INT_MAX (kErrorInvalidSize), a workspace not 16-byte aligned
+// size or stride past INT_MAX (kErrorInvalidSize), a workspace not aligned to T
 // (kErrorMisalignedPointer), a null handle, or one bound to another stream or in device pointer
-// mode (kErrorNullPointer / kErrorInvalidArgument); a failed cuBLAS call gives kErrorCublas.
+// mode (kErrorNullPointer / kErrorInvalidArgument), all before any launch. A cuBLAS call that
+// fails at run time gives kErrorCublas; if it is the d_weights GEMM, dW is already written.
 template <class T>
 Status merge_backward(const MergeBackwardArgs<T, float>& args, MergeBackwardMethod method, void* workspace,
                       size_t& workspace_bytes, cublasHandle_t cublas, cudaStream_t stream) {

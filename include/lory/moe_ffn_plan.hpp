@@ -462,12 +462,16 @@ class MoeFfnPlan {
   }
 
   // Checks shared by forward() and backward() once their arguments are valid: the arguments
-  // match the plan's shapes, the stream suits the backend, the workspace is there and large enough.
+  // match the plan's shapes, the stream suits the backend, the workspace is there, large enough and
+  // 16-byte aligned.
   Status check_call(const MoeFfnParams<T, float>& p, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(check_matches(p));
     LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
     if (!workspace) return Status::kErrorNullPointer;
     if (workspace_bytes < workspace_bytes_) return Status::kErrorWorkspaceTooSmall;
+    // Its pieces sit at 256-byte offsets from the base (detail::WorkspaceCarver): a base off the
+    // 16-byte grid would misalign every one, and a leaf would refuse it only mid-call.
+    if (!detail::is_aligned(workspace, 16)) return Status::kErrorMisalignedPointer;
     return Status::kSuccess;
   }
 

@@ -567,6 +567,8 @@ Status router_forward(const RouterForwardArgs<T, float>& args, void* workspace,
   bool size_query = false;
   LORY_RETURN_IF_ERROR(detail::workspace_protocol(workspace, workspace_bytes, plan.bytes, size_query));
   if (size_query) return Status::kSuccess;
+  // fp32 partial sums, when a span needs them.
+  if (plan.chunks > 1 && !detail::is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;
 
   const int E = args.experts;
   if (args.mode == RoutingMode::kGivenWeights) {
@@ -624,6 +626,7 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
   bool size_query = false;
   LORY_RETURN_IF_ERROR(detail::workspace_protocol(workspace, workspace_bytes, plan.bytes, size_query));
   if (size_query || args.mode == RoutingMode::kGivenWeights) return Status::kSuccess;
+  if (!detail::is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;  // fp32 pieces
 
   const int E = args.experts;
   const int64_t d = args.d;

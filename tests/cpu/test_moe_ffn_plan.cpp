@@ -194,6 +194,12 @@ TEST_CASE("CPU MoE FFN plan reports bad arguments before touching memory", "[cpu
   g = f;
   g.x = nullptr;
   REQUIRE(plan.forward(g, ws.data(), ws.size(), {}) == Status::kErrorNullPointer);
+  // A workspace off the 16-byte grid (operator new's storage is on it; 8 bytes in is not).
+  std::vector<unsigned char> wide(ws.size() + 16);
+  REQUIRE(reinterpret_cast<uintptr_t>(wide.data()) % 16 == 0);
+  REQUIRE(plan.forward(f, wide.data() + 8, ws.size(), {}) == Status::kErrorMisalignedPointer);
+  const auto b = backward_args(f.p, D.x.data(), D.dy.data(), out, false);
+  REQUIRE(plan.backward(b, wide.data() + 8, ws.size(), {}) == Status::kErrorMisalignedPointer);
   // Nothing was written by the failed calls.
   REQUIRE(lory_test::count_nan(out.y) == static_cast<int64_t>(out.y.size()));
   // A too-small budget fails the same way in forward and backward.

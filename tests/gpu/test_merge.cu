@@ -569,7 +569,7 @@ TEMPLATE_TEST_CASE("merge_backward (cuBLAS GEMM method) matches the CPU twin in 
 
 // kAuto: the fused tensor-core kernel at E <= 8 with aligned 16-bit views, the GEMMs otherwise.
 TEMPLATE_TEST_CASE("merge_backward (method kAuto) picks by the shape and matches the CPU twin", "[gpu][merge]",
-                   float, __nv_bfloat16) {
+                   float, __half, __nv_bfloat16) {
   using lory::MergeBackwardMethod;
   DefaultStreamHandle handle;
   const bool b16 = !std::is_same<TestType, float>::value;
@@ -587,9 +587,8 @@ TEMPLATE_TEST_CASE("merge_backward (method kAuto) picks by the shape and matches
   for (const auto& k : cases)
     run_backward_method<TestType>(k.c, BwdMode{}, MergeBackwardMethod::kAuto, handle.h, 1,
                                   b16 && k.fused ? MergeBackwardMethod::kFused : MergeBackwardMethod::kGemm);
-  // kFused through the same entry point runs the fused kernel, handle or not.
-  run_backward_method<TestType>({45, 20, 1001, 7, 0}, BwdMode{}, MergeBackwardMethod::kFused, nullptr, 1,
-                                MergeBackwardMethod::kFused);
+  // kFused through the same entry point runs the fused kernel without a handle.
+  run_backward_method<TestType>({45, 20, 1001, 7, 0}, BwdMode{}, MergeBackwardMethod::kFused, nullptr);
 }
 
 // The GEMM method's refusals come before anything is launched: the outputs and the workspace stay
@@ -622,7 +621,7 @@ TEST_CASE("merge_backward (cuBLAS GEMM method) refuses a bad handle or workspace
       {on_other.handle, ws.get(), bytes, MergeBackwardMethod::kGemm, Status::kErrorInvalidArgument},
       {device_mode, ws.get(), bytes, MergeBackwardMethod::kGemm, Status::kErrorInvalidArgument},
       {on_default.h, ws.get(), bytes - 1, MergeBackwardMethod::kGemm, Status::kErrorWorkspaceTooSmall},
-      {on_default.h, ws.get() + 8, bytes, MergeBackwardMethod::kGemm, Status::kErrorMisalignedPointer},
+      {on_default.h, ws.get() + 1, bytes, MergeBackwardMethod::kGemm, Status::kErrorMisalignedPointer},
       {on_default.h, ws.get(), bytes, static_cast<MergeBackwardMethod>(7), Status::kErrorInvalidArgument},
   };
   for (const auto& k : calls) {

@@ -150,6 +150,11 @@ TEST_CASE("inference launchers reject bad arguments before any launch", "[launch
   REQUIRE(bytes == 777);
   da.method = DecodeMethod::kMerged;
   REQUIRE(lory::decode_step(da, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  // A workspace off the 16-byte grid, big enough: refused before the handle is looked at.
+  REQUIRE(lory::decode_step(da, bogus<void>(0x900008), bytes, nullptr, nullptr) == Status::kErrorMisalignedPointer);
+  pa = valid_prompt<T>(2, 9, sh);
+  REQUIRE(lory::build_prompt_cache(pa, nullptr, bytes, nullptr) == Status::kSuccess);
+  REQUIRE(lory::build_prompt_cache(pa, bogus<void>(0x900008), bytes, nullptr) == Status::kErrorMisalignedPointer);
 
   lory::ExpertCombineArgs<T> ca;
   ca.rows = 2; ca.experts = 3; ca.cols = 5;

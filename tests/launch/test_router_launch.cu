@@ -160,6 +160,8 @@ TEST_CASE("router_forward workspace queries", "[launch][router]") {
   CHECK(bytes >= size_t(2 * 3 * 3 * 64 * sizeof(float)));  // 3 segments x 3 chunks each
   small = 0;
   CHECK(lory::router_forward(a, bogus<void>(0x80000), small, nullptr) == Status::kErrorWorkspaceTooSmall);
+  // The partial sums are fp32: a workspace off float's alignment is refused before any launch.
+  CHECK(lory::router_forward(a, bogus<void>(0x80002), bytes, nullptr) == Status::kErrorMisalignedPointer);
 }
 
 TEST_CASE("router_backward rejects bad arguments before any CUDA call", "[launch][router]") {
@@ -238,6 +240,7 @@ TEST_CASE("router_backward workspace queries", "[launch][router]") {
 
     size_t small = all - 1;
     CHECK(lory::router_backward(a, bogus<void>(0x80000), small, nullptr) == Status::kErrorWorkspaceTooSmall);
+    CHECK(lory::router_backward(a, bogus<void>(0x80002), all, nullptr) == Status::kErrorMisalignedPointer);
     small = 0;
     CHECK(lory::router_backward(dx_only, bogus<void>(0x80000), small, nullptr) ==
           Status::kErrorWorkspaceTooSmall);
