@@ -378,13 +378,10 @@ Status run_prompt_cache(const PromptCacheArgs<T, float>& a, void* workspace, siz
   size_t scratch = 0;
   LORY_RETURN_IF_ERROR((detail::prompt_cache_scratch<Backend, T>(a, scratch)));
   const size_t needed = detail::PromptCacheWorkspace::carve(nullptr, a.batch, a.shape, scratch).total_bytes;
-  if (!workspace) {
-    workspace_bytes = needed;
-    return Status::kSuccess;
-  }
-  if (workspace_bytes < needed) return Status::kErrorWorkspaceTooSmall;
-  // Carved in 256-byte pieces from the base: a base off the 16-byte grid misaligns them all.
-  if (!detail::is_aligned(workspace, 16)) return Status::kErrorMisalignedPointer;
+  bool size_query = false;
+  LORY_RETURN_IF_ERROR(
+      detail::workspace_protocol(workspace, workspace_bytes, needed, size_query, detail::kCarvedWorkspaceAlign));
+  if (size_query) return Status::kSuccess;
   const detail::PromptCacheWorkspace w = detail::PromptCacheWorkspace::carve(workspace, a.batch, a.shape, scratch);
   size_t leaf_bytes = w.scratch_bytes;
   LORY_RETURN_IF_ERROR(Backend::template router_forward<T>(detail::prompt_router_args(a, w.hbar, w.router_probs),
@@ -411,13 +408,10 @@ Status run_decode_step(const DecodeStepArgs<T, float>& a, void* workspace, size_
   LORY_RETURN_IF_ERROR((detail::decode_scratch<Backend, T>(a, method, scratch)));
   using Workspace = detail::DecodeWorkspace<T>;
   const size_t needed = Workspace::carve(nullptr, a.batch, a.shape, method, scratch).total_bytes;
-  if (!workspace) {
-    workspace_bytes = needed;
-    return Status::kSuccess;
-  }
-  if (workspace_bytes < needed) return Status::kErrorWorkspaceTooSmall;
-  // Carved in 256-byte pieces from the base: a base off the 16-byte grid misaligns them all.
-  if (!detail::is_aligned(workspace, 16)) return Status::kErrorMisalignedPointer;
+  bool size_query = false;
+  LORY_RETURN_IF_ERROR(
+      detail::workspace_protocol(workspace, workspace_bytes, needed, size_query, detail::kCarvedWorkspaceAlign));
+  if (size_query) return Status::kSuccess;
   LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
   const Workspace w = Workspace::carve(workspace, a.batch, a.shape, method, scratch);
   const int64_t B = a.batch, d = a.shape.d, f = a.shape.f, E = a.shape.experts;

@@ -1774,10 +1774,9 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
           ? merge_forward_tc_counter_bytes<T, Tuning>(a.num_segments, a.experts, a.params)
           : 0;
   bool size_query = false;
-  LORY_RETURN_IF_ERROR(
-      workspace_protocol(workspace, workspace_bytes, std::max(kMergeMinWorkspaceBytes, counter_bytes), size_query));
+  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, std::max(kMergeMinWorkspaceBytes, counter_bytes),
+                                          size_query, counter_bytes ? alignof(unsigned long long) : 1));
   if (size_query) return Status::kSuccess;
-  if (counter_bytes && !is_aligned(workspace, alignof(unsigned long long))) return Status::kErrorMisalignedPointer;
 
   if (path == MergePath::kAuto || path == MergePath::kTensorCore) {
     int major = 0;
@@ -1991,9 +1990,9 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   MergeBackwardPlan plan;
   LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
   bool size_query = false;
-  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, plan.workspace_bytes, size_query));
+  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, plan.workspace_bytes, size_query,
+                                          plan.use_partials ? alignof(float) : 1));
   if (size_query) return Status::kSuccess;
-  if (plan.use_partials && !is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;
   if (tc) {
     int major = 0;
     LORY_RETURN_IF_ERROR(device_compute_major(major));

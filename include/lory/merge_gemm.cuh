@@ -73,11 +73,12 @@ Status merge_backward_gemm(const MergeBackwardArgs<T, float>& a, void* workspace
                            cublasHandle_t cublas, cudaStream_t stream) {
   LORY_RETURN_IF_ERROR(merge_backward_gemm_can_implement(a));
   bool size_query = false;
-  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, merge_backward_gemm_workspace(a), size_query));
-  if (size_query) return Status::kSuccess;
   // The weights rounded to T are the workspace's only use: T's alignment, no more (a workspace that
   // suits the fused kernel's fp32 partials suits this too).
-  if (!std::is_same<T, float>::value && a.dW && !is_aligned(workspace, alignof(T))) return Status::kErrorMisalignedPointer;
+  const bool rounds = !std::is_same<T, float>::value && a.dW;
+  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, merge_backward_gemm_workspace(a), size_query,
+                                          rounds ? alignof(T) : 1));
+  if (size_query) return Status::kSuccess;
   LORY_RETURN_IF_ERROR(check_cublas_handle(cublas, stream));
 
   constexpr cudaDataType_t type = cublas_dtype<T>::value;

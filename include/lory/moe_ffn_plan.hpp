@@ -469,9 +469,8 @@ class MoeFfnPlan {
     LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
     if (!workspace) return Status::kErrorNullPointer;
     if (workspace_bytes < workspace_bytes_) return Status::kErrorWorkspaceTooSmall;
-    // Its pieces sit at 256-byte offsets from the base (detail::WorkspaceCarver): a base off the
-    // 16-byte grid would misalign every one, and a leaf would refuse it only mid-call.
-    if (!detail::is_aligned(workspace, 16)) return Status::kErrorMisalignedPointer;
+    // A misaligned base would otherwise be refused only mid-call, by a leaf.
+    if (!detail::is_aligned(workspace, detail::kCarvedWorkspaceAlign)) return Status::kErrorMisalignedPointer;
     return Status::kSuccess;
   }
 

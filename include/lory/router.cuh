@@ -565,10 +565,10 @@ Status router_forward(const RouterForwardArgs<T, float>& args, void* workspace,
   LORY_RETURN_IF_ERROR(router_forward_can_implement(args));
   const detail::RouterForwardPlan plan = detail::plan_router_forward(args);
   bool size_query = false;
-  LORY_RETURN_IF_ERROR(detail::workspace_protocol(workspace, workspace_bytes, plan.bytes, size_query));
+  // fp32 partial sums in the workspace when a span needs them.
+  LORY_RETURN_IF_ERROR(detail::workspace_protocol(workspace, workspace_bytes, plan.bytes, size_query,
+                                                  plan.chunks > 1 ? alignof(float) : 1));
   if (size_query) return Status::kSuccess;
-  // fp32 partial sums, when a span needs them.
-  if (plan.chunks > 1 && !detail::is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;
 
   const int E = args.experts;
   if (args.mode == RoutingMode::kGivenWeights) {
@@ -624,9 +624,10 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
   LORY_RETURN_IF_ERROR(router_backward_can_implement(args));
   const detail::RouterBackwardPlan plan = detail::plan_router_backward(args);
   bool size_query = false;
-  LORY_RETURN_IF_ERROR(detail::workspace_protocol(workspace, workspace_bytes, plan.bytes, size_query));
+  // fp32 pieces in the workspace, except with given weights (no router path to differentiate).
+  LORY_RETURN_IF_ERROR(detail::workspace_protocol(workspace, workspace_bytes, plan.bytes, size_query,
+                                                  args.mode == RoutingMode::kGivenWeights ? 1 : alignof(float)));
   if (size_query || args.mode == RoutingMode::kGivenWeights) return Status::kSuccess;
-  if (!detail::is_aligned(workspace, alignof(float))) return Status::kErrorMisalignedPointer;  // fp32 pieces
 
   const int E = args.experts;
   const int64_t d = args.d;

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "lory/config.hpp"
+#include "lory/detail/validate.hpp"
 #include "lory/dtype.hpp"
 #include "lory/status.hpp"
 
@@ -48,18 +49,6 @@ using shared_t = T;
 // also reported, since the stream is then unusable anyway).
 inline Status check_launch() {
   return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kErrorCudaLaunch;
-}
-
-// Two-phase workspace protocol shared by every launcher: a null workspace asks
-// for the size (written to workspace_bytes); otherwise the size is checked.
-inline Status workspace_protocol(void* workspace, size_t& workspace_bytes, size_t needed, bool& size_query) {
-  size_query = (workspace == nullptr);
-  if (size_query) {
-    workspace_bytes = needed;
-    return Status::kSuccess;
-  }
-  if (workspace_bytes < needed) return Status::kErrorWorkspaceTooSmall;
-  return Status::kSuccess;
 }
 
 // A 16-byte vector of N elements of T (N = 16 / sizeof(T)).
