@@ -56,8 +56,13 @@ struct MergeBackwardArgs {
 //   kFused  lory's one-pass kernel (merge.cuh): reads G once and feeds both products from it.
 //   kGemm   two cuBLAS GEMMs, dW = weights^T G and d_weights = G W^T: reads G twice, and the
 //           routing weights enter dW rounded to the storage dtype (a bf16 weight keeps 8 bits;
-//           the fused tensor-core kernel keeps about 16 through a hi + lo split). Deterministic
-//           for a given device and handle in both modes (cuBLAS' split-K reductions are).
+//           the fused tensor-core kernel keeps about 16 through a hi + lo split). The GEMMs run
+//           under the caller's handle: its math mode applies (a TF32 mode makes fp32 storage
+//           TF32 GEMMs, as it does the plan's FFN GEMMs), and they are bitwise reproducible
+//           under cuBLAS' own conditions: the same toolkit and device, and one stream at a time
+//           on the handle's workspace (cuBLAS' docs: a workspace per stream via
+//           cublasSetWorkspace, as PyTorch's handles have, or CUBLAS_WORKSPACE_CONFIG).
+//           `deterministic` does not change what the GEMMs do; kFused is reproducible on its own.
 //   kAuto   the one measured faster at the shape (resolve_merge_backward_method).
 enum class MergeBackwardMethod : int { kAuto = 0, kFused = 1, kGemm = 2 };
 

@@ -1,6 +1,6 @@
 // lory PyTorch extension: the CUDA kernels of the lory ops. The layer runs
 // through lory::MoeFfnCudaPlan on the tensors' current stream, with PyTorch's
-// cuBLAS handle (bound to that stream here, the usual PyTorch idiom) and a
+// cuBLAS handle (as PyTorch hands it out: bound to that stream) and a
 // workspace from PyTorch's caching allocator; the inference ops call the
 // router and merge launchers directly. Storage: float32, float16, bfloat16
 // (routing tensors float32).
@@ -42,12 +42,13 @@ void dispatch_storage(at::ScalarType s, const char* op, Fn&& fn) {
   }
 }
 
-// The current stream, with PyTorch's cuBLAS handle bound to it.
+// The current stream and PyTorch's cuBLAS handle. getCurrentCUDABlasHandle() has bound the handle
+// to the current stream and given it PyTorch's per-stream workspace (from the caching allocator);
+// calling cublasSetStream again here would reset that workspace to cuBLAS' default pool. The plan
+// checks that the handle is bound to the stream.
 lory::MoeFfnCudaBackend::Stream current_stream() {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  TORCH_CHECK(cublasSetStream(handle, stream) == CUBLAS_STATUS_SUCCESS, "lory: cublasSetStream failed");
-  return {stream, handle};
+  return {at::cuda::getCurrentCUDAStream().stream(), handle};
 }
 
 // A launcher's two-phase workspace protocol: size query, then the run.

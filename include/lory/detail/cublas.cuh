@@ -24,7 +24,8 @@ inline bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
 // A caller's handle, checked before anything is launched: lory neither creates nor reconfigures
 // it, so it must be non-null, bound to the call's stream (another stream would race) and in host
-// pointer mode (alpha and beta are host values).
+// pointer mode (alpha and beta are host values). Its math mode and workspace are the caller's
+// choice and are used as they are (lory/merge.hpp, MergeBackwardMethod).
 inline Status check_cublas_handle(cublasHandle_t handle, cudaStream_t stream) {
   if (!handle) return Status::kErrorNullPointer;
   cudaStream_t bound = nullptr;
