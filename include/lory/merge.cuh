@@ -452,6 +452,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
   // the tiles in flight are always about gridDim.x consecutive ones, started about together. Thread
   // 0 takes the one after next a tile ahead, through a two-slot shared array (slot it % 2 is written
   // in iteration it - 1 and read in iteration it, each after the barrier that ends the other's use).
+  // It issues the atomic at the top of an iteration and stores its result at the end, so that warp 0
+  // does not wait out the atomic's round trip before its own copies and MMAs.
   LORY_BLOCK_SHARED(int64_t[2], next_tile);
   auto take_tile = [&] {
     return int64_t(gridDim.x) + static_cast<int64_t>(atomicAdd(p.tile_counters + blockIdx.y, 1ull));
@@ -468,7 +470,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
     // tile's W (vector path), or this one for this tile's (scalar path).
     __syncthreads();
     next = Knobs::kDynamicTiles ? next_tile[it % 2] : tile + gridDim.x;
-    if (Knobs::kDynamicTiles && threadIdx.x == 0) next_tile[(it + 1) % 2] = take_tile();
+    int64_t after_next = 0;  // thread 0's, with dynamic tiles: stored to its slot at the end of the body
+    if (Knobs::kDynamicTiles && threadIdx.x == 0) after_next = take_tile();
     if constexpr (kVecIO) {
       if (next < p.tiles) fill_w(next, w_buf + (buf ^ 1) * (kK * kWRow));
     } else {
@@ -530,6 +533,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
       }
       __syncwarp();  // the staging tile is rewritten by the next m-tile
     }
+    if (Knobs::kDynamicTiles && threadIdx.x == 0) next_tile[(it + 1) % 2] = after_next;
   }
 #endif
 }
@@ -1520,6 +1524,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
 #pragma unroll
       for (int ks = 0; ks < kChunk / 16; ++ks) ldmatrix_x4_trans(a[ks], gs + Cfg::g_dw_offset(ks, wg, wq, lane));
     }
+    wgmma_pin(acc);
+    wgmma_pin(de);
     wgmma_fence();  // the A fragments (and the accumulators) are written before the wgmmas read them
     if (want_dw) {
 #pragma unroll
@@ -1541,6 +1547,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, kKSteps <= 2 ? 2 : 1)
     }
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_pin(acc);  // nothing reads the accumulators before the wait
+    wgmma_pin(de);
 
     if (p.want_de) {
 #pragma unroll
@@ -1605,6 +1613,22 @@ inline Status device_compute_major(int& major) {
 template <class T>
 constexpr bool merge_tc_supports(int E) {
   return is_mma_b16<T>::value && E >= 1 && E <= 64;
+}
+
+// Whether `kernel`, a tensor-core (mma.sync) kernel, can run here: an sm_80 or newer device, and
+// the kernel compiled for sm_80 or newer. Code JIT-compiled for this device from older PTX (a
+// build with compute_75 PTX only, say) has those kernels' bodies empty (LORY_MMA_AVAILABLE), so
+// they would do nothing and report success. The kernels of one translation unit are built for the
+// same architectures, so one stands for all.
+inline Status device_runs_mma(const void* kernel, bool& runs) {
+  runs = false;
+  int major = 0;
+  LORY_RETURN_IF_ERROR(device_compute_major(major));
+  if (major < 8) return Status::kSuccess;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return Status::kErrorCudaLaunch;
+  runs = attr.ptxVersion >= 80;
+  return Status::kSuccess;
 }
 
 // Calls f(std::integral_constant<int, K>{}) with K = ceil(E / 16), the tensor-core kernels' kKSteps
@@ -1779,15 +1803,16 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
   if (size_query) return Status::kSuccess;
 
   if (path == MergePath::kAuto || path == MergePath::kTensorCore) {
-    int major = 0;
-    LORY_RETURN_IF_ERROR(device_compute_major(major));
-    if (path == MergePath::kTensorCore && major < 8) return Status::kErrorInvalidArgument;
+    bool mma = false;
+    if constexpr (is_mma_b16<T>::value)
+      LORY_RETURN_IF_ERROR(device_runs_mma(
+          reinterpret_cast<const void*>(merge_forward_tc_kernel<T, true, 1, typename Tuning::template At<1>>), mma));
+    if (path == MergePath::kTensorCore && !mma) return Status::kErrorInvalidArgument;
     // Tensor cores from E = 8 (K padded to 16): measured on an H200 (bf16, paper shapes), the
     // tensor-core kernel at E = 16 reached ~72% of copy bandwidth against ~50% for the CUDA-core
     // kernel at E = 8, and an mma with K padded to 16 costs the same at E = 8.
     if (path == MergePath::kAuto)
-      path = (major >= 8 && merge_tc_supports<T>(a.experts) && a.experts >= 8) ? MergePath::kTensorCore
-                                                                                 : MergePath::kSimt;
+      path = (mma && merge_tc_supports<T>(a.experts) && a.experts >= 8) ? MergePath::kTensorCore : MergePath::kSimt;
   }
   MergeForwardParams<T> prm{};
   prm.S = a.num_segments;
@@ -1990,16 +2015,19 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   MergeBackwardPlan plan;
   LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
   bool size_query = false;
+  // Per-block partials in the workspace: the tensor-core kernels update them as float pairs.
   LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, plan.workspace_bytes, size_query,
-                                          plan.use_partials ? alignof(float) : 1));
+                                          plan.use_partials ? alignof(float2) : 1));
   if (size_query) return Status::kSuccess;
   if (tc) {
-    int major = 0;
-    LORY_RETURN_IF_ERROR(device_compute_major(major));
-    if (major < 8) {
+    bool mma = false;
+    if constexpr (is_mma_b16<T>::value)
+      LORY_RETURN_IF_ERROR(device_runs_mma(
+          reinterpret_cast<const void*>(merge_backward_tc_kernel<T, 1, 2, MergeBackwardTcDefault::At<1>>), mma));
+    if (!mma) {
       if (path == MergePath::kTensorCore) return Status::kErrorInvalidArgument;
-      // kAuto before sm_80: CUDA cores. Its plan needs no more workspace than the one
-      // queried (its P-tiles are at least as wide, so it has no more blocks' partials).
+      // kAuto before sm_80 (or without sm_80 code): CUDA cores. Its plan needs no more workspace
+      // than the one queried (its P-tiles are at least as wide, so it has no more blocks' partials).
       tc = false;
       LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
     }

@@ -185,6 +185,7 @@ struct Block {
 Block* g_block = nullptr;
 cudaError_t g_last_error = cudaSuccess;
 std::map<const void*, int> g_max_dyn_smem;  // per kernel, cudaFuncAttributeMaxDynamicSharedMemorySize
+int g_kernel_ptx_version = 0;               // set_kernel_ptx_version; 0: the arch's
 
 Block& block() {
   if (!g_block) fail("a device built-in was used outside a kernel");
@@ -554,6 +555,8 @@ void wgmma_wait(int n) {
   f.wgmma.erase(f.wgmma.begin(), f.wgmma.begin() + static_cast<std::ptrdiff_t>(upto));
 }
 
+void set_kernel_ptx_version(int version) { g_kernel_ptx_version = version; }
+
 void fail(const char* what) {
   std::fprintf(stderr, "lory CUDA emulator: %s\n", what);
   std::fflush(stderr);
@@ -642,11 +645,13 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 
 // Kernels built by the host compiler have every feature (wgmma included) and no static shared
 // memory the runtime would know of.
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
   *attr = cudaFuncAttributes{};
   attr->maxThreadsPerBlock = lory_emu::kMaxThreadsPerBlock;
-  attr->maxDynamicSharedSizeBytes = int(lory_emu::kDefaultSmem);
-  attr->binaryVersion = attr->ptxVersion = 10 * lory_emu::arch().major + lory_emu::arch().minor;
+  const auto it = lory_emu::g_max_dyn_smem.find(func);
+  attr->maxDynamicSharedSizeBytes = it == lory_emu::g_max_dyn_smem.end() ? int(lory_emu::kDefaultSmem) : it->second;
+  attr->binaryVersion = 10 * lory_emu::arch().major + lory_emu::arch().minor;
+  attr->ptxVersion = lory_emu::g_kernel_ptx_version ? lory_emu::g_kernel_ptx_version : attr->binaryVersion;
   return cudaSuccess;
 }
 

@@ -95,6 +95,10 @@ void wgmma_wait(int n);
 // Byte offset of p in the block's dynamic shared memory (what a shared-memory address is there).
 uint32_t smem_offset(const void* p);
 
+// The PTX architecture cudaFuncGetAttributes reports for every kernel (its ptxVersion, e.g. 75 for
+// code JIT-compiled from compute_75 PTX); 0, the default, reports the emulated device's own.
+void set_kernel_ptx_version(int version);
+
 // Aborts the test run with a message (a kernel broke a rule of the model).
 [[noreturn]] void fail(const char* what);
 // Checks that [p, p + bytes) lies in the current block's dynamic shared memory.

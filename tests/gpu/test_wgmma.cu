@@ -67,6 +67,7 @@ LORY_KERNEL void wgmma_probe_kernel(const T* a, const T* b, const float* c, floa
       const int row = 16 * w + g + 8 * (i / 2), col = 8 * j + 2 * t + i % 2;
       acc[4 * j + i] = accumulate ? c[row * N + col] : std::numeric_limits<float>::quiet_NaN();
     }
+  ld::wgmma_pin(acc);
   ld::wgmma_fence();
 #pragma unroll
   for (int kc = 0; kc < kK / 16; ++kc) {
@@ -90,6 +91,7 @@ LORY_KERNEL void wgmma_probe_kernel(const T* a, const T* b, const float* c, floa
   }
   ld::wgmma_commit();
   ld::wgmma_wait<0>();
+  ld::wgmma_pin(acc);
   for (int j = 0; j < N / 8; ++j)
     for (int i = 0; i < 4; ++i) {
       const int row = 16 * w + g + 8 * (i / 2), col = 8 * j + 2 * t + i % 2;

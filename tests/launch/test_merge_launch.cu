@@ -271,6 +271,10 @@ TEMPLATE_TEST_CASE("merge_backward workspace query", "[launch][merge]", float, _
   CHECK(bytes == lory::detail::align_up(partials));
   size_t small = bytes - 1;
   CHECK(lory::merge_backward(a, bogus_ws(), small, nullptr) == Status::kErrorWorkspaceTooSmall);
+  // The partials are updated as float pairs: a workspace off the 8-byte grid is refused.
+  size_t enough = bytes;
+  CHECK(lory::merge_backward(a, static_cast<unsigned char*>(bogus_ws()) + 4, enough, nullptr) ==
+        Status::kErrorMisalignedPointer);
 
   // A small P: one partial per P-tile.
   auto s = a;

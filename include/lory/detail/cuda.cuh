@@ -93,19 +93,31 @@ LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_vec16_stream(const T* p) {
   return r;
 }
 
-// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB, and
+// Lets a kernel take more than the default 48 KB of dynamic shared memory when it needs to, and
 // reports how many of its blocks (threads each, smem bytes of dynamic shared memory) the device
-// holds at once: the size of a persistent grid. A kernel that does not fit at all is an error.
+// holds at once: the size of a persistent grid. A kernel that does not fit at all is an error,
+// reported before anything is launched.
+// The limit is raised to the most the device allows the kernel, never to this call's size: calls
+// from several host threads then all set the same value, and none can lower the limit between
+// another's check and its launch.
 template <class Kernel>
 inline Status max_resident_blocks(Kernel kernel, int threads, size_t smem, int64_t& resident) {
   const void* func = reinterpret_cast<const void*>(kernel);  // the runtime's C entry points take it so
-  if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  int dev = 0, sms = 0, per_sm = 0;
+  int dev = 0, sms = 0, per_sm = 0, optin = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, threads, smem) != cudaSuccess)
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  if (smem > 48 * 1024) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, func) != cudaSuccess) return Status::kErrorCudaLaunch;
+    const int64_t cap = int64_t(optin) - int64_t(attr.sharedSizeBytes);  // dynamic + static <= opt-in
+    if (int64_t(smem) > cap) return Status::kErrorInvalidArgument;   // does not fit on this device
+    if (attr.maxDynamicSharedSizeBytes < cap &&
+        cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cap)) != cudaSuccess)
+      return Status::kErrorCudaLaunch;
+  }
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, threads, smem) != cudaSuccess)
     return Status::kErrorCudaLaunch;
   if (per_sm < 1) return Status::kErrorInvalidArgument;  // does not fit on this device
   resident = int64_t(sms) * per_sm;

@@ -15,8 +15,10 @@
 //      a2 (16w+g, 2t+8..), a3 (16w+g+8, 2t+8..);
 //   D: d[4j + 0, 1] = (16w+g, 8j+2t, 8j+2t+1), d[4j + 2, 3] = (16w+g+8, 8j+2t, 8j+2t+1), j < N/8.
 // Order of use: operands written to shared memory -> wgmma_fence_operands() (generic -> async
-// proxy) and a barrier -> wgmma_fence() -> wgmma_ss/rs ... -> wgmma_commit() -> wgmma_wait<n>():
-// the accumulators may be read (or written) only after the wait that covers their group.
+// proxy) and a barrier -> wgmma_pin(accumulators) -> wgmma_fence() -> wgmma_ss/rs ... ->
+// wgmma_commit() -> wgmma_wait<n>() -> wgmma_pin(accumulators): the accumulators may be read (or
+// written) only after the wait that covers their group, and the pins keep the compiler from moving
+// such a read or write across the wgmmas.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -39,7 +41,7 @@ namespace detail {
 #endif
 
 // The N values wgmma_ss / wgmma_rs are instantiated for.
-constexpr bool wgmma_supports_n(int n) {
+LORY_HOST_DEVICE constexpr bool wgmma_supports_n(int n) {
   return n == 8 || n == 16 || n == 24 || n == 32 || n == 48 || n == 64 || n == 96 || n == 128;
 }
 
@@ -70,6 +72,8 @@ LORY_FORCEINLINE uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sb
   return wgmma_desc_bits(::lory_emu::smem_offset(smem), lbo, sbo);
 }
 LORY_FORCEINLINE void wgmma_fence_operands() {}
+template <int N>
+LORY_FORCEINLINE void wgmma_pin(float (&)[N]) {}
 LORY_FORCEINLINE void wgmma_fence() {}
 LORY_FORCEINLINE void wgmma_commit() { ::lory_emu::wgmma_commit(); }
 template <int N>
@@ -99,6 +103,16 @@ LORY_DEVICE LORY_FORCEINLINE uint64_t wgmma_desc(const void* smem, uint32_t lbo,
 LORY_DEVICE LORY_FORCEINLINE void wgmma_fence_operands() {
 #if LORY_WGMMA_AVAILABLE
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Pins accumulator registers in place for the compiler (CUTLASS's warpgroup_fence_operand): no
+// read or write of them moves across this point. Called before wgmma_fence() and after the
+// wgmma_wait() that covers them, so that nothing touches them while a wgmma is in flight.
+template <int N>
+LORY_DEVICE LORY_FORCEINLINE void wgmma_pin(float (&r)[N]) {
+#if LORY_WGMMA_AVAILABLE
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 #endif
 }
 LORY_DEVICE LORY_FORCEINLINE void wgmma_fence() {
