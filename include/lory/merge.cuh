@@ -113,6 +113,11 @@ struct MergeSmemLimits {
   size_t per_sm;
 };
 constexpr MergeSmemLimits kMergeSm90SmemLimits{227 * 1024, 224 * 1024};  // H100 / H200
+// The least shared memory per block (and per SM, less the runtime's reserve as device_smem_limits
+// counts it) of the devices the tensor-core kernels run on: sm_86, sm_89 and sm_120 have 99 KiB per
+// block (sm_80 163 KiB, sm_90 227 KiB). Workspace queries size for it (they do not ask the device);
+// launches fit their shared memory to the device's own limits.
+constexpr MergeSmemLimits kMergeLeastSmemLimits{99 * 1024, 96 * 1024};
 
 // ---------------------------------------------------------------------------
 // Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
@@ -398,8 +403,12 @@ struct MergeForwardTcConfig {
                : std::min<int64_t>(kMergeForwardWeightsSmem,
                                    int64_t(kMergeSm90SmemLimits.per_sm / Knobs::kMinBlocks) - 1024 - int64_t(kFixedBytes));
   }
-  // The most segments a slice may have (merge_forward_slices' max_rows).
-  static int64_t max_rows() { return weights_budget() / bytes_per_segment(); }
+  // The most segments a slice may have (merge_forward_slices' max_rows) on a device with `limits`;
+  // below kRowsPerPass the kernel does not fit there.
+  static int64_t max_rows(const MergeSmemLimits& limits) {
+    const int64_t fit = (int64_t(limits.per_block) - int64_t(kFixedBytes)) / bytes_per_segment();
+    return std::max<int64_t>(0, std::min<int64_t>(weights_budget() / bytes_per_segment(), fit));
+  }
 };
 
 #if LORY_HAS_DEVICE_CODE
@@ -1602,6 +1611,18 @@ inline bool merge_vec_io(const T* a, int64_t a_stride, const T* b, int64_t b_str
   return is_aligned(a, 16) && is_aligned(b, 16) && a_stride % V == 0 && b_stride % V == 0;
 }
 
+// The current device's shared-memory limits.
+inline Status device_smem_limits(MergeSmemLimits& limits) {
+  int dev = 0, per_block = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
+  if (cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    return Status::kErrorCudaLaunch;
+  limits.per_block = size_t(per_block);
+  limits.per_sm = size_t(per_sm) > 4096 ? size_t(per_sm) - 4096 : 0;
+  return Status::kSuccess;
+}
+
 inline Status device_compute_major(int& major) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
@@ -1684,20 +1705,23 @@ Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t ti
 
 // The tensor-core forward at kKSteps = ceil(E / 16), with Tuning's knobs for it; workspace holds
 // the tile counters of a dynamic-tile tuning.
+// limits: the device's (merge_forward_tc_fits has checked that the kernel fits there).
 template <class T, bool kVecIO, class Tuning, int K>
-Status merge_forward_tc_at(const MergeForwardParams<T>& prm, void* workspace, cudaStream_t stream) {
+Status merge_forward_tc_at(const MergeForwardParams<T>& prm, void* workspace, const MergeSmemLimits& limits,
+                           cudaStream_t stream) {
   using Knobs = typename Tuning::template At<K>;
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
   return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
-                                 Cfg::max_rows(), [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream,
+                                 Cfg::max_rows(limits), [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream,
                                  Knobs::kDynamicTiles ? workspace : nullptr);
 }
 
 template <class T, bool kVecIO, class Tuning>
-Status merge_forward_tc(const MergeForwardParams<T>& prm, void* workspace, cudaStream_t stream) {
+Status merge_forward_tc(const MergeForwardParams<T>& prm, void* workspace, const MergeSmemLimits& limits,
+                        cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
     return with_ksteps(prm.E, Status::kErrorInvalidArgument, [&](auto k) {
-      return merge_forward_tc_at<T, kVecIO, Tuning, decltype(k)::value>(prm, workspace, stream);
+      return merge_forward_tc_at<T, kVecIO, Tuning, decltype(k)::value>(prm, workspace, limits, stream);
     });
   } else {
     return Status::kErrorInvalidArgument;
@@ -1712,14 +1736,27 @@ size_t merge_forward_tc_counter_bytes_at(int64_t S, int64_t P) {
   using Knobs = typename Tuning::template At<K>;
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
   if (!Knobs::kDynamicTiles) return 0;
+  // Slices are cut at most this short on any device the kernel runs on (it has at least these limits).
   int64_t segs = 0, slices = 0;
-  merge_forward_slices(S, (P + Cfg::kTileN - 1) / Cfg::kTileN, Cfg::kRowsPerPass, Cfg::max_rows(), segs, slices);
+  merge_forward_slices(S, (P + Cfg::kTileN - 1) / Cfg::kTileN, Cfg::kRowsPerPass, Cfg::max_rows(kMergeLeastSmemLimits),
+                       segs, slices);
   return size_t(slices) * sizeof(unsigned long long);
 }
 template <class T, class Tuning>
 size_t merge_forward_tc_counter_bytes(int64_t S, int E, int64_t P) {
   return with_ksteps(E, size_t(0),
                      [&](auto k) { return merge_forward_tc_counter_bytes_at<T, Tuning, decltype(k)::value>(S, P); });
+}
+
+// Whether Tuning's tensor-core forward at this E fits in a block's shared memory under `limits`
+// (at least one pass of segments beside the W tiles; not for E = 33..64 with 512-param tiles on a
+// 99 KiB device).
+template <class T, class Tuning>
+bool merge_forward_tc_fits(int E, const MergeSmemLimits& limits) {
+  return with_ksteps(E, false, [&](auto k) {
+    using Cfg = MergeForwardTcConfig<T, decltype(k)::value, typename Tuning::template At<decltype(k)::value>>;
+    return Cfg::max_rows(limits) >= Cfg::kRowsPerPass;
+  });
 }
 
 }  // namespace detail
@@ -1751,6 +1788,66 @@ Status merge_backward_can_implement(const MergeBackwardArgs<T, float>& a) {
 
 namespace detail {
 
+// Four pipeline stages, or two where four would leave room for fewer blocks per SM than the knobs
+// aim at (Knobs::kFitBlocks; by default two: e.g. S = 512, E = 32; S = 128, E = 64, whose on-chip
+// partials are large): measured on an H200, one block with four stages was 9% slower at S = 512,
+// E = 32 than the earlier kernel's two blocks with two chunks in flight.
+// (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
+// Knobs with tiles wider than 128 params fall back to 128 where even two stages would not fit.
+struct MergeBackwardTcShape {
+  int stages;
+  size_t smem;  // dynamic shared memory per block
+  int tile_n;   // params per tile
+};
+// Where even one block cannot hold four stages (an sm_80 at E = 64 with a 64 KiB partial on chip),
+// two.
+template <class T, int kKSteps, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
+MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem,
+                                             const MergeSmemLimits& limits = kMergeSm90SmemLimits) {
+  const size_t limit = std::min(limits.per_sm / Knobs::kFitBlocks, limits.per_block);
+  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4, Knobs>::smem_bytes(S, E, partial_in_smem);
+  const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2, Knobs>::smem_bytes(S, E, partial_in_smem);
+  if constexpr (Knobs::kTileN != 128) {
+    if (shallow > limit)
+      return merge_backward_tc_shape<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(S, E, partial_in_smem, limits);
+  }
+  if ((deep > limit && shallow <= limit) || deep > limits.per_block) return {2, shallow, Knobs::kTileN};
+  return {4, deep, Knobs::kTileN};
+}
+
+// The wgmma kernel's shape: the deepest pipeline (4, 3 or 2 stages) that keeps two blocks on an SM,
+// else the deepest for one (always one above E = 32).
+template <class T, int kKSteps>
+MergeBackwardTcShape merge_backward_wgmma_shape(int64_t S, int E, bool partial_in_smem,
+                                                const MergeSmemLimits& limits = kMergeSm90SmemLimits) {
+  const size_t bytes[3] = {MergeBackwardWgmmaConfig<T, kKSteps, 4>::smem_bytes(S, E, partial_in_smem),
+                           MergeBackwardWgmmaConfig<T, kKSteps, 3>::smem_bytes(S, E, partial_in_smem),
+                           MergeBackwardWgmmaConfig<T, kKSteps, 2>::smem_bytes(S, E, partial_in_smem)};
+  for (size_t blocks : {2, 1})
+    for (int i = 0; i < 3; ++i)
+      if (blocks == 1 || kKSteps <= 2)  // above E = 32 registers allow one block (the kernel's bounds)
+      if (bytes[i] <= limits.per_sm / blocks && bytes[i] <= limits.per_block) return {4 - i, bytes[i], 128};
+  return {2, bytes[2], 128};  // fits nowhere: the launch reports it
+}
+
+// The dynamic shared memory the fused backward launches with under `limits`: Tuning's kernel at
+// this E (tensor cores) or the CUDA-core kernel, with or without the d_weights partial on chip.
+template <class T, class Tuning>
+size_t merge_backward_launch_smem(int64_t S, int E, bool tensor_core, int col_vecs, bool want_de,
+                                  bool partial_in_smem, const MergeSmemLimits& limits) {
+  if (!tensor_core) return MergeBackwardSimtConfig<T>::smem_bytes(S, E, col_vecs, want_de, partial_in_smem);
+  if constexpr (is_mma_b16<T>::value) {
+    return with_ksteps(E, SIZE_MAX, [&](auto k) -> size_t {
+      constexpr int K = decltype(k)::value;
+      if constexpr (is_wgmma_tuning<Tuning>::value)
+        return merge_backward_wgmma_shape<T, K>(S, E, partial_in_smem, limits).smem;
+      else
+        return merge_backward_tc_shape<T, K, typename Tuning::template At<K>>(S, E, partial_in_smem, limits).smem;
+    });
+  }
+  return SIZE_MAX;
+}
+
 // Workspace plan of the backward, computed without touching the device.
 struct MergeBackwardPlan {
   int col_vecs = 0;
@@ -1758,14 +1855,20 @@ struct MergeBackwardPlan {
   bool want_de = false;
   bool partial_in_smem = false;
   bool use_partials = false;  // per-block partials in the workspace + ordered reduction
-  size_t partials_bytes = 0;  // at the start of the workspace
+  size_t partials_bytes = 0;  // at the start of the workspace, where reserved
   size_t split_bytes = 0;     // then the split routing weights (tensor cores with dW)
   int max_blocks = 0;
   size_t workspace_bytes = kMergeMinWorkspaceBytes;
 };
 
+
 // tensor_core: plan for merge_backward_tc_kernel (P-tiles of 128 params) instead of the SIMT kernel.
-template <class T>
+// The d_weights partial stays on chip where S * E allows (merge_backward_partial_fits) and the
+// device has the shared memory for it (merge_backward_place_partial, at launch); the fast mode then
+// adds it atomically. Per-block partials in the workspace (and the ordered reduction) are used in
+// the deterministic mode, and wherever the partial is not on chip. The workspace query reserves
+// them also where the partial would not fit on the device with the least shared memory.
+template <class T, class Tuning = MergeBackwardTcDefault>
 Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_core, MergeBackwardPlan& plan) {
   using Cfg = MergeBackwardSimtConfig<T>;
   plan.col_vecs = Cfg::col_vecs(a.experts);
@@ -1776,7 +1879,12 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
   plan.partial_in_smem = plan.want_de && merge_backward_partial_fits(a.num_segments, a.experts, tensor_core);
   plan.use_partials = plan.want_de && (a.deterministic || !plan.partial_in_smem);
   plan.max_blocks = static_cast<int>(std::min<int64_t>(plan.tiles, kMergeBackwardMaxBlocks));
-  if (plan.use_partials) {
+  const bool reserve =
+      plan.use_partials ||
+      (plan.want_de && merge_backward_launch_smem<T, Tuning>(a.num_segments, a.experts, tensor_core, plan.col_vecs, true,
+                                                             true, kMergeLeastSmemLimits) >
+                           kMergeLeastSmemLimits.per_block);
+  if (reserve) {
     if (!mul_fits(SE, int64_t(plan.max_blocks) * int64_t(sizeof(float)))) return Status::kErrorInvalidSize;
     plan.partials_bytes = align_up(size_t(SE) * plan.max_blocks * sizeof(float));
   }
@@ -1802,11 +1910,17 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
                                           size_query, counter_bytes ? alignof(unsigned long long) : 1));
   if (size_query) return Status::kSuccess;
 
+  MergeSmemLimits limits{};
   if (path == MergePath::kAuto || path == MergePath::kTensorCore) {
     bool mma = false;
-    if constexpr (is_mma_b16<T>::value)
+    if constexpr (is_mma_b16<T>::value) {
       LORY_RETURN_IF_ERROR(device_runs_mma(
           reinterpret_cast<const void*>(merge_forward_tc_kernel<T, true, 1, typename Tuning::template At<1>>), mma));
+      if (mma) {
+        LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+        mma = merge_forward_tc_fits<T, Tuning>(a.experts, limits);
+      }
+    }
     if (path == MergePath::kTensorCore && !mma) return Status::kErrorInvalidArgument;
     // Tensor cores from E = 8 (K padded to 16): measured on an H200 (bf16, paper shapes), the
     // tensor-core kernel at E = 16 reached ~72% of copy bandwidth against ~50% for the CUDA-core
@@ -1826,8 +1940,8 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
   const bool vec = merge_vec_io(a.W, a.expert_stride, a.Wbar, a.segment_stride);
   if (path == MergePath::kTensorCore) {
     prm.col_vecs = 32;
-    return vec ? merge_forward_tc<T, true, Tuning>(prm, workspace, stream)
-               : merge_forward_tc<T, false, Tuning>(prm, workspace, stream);
+    return vec ? merge_forward_tc<T, true, Tuning>(prm, workspace, limits, stream)
+               : merge_forward_tc<T, false, Tuning>(prm, workspace, limits, stream);
   }
   using Cfg = MergeForwardSimtConfig<T>;
   prm.col_vecs = Cfg::col_vecs(a.experts);
@@ -1869,44 +1983,6 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
                                           stream);
 }
 
-// Four pipeline stages, or two where four would leave room for fewer blocks per SM than the knobs
-// aim at (Knobs::kFitBlocks; by default two: e.g. S = 512, E = 32; S = 128, E = 64, whose on-chip
-// partials are large): measured on an H200, one block with four stages was 9% slower at S = 512,
-// E = 32 than the earlier kernel's two blocks with two chunks in flight.
-// (tests/emu/test_smem_banks.cpp checks the blocks per SM this gives.)
-// Knobs with tiles wider than 128 params fall back to 128 where even two stages would not fit.
-struct MergeBackwardTcShape {
-  int stages;
-  size_t smem;  // dynamic shared memory per block
-  int tile_n;   // params per tile
-};
-// Where even one block cannot hold four stages (an sm_80 at E = 64 with a 64 KiB partial on chip),
-// two.
-template <class T, int kKSteps, class Knobs = typename MergeBackwardTcDefault::template At<kKSteps>>
-MergeBackwardTcShape merge_backward_tc_shape(int64_t S, int E, bool partial_in_smem,
-                                             const MergeSmemLimits& limits = kMergeSm90SmemLimits) {
-  const size_t limit = std::min(limits.per_sm / Knobs::kFitBlocks, limits.per_block);
-  const size_t deep = MergeBackwardTcConfig<T, kKSteps, 4, Knobs>::smem_bytes(S, E, partial_in_smem);
-  const size_t shallow = MergeBackwardTcConfig<T, kKSteps, 2, Knobs>::smem_bytes(S, E, partial_in_smem);
-  if constexpr (Knobs::kTileN != 128) {
-    if (shallow > limit)
-      return merge_backward_tc_shape<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(S, E, partial_in_smem, limits);
-  }
-  if ((deep > limit && shallow <= limit) || deep > limits.per_block) return {2, shallow, Knobs::kTileN};
-  return {4, deep, Knobs::kTileN};
-}
-
-// The current device's shared-memory limits.
-inline Status device_smem_limits(MergeSmemLimits& limits) {
-  int dev = 0, per_block = 0, per_sm = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
-  if (cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  limits.per_block = size_t(per_block);
-  limits.per_sm = size_t(per_sm) > 4096 ? size_t(per_sm) - 4096 : 0;
-  return Status::kSuccess;
-}
 
 // The plan counted 128-param tiles (its workspace holds the partials of that many blocks at most);
 // a tuning with wider tiles has fewer, and no more blocks than tiles.
@@ -1927,21 +2003,6 @@ Status launch_merge_backward_tc(MergeBackwardParams<T> prm, int max_blocks, bool
                                                               max_blocks, shape.smem, blocks, stream)
                            : launch_merge_backward_persistent(merge_backward_tc_kernel<T, kKSteps, 4, Knobs>, prm,
                                                               max_blocks, shape.smem, blocks, stream);
-}
-
-// The wgmma kernel's shape: the deepest pipeline (4, 3 or 2 stages) that keeps two blocks on an SM,
-// else the deepest for one (always one above E = 32).
-template <class T, int kKSteps>
-MergeBackwardTcShape merge_backward_wgmma_shape(int64_t S, int E, bool partial_in_smem,
-                                                const MergeSmemLimits& limits = kMergeSm90SmemLimits) {
-  const size_t bytes[3] = {MergeBackwardWgmmaConfig<T, kKSteps, 4>::smem_bytes(S, E, partial_in_smem),
-                           MergeBackwardWgmmaConfig<T, kKSteps, 3>::smem_bytes(S, E, partial_in_smem),
-                           MergeBackwardWgmmaConfig<T, kKSteps, 2>::smem_bytes(S, E, partial_in_smem)};
-  for (size_t blocks : {2, 1})
-    for (int i = 0; i < 3; ++i)
-      if (blocks == 1 || kKSteps <= 2)  // above E = 32 registers allow one block (the kernel's bounds)
-      if (bytes[i] <= limits.per_sm / blocks && bytes[i] <= limits.per_block) return {4 - i, bytes[i], 128};
-  return {2, bytes[2], 128};  // fits nowhere: the launch reports it
 }
 
 // The wgmma kernel runs where the device is sm_90 (compute capability 9.0, what sm_90a code needs)
@@ -2013,11 +2074,11 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   if (path == MergePath::kTensorCore && !merge_tc_supports<T>(a.experts)) return Status::kErrorInvalidArgument;
   bool tc = merge_backward_uses_tc(a, path);
   MergeBackwardPlan plan;
-  LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
+  LORY_RETURN_IF_ERROR((plan_merge_backward<T, Tuning>(a, tc, plan)));
   bool size_query = false;
   // Per-block partials in the workspace: the tensor-core kernels update them as float pairs.
   LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, plan.workspace_bytes, size_query,
-                                          plan.use_partials ? alignof(float2) : 1));
+                                          plan.partials_bytes ? alignof(float2) : 1));
   if (size_query) return Status::kSuccess;
   if (tc) {
     bool mma = false;
@@ -2029,9 +2090,22 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
       // kAuto before sm_80 (or without sm_80 code): CUDA cores. Its plan needs no more workspace
       // than the one queried (its P-tiles are at least as wide, so it has no more blocks' partials).
       tc = false;
-      LORY_RETURN_IF_ERROR(plan_merge_backward(a, tc, plan));
+      LORY_RETURN_IF_ERROR((plan_merge_backward<T, Tuning>(a, tc, plan)));
     }
   }
+  // The on-chip partial where this device has the shared memory for it, else the workspace's.
+  if (plan.partial_in_smem) {
+    MergeSmemLimits limits{};
+    LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+    if (merge_backward_launch_smem<T, Tuning>(a.num_segments, a.experts, tc, plan.col_vecs, plan.want_de, true,
+                                              limits) > limits.per_block) {
+      plan.partial_in_smem = false;
+      plan.use_partials = true;
+    }
+  }
+  // Reserved by the query for every device the kernels run on; checked before anything is written.
+  if ((plan.use_partials && !plan.partials_bytes) || plan.partials_bytes + plan.split_bytes > workspace_bytes)
+    return Status::kErrorWorkspaceTooSmall;
 
   if constexpr (is_wgmma_tuning<Tuning>::value && is_mma_b16<T>::value) {
     // Refused before anything is written (the split weights, the fast mode's zeroing).
@@ -2118,8 +2192,11 @@ Status merge_forward(const MergeForwardArgs<T, float>& args, void* workspace, si
 }
 
 // dW (+)= weights^T x G and d_weights (+)= G x W^T in one pass over G. Workspace:
-// per-block d_weights partials (deterministic mode), else 16 bytes. Tensor cores
-// for 16-bit storage, E <= 64 and 16-byte aligned views on sm_80+; else CUDA cores.
+// per-block d_weights partials (deterministic mode; in the fast mode too where S * E is
+// large, or where the on-chip partial would not fit a 99 KiB-per-block device: the query
+// does not ask the device), else 16 bytes (plus the split routing weights on tensor
+// cores). Tensor cores for 16-bit storage, E <= 64 and 16-byte aligned views on sm_80+
+// (kernels compiled for sm_80+); else CUDA cores. Shared memory is fitted to the device.
 template <class T>
 Status merge_backward(const MergeBackwardArgs<T, float>& args, void* workspace, size_t& workspace_bytes,
                       cudaStream_t stream) {

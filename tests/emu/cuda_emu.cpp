@@ -15,8 +15,8 @@
 namespace lory_emu {
 namespace {
 
-// The emulated device: sm_80 (A100), or sm_90 (H100/H200: wgmma, more shared memory) when
-// LORY_EMU_ARCH=sm90; its per-block and per-SM limits, few SMs (persistent grids then loop over
+// The emulated device: sm_80 (A100), sm_90 (H100/H200: wgmma, more shared memory) when
+// LORY_EMU_ARCH=sm90, or sm_86 (99 KiB of shared memory per block) when LORY_EMU_ARCH=sm86; its per-block and per-SM limits, few SMs (persistent grids then loop over
 // many tiles per block, as on a big GPU with big shapes).
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kMaxThreadsPerSm = 2048;
@@ -33,7 +33,8 @@ const Arch& arch() {
     const char* s = std::getenv("LORY_EMU_ARCH");
     if (!s || std::string(s) == "sm80") return Arch{8, 0, 166912, 167936};  // 163 KiB, 164 KiB
     if (std::string(s) == "sm90") return Arch{9, 0, 232448, 233472};        // 227 KiB, 228 KiB
-    std::fprintf(stderr, "lory CUDA emulator: LORY_EMU_ARCH=%s is neither sm80 nor sm90\n", s);
+    if (std::string(s) == "sm86") return Arch{8, 6, 101376, 102400};        // 99 KiB, 100 KiB (sm_89, sm_120 alike)
+    std::fprintf(stderr, "lory CUDA emulator: LORY_EMU_ARCH=%s is not sm80, sm86 or sm90\n", s);
     std::abort();
   }();
   return a;

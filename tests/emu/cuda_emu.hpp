@@ -16,8 +16,9 @@
 //     type) at block start, and ldmatrix checks its addresses against it;
 //   - launch limits are checked (threads per block, dynamic shared memory
 //     against the kernel's attribute and the device's opt-in maximum); the
-//     device is an sm_80 (A100), or an sm_90 (H100: wgmma, 227 KiB per block)
-//     with LORY_EMU_ARCH=sm90;
+//     device is an sm_80 (A100), an sm_90 (H100: wgmma, 227 KiB per block)
+//     with LORY_EMU_ARCH=sm90, or an sm_86 (99 KiB per block, as sm_89 and
+//     sm_120) with LORY_EMU_ARCH=sm86;
 //   - statically sized __shared__ variables (LORY_BLOCK_SHARED) are per block
 //     and poisoned too; cub::BlockReduce, which needs nvcc, has a stand-in
 //     with its contract (result in thread 0 only);

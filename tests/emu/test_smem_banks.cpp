@@ -456,7 +456,7 @@ template <int kKSteps, class Tuning>
 int forward_blocks_per_sm(int64_t S) {
   using Cfg = detail::MergeForwardTcConfig<__nv_bfloat16, kKSteps, typename Tuning::template At<kKSteps>>;
   int64_t segs = 0, slices = 0;
-  detail::merge_forward_slices(S, 1 << 16, Cfg::kRowsPerPass, Cfg::max_rows(), segs, slices);
+  detail::merge_forward_slices(S, 1 << 16, Cfg::kRowsPerPass, Cfg::max_rows(detail::kMergeSm90SmemLimits), segs, slices);
   return static_cast<int>(detail::kMergeSm90SmemLimits.per_sm / (Cfg::smem_bytes(segs) + 1024));
 }
 }  // namespace

@@ -528,6 +528,26 @@ TEMPLATE_TEST_CASE("merge_backward (launcher's choice) matches the CPU twin", "[
   for (const auto& c : backward_tc_cases()) run_backward<TestType>(c, BwdMode{}, MergePath::kAuto);
 }
 
+// Shapes whose shared memory passes 99 KiB per block on the default layout: forward tiles at
+// E = 33..64 with long slices of routing weights, and the backward's on-chip d_weights partial (up
+// to 64 KiB) beside its pipeline stages. On a device with 99 KiB per block (sm_86, sm_89, sm_120;
+// CTest runs this again on the emulated sm_86) the launchers must fit them, in every mode: shorter
+// slices, and the partial in the workspace (which the query reserves for such a device).
+TEMPLATE_TEST_CASE("merge kernels fit the device's shared memory at shapes past 99 KiB per block",
+                   "[gpu][merge][smem99]", __nv_bfloat16) {
+  using T = TestType;
+  for (const FwdCase& c : {FwdCase{300, 64, 600, 0, 0, 0}, FwdCase{200, 40, 520, 8, 8, 0}}) {
+    run_forward<T>(c, MergePath::kAuto);
+    run_forward<T>(c, MergePath::kTensorCore);
+  }
+  // E = 8, S = 2048: a 64 KiB partial (100.4 KiB with two stages); E = 64, S = 200 and E = 32,
+  // S = 480: partials of 50 and 60 KiB beside 64 and 45 KiB of stages.
+  const std::vector<BwdCase> tc = {{2048, 8, 136, 0, 0}, {200, 64, 136, 0, 0}, {480, 32, 264, 8, 0}};
+  run_backward_modes<T>(tc, {0, 1, 2}, MergePath::kTensorCore);
+  // The CUDA-core kernel at E = 64 with a 62.5 KiB partial (about 108 KiB in all).
+  run_backward_modes<T>({BwdCase{250, 64, 100, 0, 0}}, {0}, MergePath::kSimt);
+}
+
 TEMPLATE_TEST_CASE("merge_backward deterministic mode is bitwise reproducible", "[gpu][merge]", float,
                    __nv_bfloat16) {
   BwdMode m;

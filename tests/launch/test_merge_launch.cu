@@ -172,7 +172,9 @@ TEST_CASE("merge_forward (dynamic tiles) workspace query and alignment", "[launc
   a.expert_stride = a.segment_stride = 200;
   int64_t segs = 0, slices = 0;
   using Cfg = lory::detail::MergeForwardTcConfig<__nv_bfloat16, 1, Dyn::At<1>>;
-  lory::detail::merge_forward_slices(a.num_segments, 1, Cfg::kRowsPerPass, Cfg::max_rows(), segs, slices);
+  // Counters for the slices a device with the least shared memory cuts (the most slices).
+  lory::detail::merge_forward_slices(a.num_segments, 1, Cfg::kRowsPerPass, Cfg::max_rows(lory::detail::kMergeLeastSmemLimits),
+                                     segs, slices);
   REQUIRE(slices > 2);
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_forward_on_path<__nv_bfloat16, Dyn>(a, nullptr, bytes, nullptr, MergePath::kAuto) ==
@@ -392,6 +394,60 @@ TEMPLATE_TEST_CASE("merge_backward tensor-core path: choice and workspace query"
   auto dw_misaligned_w = dw_only;
   dw_misaligned_w.W = bogus<T>(0x2002);
   CHECK(lory::detail::merge_backward_uses_tc(dw_misaligned_w, MergePath::kTensorCore));
+}
+
+// The workspace query does not ask the device, so it sizes for the one with the least shared
+// memory per block the tensor-core kernels run on (99 KiB: sm_86, sm_89, sm_120). The fast mode's
+// on-chip partial does not fit beside the pipeline there at E = 8, S = 2048 (64 KiB + 36 KiB): the
+// query reserves the per-block partials the launch then uses on such a device.
+TEMPLATE_TEST_CASE("merge_backward workspace query reserves partials for a 99 KiB device", "[launch][merge]", __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  using lory::detail::MergePath;
+  auto a = good_backward<T>();
+  a.params = a.grad_segment_stride = a.expert_stride = a.dW_expert_stride = 100008;
+  a.deterministic = false;
+  const int64_t tiles = (a.params + 127) / 128;
+  for (int64_t S : {int64_t(1024), int64_t(2048)}) {
+    a.num_segments = S;
+    INFO("S = " << S);
+    const size_t split = lory::detail::MergeBackwardSplitShape::of(S, a.experts).bytes(sizeof(T));
+    const size_t partials = lory::detail::align_up(size_t(std::min<int64_t>(tiles, 512)) * S * a.experts * sizeof(float));
+    size_t bytes = 0;
+    REQUIRE(lory::detail::merge_backward_on_path(a, nullptr, bytes, nullptr, MergePath::kTensorCore) ==
+            Status::kSuccess);
+    CHECK(lory::detail::merge_backward_partial_fits(S, a.experts, true));  // on chip where the device allows
+    CHECK(bytes == (S == 2048 ? partials + split : split));
+  }
+}
+
+// The tensor-core forward fits a 99 KiB device (sm_86, sm_89, sm_120) at every E, by default and in
+// every variant: the launch cuts the slices of routing weights to the device's shared memory.
+TEST_CASE("merge_forward tensor-core shared memory fits the device with the least", "[launch][merge]") {
+  using T = __nv_bfloat16;
+  namespace ld = lory::detail;
+  const auto& least = ld::kMergeLeastSmemLimits;
+  auto check = [&](auto tag) {
+    using Tuning = typename decltype(tag)::type;
+    auto at = [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      using Cfg = ld::MergeForwardTcConfig<T, K, typename Tuning::template At<K>>;
+      INFO("K = " << K);
+      CHECK(Cfg::max_rows(least) >= Cfg::kRowsPerPass);
+      CHECK(Cfg::smem_bytes(Cfg::max_rows(least)) <= least.per_block);
+      CHECK(Cfg::max_rows(least) <= Cfg::max_rows(ld::kMergeSm90SmemLimits));
+      // The default's fixed part alone takes 84 KiB at E = 64: slices are cut shorter than on an sm_90.
+      if (K == 4 && std::is_same<Tuning, ld::MergeForwardTcDefault>::value)
+        CHECK(Cfg::max_rows(least) < Cfg::max_rows(ld::kMergeSm90SmemLimits));
+    };
+    at(std::integral_constant<int, 1>{});
+    at(std::integral_constant<int, 2>{});
+    at(std::integral_constant<int, 3>{});
+    at(std::integral_constant<int, 4>{});
+    for (int E = 1; E <= 64; ++E) CHECK(ld::merge_forward_tc_fits<T, Tuning>(E, least));
+  };
+  check(ld::TypeTag<ld::MergeForwardTcDefault>{});
+  ld::for_each_merge_forward_tc_variant(check);
 }
 
 // The method kAuto runs (lory/merge_gemm.cuh): the fused tensor-core kernel at E <= 8 with aligned
