@@ -118,6 +118,8 @@ constexpr MergeSmemLimits kMergeSm90SmemLimits{227 * 1024, 224 * 1024};  // H100
 // block (sm_80 163 KiB, sm_90 227 KiB). Workspace queries size for it (they do not ask the device);
 // launches fit their shared memory to the device's own limits.
 constexpr MergeSmemLimits kMergeLeastSmemLimits{99 * 1024, 96 * 1024};
+// The same for the CUDA-core kernels, which run on any device: 48 KiB per block.
+constexpr MergeSmemLimits kMergeLeastSimtSmemLimits{48 * 1024, 48 * 1024};
 
 // ---------------------------------------------------------------------------
 // Device helpers: one 16-byte vector of a row, with a zero-filled / masked tail.
@@ -1749,8 +1751,8 @@ size_t merge_forward_tc_counter_bytes(int64_t S, int E, int64_t P) {
 }
 
 // Whether Tuning's tensor-core forward at this E fits in a block's shared memory under `limits`
-// (at least one pass of segments beside the W tiles; not for E = 33..64 with 512-param tiles on a
-// 99 KiB device).
+// (at least one pass of segments beside the W tiles). Every tuning here fits a 99 KiB device (512-
+// param tiles stop at E = 32); a device with less takes the CUDA-core kernel under kAuto.
 template <class T, class Tuning>
 bool merge_forward_tc_fits(int E, const MergeSmemLimits& limits) {
   return with_ksteps(E, false, [&](auto k) {
@@ -1864,12 +1866,16 @@ struct MergeBackwardPlan {
 
 // tensor_core: plan for merge_backward_tc_kernel (P-tiles of 128 params) instead of the SIMT kernel.
 // The d_weights partial stays on chip where S * E allows (merge_backward_partial_fits) and the
-// device has the shared memory for it (merge_backward_place_partial, at launch); the fast mode then
-// adds it atomically. Per-block partials in the workspace (and the ordered reduction) are used in
-// the deterministic mode, and wherever the partial is not on chip. The workspace query reserves
-// them also where the partial would not fit on the device with the least shared memory.
+// device has the shared memory for it (checked at launch, merge_backward_on_path); the fast mode
+// then adds it atomically. Per-block partials in the workspace (and the ordered reduction) are used
+// in the deterministic mode, and wherever the partial is not on chip. The workspace query reserves
+// them also where the partial might not fit on the device of the call: the tensor-core kernel's on
+// a 99 KiB device, the CUDA-core kernel's (which a tensor-core plan falls back to on a device or
+// build without sm_80) on a 48 KiB one. Those reservations hold the CUDA-core plan's partials too
+// (its tiles are at least as wide, so it has no more blocks).
 template <class T, class Tuning = MergeBackwardTcDefault>
 Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_core, MergeBackwardPlan& plan) {
+  plan = MergeBackwardPlan{};
   using Cfg = MergeBackwardSimtConfig<T>;
   plan.col_vecs = Cfg::col_vecs(a.experts);
   const int64_t tile_width = tensor_core ? int64_t(MergeBackwardTcConfig<T, 1>::kTileN) : int64_t(plan.col_vecs) * Cfg::kVec;
@@ -1879,11 +1885,12 @@ Status plan_merge_backward(const MergeBackwardArgs<T, float>& a, bool tensor_cor
   plan.partial_in_smem = plan.want_de && merge_backward_partial_fits(a.num_segments, a.experts, tensor_core);
   plan.use_partials = plan.want_de && (a.deterministic || !plan.partial_in_smem);
   plan.max_blocks = static_cast<int>(std::min<int64_t>(plan.tiles, kMergeBackwardMaxBlocks));
-  const bool reserve =
-      plan.use_partials ||
-      (plan.want_de && merge_backward_launch_smem<T, Tuning>(a.num_segments, a.experts, tensor_core, plan.col_vecs, true,
-                                                             true, kMergeLeastSmemLimits) >
-                           kMergeLeastSmemLimits.per_block);
+  auto off_chip = [&](bool tc, const MergeSmemLimits& least) {
+    return merge_backward_launch_smem<T, Tuning>(a.num_segments, a.experts, tc, plan.col_vecs, true, true, least) >
+           least.per_block;
+  };
+  const bool reserve = plan.use_partials || (plan.want_de && ((tensor_core && off_chip(true, kMergeLeastSmemLimits)) ||
+                                                               off_chip(false, kMergeLeastSimtSmemLimits)));
   if (reserve) {
     if (!mul_fits(SE, int64_t(plan.max_blocks) * int64_t(sizeof(float)))) return Status::kErrorInvalidSize;
     plan.partials_bytes = align_up(size_t(SE) * plan.max_blocks * sizeof(float));
@@ -2088,7 +2095,7 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
     if (!mma) {
       if (path == MergePath::kTensorCore) return Status::kErrorInvalidArgument;
       // kAuto before sm_80 (or without sm_80 code): CUDA cores. Its plan needs no more workspace
-      // than the one queried (its P-tiles are at least as wide, so it has no more blocks' partials).
+      // than the one queried (plan_merge_backward reserves for it).
       tc = false;
       LORY_RETURN_IF_ERROR((plan_merge_backward<T, Tuning>(a, tc, plan)));
     }

@@ -48,7 +48,9 @@ struct MergeBackwardArgs {
   bool accumulate_d_weights = false;  // add into d_weights (sum over several matrices)
   // Deterministic mode: bitwise identical results run to run (fixed-order
   // reductions, no floating-point atomics). The fast mode may reduce
-  // d_weights with atomics, so its last bits can vary between runs.
+  // d_weights with atomics, so its last bits can vary between runs. This is
+  // the fused kernel's contract; the cuBLAS GEMM method (MergeBackwardMethod,
+  // which kAuto picks above E = 8) is reproducible under cuBLAS' conditions.
   bool deterministic = true;
 };
 
@@ -62,7 +64,8 @@ struct MergeBackwardArgs {
 //           under cuBLAS' own conditions: the same toolkit and device, and one stream at a time
 //           on the handle's workspace (cuBLAS' docs: a workspace per stream via
 //           cublasSetWorkspace, as PyTorch's handles have, or CUBLAS_WORKSPACE_CONFIG).
-//           `deterministic` does not change what the GEMMs do; kFused is reproducible on its own.
+//           `deterministic` does not change what the GEMMs do; kFused in its deterministic
+//           mode is reproducible on its own.
 //   kAuto   the one measured faster at the shape (resolve_merge_backward_method).
 enum class MergeBackwardMethod : int { kAuto = 0, kFused = 1, kGemm = 2 };
 

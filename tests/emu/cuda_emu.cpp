@@ -187,6 +187,7 @@ Block* g_block = nullptr;
 cudaError_t g_last_error = cudaSuccess;
 std::map<const void*, int> g_max_dyn_smem;  // per kernel, cudaFuncAttributeMaxDynamicSharedMemorySize
 int g_kernel_ptx_version = 0;               // set_kernel_ptx_version; 0: the arch's
+std::vector<const void*> g_launch_log;      // take_launch_log
 
 Block& block() {
   if (!g_block) fail("a device built-in was used outside a kernel");
@@ -558,6 +559,12 @@ void wgmma_wait(int n) {
 
 void set_kernel_ptx_version(int version) { g_kernel_ptx_version = version; }
 
+std::vector<const void*> take_launch_log() {
+  std::vector<const void*> log;
+  log.swap(g_launch_log);
+  return log;
+}
+
 void fail(const char* what) {
   std::fprintf(stderr, "lory CUDA emulator: %s\n", what);
   std::fflush(stderr);
@@ -576,6 +583,7 @@ void check_smem(const void* p, size_t bytes, const char* what) {
 
 void run_grid(const void* func, dim3 grid, dim3 block_dim3, size_t smem, const std::function<void()>& body) {
   if (g_block) fail("a kernel launched another kernel");
+  g_launch_log.push_back(func);
   const uint64_t threads = uint64_t(block_dim3.x) * block_dim3.y * block_dim3.z;
   const auto it = g_max_dyn_smem.find(func);
   const size_t smem_limit = it == g_max_dyn_smem.end() ? kDefaultSmem : size_t(it->second);

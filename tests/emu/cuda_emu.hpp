@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <vector>
 #include <tuple>
 #include <type_traits>
 
@@ -99,6 +100,8 @@ uint32_t smem_offset(const void* p);
 // The PTX architecture cudaFuncGetAttributes reports for every kernel (its ptxVersion, e.g. 75 for
 // code JIT-compiled from compute_75 PTX); 0, the default, reports the emulated device's own.
 void set_kernel_ptx_version(int version);
+// The kernels launched (their addresses, in order) since the last call; clears the log.
+std::vector<const void*> take_launch_log();
 
 // Aborts the test run with a message (a kernel broke a rule of the model).
 [[noreturn]] void fail(const char* what);

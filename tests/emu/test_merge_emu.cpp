@@ -2,6 +2,9 @@
 #include "emu/cuda_emu.hpp"
 #include "gpu/test_merge.cu"
 
+#include <algorithm>
+#include <initializer_list>
+
 namespace {
 
 // While alive, every kernel reports code JIT-compiled from compute_75 PTX (no mma.sync).
@@ -18,11 +21,30 @@ struct Ptx75 {
 TEST_CASE("merge kernels without sm_80 code: kAuto runs the CUDA cores, forced tensor cores are refused",
           "[emu][merge]") {
   using T = __nv_bfloat16;
+  namespace ld = lory::detail;
+  // Which kernels ran: only CUDA-core ones (the forward's four instantiations; the backward's for
+  // its experts per thread, then the ordered reduction).
+  auto simt_only = [](const std::vector<const void*>& log, std::initializer_list<const void*> simt) {
+    int found = 0;
+    for (const void* k : log) {
+      if (std::find(simt.begin(), simt.end(), k) != simt.end()) ++found;
+      else CHECK(k == reinterpret_cast<const void*>(ld::merge_backward_reduce_kernel<ld::kMergeThreads>));
+    }
+    CHECK(found > 0);
+  };
   const Ptx75 ptx75;
   const FwdCase fc{70, 16, 2048, 0, 0, 0};  // a tensor-core shape for kAuto on an sm_80 build
+  lory_emu::take_launch_log();
   run_forward<T>(fc, MergePath::kAuto);
+  simt_only(lory_emu::take_launch_log(), {reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, true, true>),
+                                          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, true, false>),
+                                          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, false, true>),
+                                          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, false, false>)});
   const BwdCase bc{45, 20, 1008, 0, 0};
   run_backward<T>(bc, BwdMode{}, MergePath::kAuto);
+  using SimtCfg = ld::MergeBackwardSimtConfig<T>;
+  REQUIRE(SimtCfg::experts_per_thread(bc.E, SimtCfg::col_vecs(bc.E)) == 4);
+  simt_only(lory_emu::take_launch_log(), {reinterpret_cast<const void*>(ld::merge_backward_simt_kernel<T, true, 4>)});
 
   auto rng = make_rng("ptx75");
   auto W = make_view<T>(fc.E, fc.P, 0, 0, rng, true);
