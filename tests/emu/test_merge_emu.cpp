@@ -52,15 +52,7 @@ TEST_CASE("merge kernels without sm_80 code: kAuto runs the CUDA cores, forced t
   auto weights = random_simplex_rows(fc.S, fc.E, rng);
   DeviceBuffer<T> dW(W.data), dout(out.data);
   DeviceBuffer<float> dweights(weights);
-  lory::MergeForwardArgs<T, float> f;
-  f.num_segments = fc.S;
-  f.experts = fc.E;
-  f.params = fc.P;
-  f.W = dW.get();
-  f.expert_stride = fc.P;
-  f.weights = dweights.get();
-  f.Wbar = dout.get();
-  f.segment_stride = fc.P;
+  const lory::MergeForwardArgs<T, float> f = forward_args<T>(fc, dW.get(), fc.P, dweights.get(), dout.get(), fc.P);
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_forward_on_path(f, nullptr, bytes, nullptr, MergePath::kTensorCore) == Status::kSuccess);
   auto ws = stale_workspace(bytes);

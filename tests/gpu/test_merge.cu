@@ -111,6 +111,22 @@ std::string tuning_tag() {
   else return std::string("/") + Tuning::kName;
 }
 
+// The forward's arguments for case c over the views W and out.
+template <class T>
+lory::MergeForwardArgs<T, float> forward_args(const FwdCase& c, const T* W, int64_t w_stride, const float* weights,
+                                              T* out, int64_t out_stride) {
+  lory::MergeForwardArgs<T, float> a;
+  a.num_segments = c.S;
+  a.experts = c.E;
+  a.params = c.P;
+  a.W = W;
+  a.expert_stride = w_stride;
+  a.weights = weights;
+  a.Wbar = out;
+  a.segment_stride = out_stride;
+  return a;
+}
+
 template <class T, class Tuning = lory::detail::MergeForwardTcDefault>
 void run_forward(const FwdCase& c, MergePath path) {
   const std::string tag = std::string("fwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
@@ -125,15 +141,8 @@ void run_forward(const FwdCase& c, MergePath path) {
 
   DeviceBuffer<T> dW(W.data), dout(out.data);
   DeviceBuffer<float> dweights(weights);
-  lory::MergeForwardArgs<T, float> a;
-  a.num_segments = c.S;
-  a.experts = c.E;
-  a.params = c.P;
-  a.W = device_view(dW, W);
-  a.expert_stride = W.stride;
-  a.weights = dweights.get();
-  a.Wbar = device_view(dout, out);
-  a.segment_stride = out.stride;
+  const lory::MergeForwardArgs<T, float> a =
+      forward_args<T>(c, device_view(dW, W), W.stride, dweights.get(), device_view(dout, out), out.stride);
   size_t bytes = 0;
   REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
   auto ws = stale_workspace(bytes);
