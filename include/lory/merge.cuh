@@ -1994,15 +1994,13 @@ Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blo
 // The plan counted 128-param tiles (its workspace holds the partials of that many blocks at most);
 // a tuning with wider tiles has fewer, and no more blocks than tiles.
 template <class T, int kKSteps, class Knobs>
-Status launch_merge_backward_tc(MergeBackwardParams<T> prm, int max_blocks, bool partial_in_smem, int& blocks,
-                                cudaStream_t stream) {
-  MergeSmemLimits limits{};
-  LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+Status launch_merge_backward_tc(MergeBackwardParams<T> prm, int max_blocks, bool partial_in_smem,
+                                const MergeSmemLimits& limits, int& blocks, cudaStream_t stream) {
   const auto shape = merge_backward_tc_shape<T, kKSteps, Knobs>(prm.S, prm.E, partial_in_smem, limits);
   if constexpr (Knobs::kTileN != 128) {
     if (shape.tile_n == 128)
-      return launch_merge_backward_tc<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(prm, max_blocks, partial_in_smem, blocks,
-                                                                                stream);
+      return launch_merge_backward_tc<T, kKSteps, MergeBackwardTcNarrow<Knobs>>(prm, max_blocks, partial_in_smem, limits,
+                                                                                blocks, stream);
   }
   prm.tiles = (prm.P + Knobs::kTileN - 1) / Knobs::kTileN;
   max_blocks = static_cast<int>(std::min<int64_t>(max_blocks, prm.tiles));
@@ -2027,9 +2025,7 @@ inline Status check_wgmma_kernel(const void* kernel) {
 
 template <class T, int kKSteps>
 Status launch_merge_backward_wgmma(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem,
-                                   int& blocks, cudaStream_t stream) {
-  MergeSmemLimits limits{};
-  LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+                                   const MergeSmemLimits& limits, int& blocks, cudaStream_t stream) {
   const auto shape = merge_backward_wgmma_shape<T, kKSteps>(prm.S, prm.E, partial_in_smem, limits);
   void (*kernel)(MergeBackwardParams<T>) = shape.stages == 4   ? merge_backward_wgmma_kernel<T, kKSteps, 4>
                                            : shape.stages == 3 ? merge_backward_wgmma_kernel<T, kKSteps, 3>
@@ -2038,23 +2034,25 @@ Status launch_merge_backward_wgmma(const MergeBackwardParams<T>& prm, int max_bl
   return launch_merge_backward_persistent(kernel, prm, max_blocks, shape.smem, blocks, stream);
 }
 
-// Tuning: a set of mma.sync knobs per kKSteps, or MergeBackwardWgmma.
+// Tuning: a set of mma.sync knobs per kKSteps, or MergeBackwardWgmma. limits: the device's, as the
+// launcher placed the partial by them.
 template <class T, int kKSteps, class Tuning>
 Status launch_merge_backward_tuned(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem,
-                                   int& blocks, cudaStream_t stream) {
+                                   const MergeSmemLimits& limits, int& blocks, cudaStream_t stream) {
   if constexpr (is_wgmma_tuning<Tuning>::value)
-    return launch_merge_backward_wgmma<T, kKSteps>(prm, max_blocks, partial_in_smem, blocks, stream);
+    return launch_merge_backward_wgmma<T, kKSteps>(prm, max_blocks, partial_in_smem, limits, blocks, stream);
   else
     return launch_merge_backward_tc<T, kKSteps, typename Tuning::template At<kKSteps>>(prm, max_blocks, partial_in_smem,
-                                                                                       blocks, stream);
+                                                                                       limits, blocks, stream);
 }
 
 template <class T, class Tuning>
-Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem, int& blocks,
-                         cudaStream_t stream) {
+Status merge_backward_tc(const MergeBackwardParams<T>& prm, int max_blocks, bool partial_in_smem,
+                         const MergeSmemLimits& limits, int& blocks, cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
     return with_ksteps(prm.E, Status::kErrorInvalidArgument, [&](auto k) {
-      return launch_merge_backward_tuned<T, decltype(k)::value, Tuning>(prm, max_blocks, partial_in_smem, blocks, stream);
+      return launch_merge_backward_tuned<T, decltype(k)::value, Tuning>(prm, max_blocks, partial_in_smem, limits, blocks,
+                                                                        stream);
     });
   } else {
     return Status::kErrorInvalidArgument;
@@ -2100,15 +2098,14 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
       LORY_RETURN_IF_ERROR((plan_merge_backward<T, Tuning>(a, tc, plan)));
     }
   }
-  // The on-chip partial where this device has the shared memory for it, else the workspace's.
-  if (plan.partial_in_smem) {
-    MergeSmemLimits limits{};
-    LORY_RETURN_IF_ERROR(device_smem_limits(limits));
-    if (merge_backward_launch_smem<T, Tuning>(a.num_segments, a.experts, tc, plan.col_vecs, plan.want_de, true,
-                                              limits) > limits.per_block) {
-      plan.partial_in_smem = false;
-      plan.use_partials = true;
-    }
+  // The device's shared memory, asked once: the partial stays on chip where it fits, else it goes
+  // to the workspace; the tensor-core launch picks its shape by the same limits.
+  MergeSmemLimits limits{};
+  LORY_RETURN_IF_ERROR(device_smem_limits(limits));
+  if (plan.partial_in_smem && merge_backward_launch_smem<T, Tuning>(a.num_segments, a.experts, tc, plan.col_vecs,
+                                                                    plan.want_de, true, limits) > limits.per_block) {
+    plan.partial_in_smem = false;
+    plan.use_partials = true;
   }
   // Reserved by the query for every device the kernels run on; checked before anything is written.
   if ((plan.use_partials && !plan.partials_bytes) || plan.partials_bytes + plan.split_bytes > workspace_bytes)
@@ -2162,7 +2159,7 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
     prm.a_split = split;
     prm.a_stride = shape.s_pad;
   }
-  if (tc) st = merge_backward_tc<T, Tuning>(prm, plan.max_blocks, plan.partial_in_smem, blocks, stream);
+  if (tc) st = merge_backward_tc<T, Tuning>(prm, plan.max_blocks, plan.partial_in_smem, limits, blocks, stream);
 #define LORY_MERGE_BWD_CASE(EPT)                                                                    \
   case EPT:                                                                                          \
     st = vec ? launch_merge_backward_simt<T, true, EPT>(prm, plan.max_blocks, smem, blocks, stream)  \
