@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""lory's PyTorch extension vs the plain PyTorch Lory layer (examples/torch/reference.py), bf16
+"""lory's PyTorch extension vs the plain PyTorch Lory layer (python/lory_torch/reference.py), bf16
 on CUDA, in one run: forward and forward+backward times (CUDA events, median) and peak memory
 (torch.cuda.max_memory_allocated above the inputs and parameters), printed as a markdown table.
 
@@ -20,7 +20,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples", "torch"))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 SHAPES = [(1536, 4096, 32), (1024, 2816, 32)]  # (d, f, E): the paper's 1.5B / 0.3B models, 32 experts
 
@@ -66,7 +66,7 @@ def main():
         return 0
 
     import lory_torch
-    import reference as ref
+    from lory_torch import reference as ref
 
     lory_torch.load()
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the PyTorch extension (examples/torch/csrc) ahead of time, on a CPU machine, against the
+# Builds the PyTorch extension (python/lory_torch/csrc) ahead of time, on a CPU machine, against the
 # exact torch version a GPU machine has, so a short GPU lease spends no time compiling it there.
 # The result is a plain shared library of torch ops (no Python module: it includes only
 # <torch/library.h> and ATen), which lory_torch.load() loads when LORY_TORCH_PREBUILT names it.
@@ -31,11 +31,11 @@ if [ "${tcuda%%.*}" != "${ncuda%%.*}" ]; then
   exit 1
 fi
 tinc=("-isystem" "$work/torch/include" "-isystem" "$work/torch/include/torch/csrc/api/include")
-inc=("-I$root/include" "-I$root/examples/torch/csrc")
+inc=("-I$root/include" "-I$root/python/lory_torch/csrc")
 defs=(-DTORCH_EXTENSION_NAME=lory_torch_cuda -D_GLIBCXX_USE_CXX11_ABI=1)
 obj="$work/obj-sm$arch"
 mkdir -p "$obj" "$(dirname "$out")"
-src="$root/examples/torch/csrc"
+src="$root/python/lory_torch/csrc"
 # The flags lory_torch.load() passes to torch.utils.cpp_extension, spelled out.
 g++ -std=c++17 -O2 -fPIC -Wno-unused-parameter "${defs[@]}" "${tinc[@]}" "${inc[@]}" -isystem /usr/local/cuda/include \
   -c "$src/lory_torch_ops.cpp" -o "$obj/ops.o" &

@@ -112,7 +112,7 @@ fi
 # (scripts/build_torch_prebuilt.sh): its GPU tests, then bench/compare_torch.py (issue #6's table).
 if [ -f "$bin/lory_torch_cuda.so" ]; then
   export LORY_TORCH_PREBUILT="$PWD/$bin/lory_torch_cuda.so" PYTHONUNBUFFERED=1
-  (cd examples/torch && timeout -k 5 "${LORY_TORCH_TIMEOUT_S:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests) \
+  (cd python && timeout -k 5 "${LORY_TORCH_TIMEOUT_S:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests) \
     > "$out/torch_tests.log" 2>&1; rc=$?
   line=$(grep -E "passed|failed|error" "$out/torch_tests.log" | tail -1)
   echo "torch_gpu_tests=rc $rc; ${line:-no summary}" >> "$checks"

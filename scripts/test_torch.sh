@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests lory's PyTorch integration (examples/torch): installs PyTorch and pytest from PyPI when
+# Tests lory's PyTorch integration (python/lory_torch): installs PyTorch and pytest from PyPI when
 # `import torch` fails, builds the extension (JIT, torch.utils.cpp_extension) and runs pytest.
 # Without a GPU (or with LORY_TORCH_CPU_ONLY=1) the extension is built C++-only and the GPU
 # tests are reported as skipped. Prints pytest's summary line last.
@@ -16,8 +16,8 @@ py=${PYTHON:-python3}
 start=$(date +%s)
 
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
-  echo "== installing torch and pytest from PyPI (versions pinned in examples/torch/requirements.txt)"
-  "$py" -m pip install --quiet -r examples/torch/requirements.txt
+  echo "== installing torch and pytest from PyPI (versions pinned in python/requirements.txt)"
+  "$py" -m pip install --quiet -r python/requirements.txt
 elif ! "$py" -c "import pytest" >/dev/null 2>&1; then
   "$py" -m pip install --quiet pytest
 fi
@@ -27,13 +27,13 @@ export LORY_TORCH_BUILD_DIR=${LORY_TORCH_BUILD_DIR:-$root/build-torch}
 mkdir -p "$LORY_TORCH_BUILD_DIR"
 echo "== building the extension in $LORY_TORCH_BUILD_DIR"
 build_start=$(date +%s)
-(cd examples/torch && "$py" -c "import lory_torch; print('extension build:', lory_torch.load())")
+(cd python && "$py" -c "import lory_torch; print('extension build:', lory_torch.load())")
 echo "build: $(( $(date +%s) - build_start )) s"
 
 echo "== pytest"
 log="$LORY_TORCH_BUILD_DIR/pytest.log"
 set +e
-(cd examples/torch && "$py" -m pytest -q -rs tests "$@") 2>&1 | tee "$log" | tail -n 25
+(cd python && "$py" -m pytest -q -rs tests "$@") 2>&1 | tee "$log" | tail -n 25
 rc=${PIPESTATUS[0]}
 set -e
 echo "total: $(( $(date +%s) - start )) s"

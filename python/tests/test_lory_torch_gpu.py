@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lory_torch
-import reference as ref
+from lory_torch import reference as ref
 from util import assert_close, make_layer, rand, reference_fn, run
 
 pytestmark = [

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.abspath(os.path.join(_HERE, "..", ".."))
+_REPO = os.path.abspath(os.path.join(_HERE, "..", ".."))  # python/lory_torch -> repository root
 MODES = ("causal", "prompt", "given")
 MERGE_BACKWARD_METHODS = ("auto", "fused", "gemm")
 
@@ -92,10 +92,12 @@ def load(verbose: bool = False) -> str:
         return _loaded
     with_cuda = cuda_build_wanted()
     csrc = os.path.join(_HERE, "csrc")
-    sources = [os.path.join(csrc, "lory_torch_ops.cpp")]
+    # Every C++ source in csrc/ is part of the extension (ops register themselves with
+    # TORCH_LIBRARY / TORCH_LIBRARY_FRAGMENT), the CUDA ones only in a CUDA build.
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
     cflags = ["-O2", "-Wno-unused-parameter"]
     if with_cuda:
-        sources.append(os.path.join(csrc, "lory_torch_cuda.cu"))
+        sources += sorted(glob.glob(os.path.join(csrc, "*.cu")))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"  # compile-only builds: A100 and H100/H200
     cuda_flags = [

@@ -1,7 +1,7 @@
 """Shared helpers of the extension tests."""
 import torch
 
-import reference as ref
+from lory_torch import reference as ref
 
 
 def rand(gen, *shape, dtype=torch.float64, scale=1.0):

@@ -7,7 +7,7 @@ import zlib
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # examples/torch: lory_torch, reference
+sys.path.insert(0, os.path.dirname(HERE))  # python/: the lory_torch package (in-tree)
 # Every op output is filled with NaN before the library writes it (see csrc/lory_torch_common.h),
 # so an element the library never wrote fails the NaN checks.
 os.environ.setdefault("LORY_TORCH_POISON", "1")

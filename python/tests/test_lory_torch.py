@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lory_torch
-import reference as ref
+from lory_torch import reference as ref
 from util import assert_close, make_layer, rand, reference_fn, run
 
 MODES = ["causal", "prompt", "given"]
