@@ -148,52 +148,116 @@ DecodeMethod resolve_decode_method(const DecodeStepArgs<T, R>& a) {
 
 // ---- validation --------------------------------------------------------------------------
 
+// Aliasing: the outputs (probs, cache) may not share memory with an input or with each other.
 template <class T, class R>
 Status validate(const PromptCacheArgs<T, R>& a) {
-  if (a.batch <= 0 || a.prompt_len <= 0) return Status::kErrorInvalidSize;
+  detail::clear_error_detail();
+  using detail::fail;
+  if (a.batch <= 0) return fail(Status::kErrorInvalidSize, "batch", "not positive");
+  if (a.prompt_len <= 0) return fail(Status::kErrorInvalidSize, "prompt_len", "not positive");
   LORY_RETURN_IF_ERROR(a.shape.validate());
-  if (!a.x || !a.W_r || !a.probs) return Status::kErrorNullPointer;
-  if (a.cache && (!a.W_g || !a.W_u || !a.W_d)) return Status::kErrorNullPointer;
+  if (!a.x) return fail(Status::kErrorNullPointer, "x", "is null");
+  if (!a.W_r) return fail(Status::kErrorNullPointer, "W_r", "is null");
+  if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null");
+  if (a.cache) {
+    if (!a.W_g) return fail(Status::kErrorNullPointer, "W_g", "is null (cache needs it)");
+    if (!a.W_u) return fail(Status::kErrorNullPointer, "W_u", "is null (cache needs it)");
+    if (!a.W_d) return fail(Status::kErrorNullPointer, "W_d", "is null (cache needs it)");
+  }
   if (!detail::mul_fits(a.batch, a.prompt_len) || !detail::mul_fits(a.batch * a.prompt_len, a.shape.d))
-    return Status::kErrorInvalidSize;
-  if (!detail::mul_fits(a.batch, a.shape.params_per_expert()) ||
-      !detail::mul_fits(a.shape.experts, a.shape.params_per_expert()))
-    return Status::kErrorInvalidSize;
-  return Status::kSuccess;
+    return fail(Status::kErrorInvalidSize, "prompt_len", "B * L * d overflows int64");
+  if (!detail::mul_fits(a.batch, a.shape.params_per_expert()))
+    return fail(Status::kErrorInvalidSize, "batch", "B * 3 d f overflows int64");
+  if (!detail::mul_fits(a.shape.experts, a.shape.params_per_expert()))
+    return fail(Status::kErrorInvalidSize, "shape", "E * 3 d f overflows int64");
+  if (!detail::mul_fits(a.batch, a.shape.experts)) return fail(Status::kErrorInvalidSize, "batch", "B * E overflows int64");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_r, "W_r"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.bias, "bias"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.cache, "cache"));
+  if (a.cache) {
+    LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_g, "W_g"));
+    LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_u, "W_u"));
+    LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_d, "W_d"));
+  }
+  const int64_t B = a.batch, d = a.shape.d, E = a.shape.experts, P = a.shape.params_per_expert(), fd = a.shape.f * d;
+  const bool merged = a.cache != nullptr;
+  return detail::check_aliasing(
+      {{"probs", detail::array_range(a.probs, B * E)}, {"cache", detail::array_range(a.cache, B * P)}},
+      {{"x", detail::array_range(a.x, B * a.prompt_len * d)},
+       {"W_r", detail::array_range(a.W_r, E * d)},
+       {"bias", detail::array_range(a.bias, E)},
+       {"W_g", merged ? detail::array_range(a.W_g, E * fd) : detail::ByteRange{}},
+       {"W_u", merged ? detail::array_range(a.W_u, E * fd) : detail::ByteRange{}},
+       {"W_d", merged ? detail::array_range(a.W_d, E * fd) : detail::ByteRange{}}});
 }
 
+// Aliasing: y may be x itself (x is consumed before y is written); no other sharing.
 template <class T, class R>
 Status validate(const DecodeStepArgs<T, R>& a) {
-  if (a.batch <= 0) return Status::kErrorInvalidSize;
+  detail::clear_error_detail();
+  using detail::fail;
+  if (a.batch <= 0) return fail(Status::kErrorInvalidSize, "batch", "not positive");
   LORY_RETURN_IF_ERROR(a.shape.validate());
   if (a.method != DecodeMethod::kAuto && a.method != DecodeMethod::kMerged &&
       a.method != DecodeMethod::kExpertSpace)
-    return Status::kErrorInvalidArgument;
-  if (!a.x || !a.y) return Status::kErrorNullPointer;
-  const int64_t P = a.shape.params_per_expert();
+    return fail(Status::kErrorInvalidArgument, "method", "not a DecodeMethod");
+  if (!a.x) return fail(Status::kErrorNullPointer, "x", "is null");
+  if (!a.y) return fail(Status::kErrorNullPointer, "y", "is null");
+  const int64_t B = a.batch, d = a.shape.d, E = a.shape.experts, P = a.shape.params_per_expert();
   const int64_t wide = a.shape.d > a.shape.f ? a.shape.d : a.shape.f;
-  if (!detail::mul_fits(a.batch, 2 * wide)) return Status::kErrorInvalidSize;
+  if (!detail::mul_fits(B, 2 * wide)) return fail(Status::kErrorInvalidSize, "batch", "B * 2 max(d, f) overflows int64");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.y, "y"));
+  const detail::ByteRange ry = detail::array_range(a.y, B * d), rx = detail::array_range(a.x, B * d);
   if (resolve_decode_method(a) == DecodeMethod::kMerged) {
-    if (!a.cache) return Status::kErrorNullPointer;
-    if (!detail::mul_fits(a.batch, P)) return Status::kErrorInvalidSize;
-  } else {
-    if (!a.probs || !a.W_g || !a.W_u || !a.W_d) return Status::kErrorNullPointer;
-    if (!detail::mul_fits(a.shape.experts, P) || !detail::mul_fits(a.batch * a.shape.experts, wide))
-      return Status::kErrorInvalidSize;
+    if (!a.cache) return fail(Status::kErrorNullPointer, "cache", "is null (merged decode needs it)");
+    if (!detail::mul_fits(B, P)) return fail(Status::kErrorInvalidSize, "batch", "B * 3 d f overflows int64");
+    LORY_RETURN_IF_ERROR(detail::check_aligned(a.cache, "cache"));
+    return detail::check_aliasing({{"y", ry, "x"}}, {{"x", rx}, {"cache", detail::array_range(a.cache, B * P)}});
   }
-  return Status::kSuccess;
+  if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null (expert-space decode needs it)");
+  if (!a.W_g) return fail(Status::kErrorNullPointer, "W_g", "is null (expert-space decode needs it)");
+  if (!a.W_u) return fail(Status::kErrorNullPointer, "W_u", "is null (expert-space decode needs it)");
+  if (!a.W_d) return fail(Status::kErrorNullPointer, "W_d", "is null (expert-space decode needs it)");
+  if (!detail::mul_fits(E, P)) return fail(Status::kErrorInvalidSize, "shape", "E * 3 d f overflows int64");
+  if (!detail::mul_fits(B, E) || !detail::mul_fits(B * E, wide))
+    return fail(Status::kErrorInvalidSize, "batch", "B * E * max(d, f) overflows int64");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_g, "W_g"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_u, "W_u"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_d, "W_d"));
+  const int64_t fd = a.shape.f * d;
+  return detail::check_aliasing({{"y", ry, "x"}},
+                                {{"x", rx}, {"probs", detail::array_range(a.probs, B * E)},
+                                 {"W_g", detail::array_range(a.W_g, E * fd)},
+                                 {"W_u", detail::array_range(a.W_u, E * fd)},
+                                 {"W_d", detail::array_range(a.W_d, E * fd)}});
 }
 
 template <class T>
 Status validate(const ExpertCombineArgs<T>& a) {
-  if (a.rows <= 0 || a.cols <= 0) return Status::kErrorInvalidSize;
-  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
-  if (!a.in || !a.weights || !a.out) return Status::kErrorNullPointer;
-  if (a.out_stride < a.cols) return Status::kErrorInvalidShape;
-  if (!detail::mul_fits(a.rows, a.experts) || !detail::mul_fits(a.rows * a.experts, a.cols) ||
-      !detail::mul_fits(a.rows, a.out_stride))
-    return Status::kErrorInvalidSize;
-  return Status::kSuccess;
+  detail::clear_error_detail();
+  using detail::fail;
+  if (a.rows <= 0) return fail(Status::kErrorInvalidSize, "rows", "not positive");
+  if (a.cols <= 0) return fail(Status::kErrorInvalidSize, "cols", "not positive");
+  if (a.experts <= 0 || a.experts > kMaxExperts)
+    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  if (!a.in) return fail(Status::kErrorNullPointer, "in", "is null");
+  if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
+  if (!a.out) return fail(Status::kErrorNullPointer, "out", "is null");
+  if (a.out_stride < a.cols) return fail(Status::kErrorInvalidShape, "out_stride", "below cols");
+  if (!detail::mul_fits(a.rows, a.experts) || !detail::mul_fits(a.rows * a.experts, a.cols))
+    return fail(Status::kErrorInvalidSize, "cols", "rows * E * cols overflows int64");
+  if (!detail::mul_fits(a.rows, a.out_stride))
+    return fail(Status::kErrorInvalidSize, "out_stride", "rows * out_stride overflows int64");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.in, "in"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.out, "out"));
+  return detail::check_aliasing({{"out", detail::view_range(a.out, a.rows, a.cols, a.out_stride)}},
+                                {{"in", detail::array_range(a.in, a.rows * a.experts * a.cols)},
+                                 {"weights", detail::array_range(a.weights, a.rows * a.experts)}});
 }
 
 // ---- orchestration (written once; Backend = InferenceCudaBackend or reference::InferenceCpuBackend) ----
@@ -217,14 +281,15 @@ struct PromptCacheWorkspace {
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
   size_t total_bytes = 0;
+  Status status = Status::kSuccess;  // kErrorInvalidSize when the size overflows size_t
   static PromptCacheWorkspace carve(void* base, int64_t B, const FfnShape& s, size_t scratch_bytes) {
     PromptCacheWorkspace w;
     WorkspaceCarver c{static_cast<unsigned char*>(base)};
-    w.hbar = c.take<float>(static_cast<size_t>(B * s.d));
-    w.router_probs = c.take<float>(static_cast<size_t>(B * s.experts));
+    w.hbar = c.take<float>(B, s.d);
+    w.router_probs = c.take<float>(B, s.experts);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
-    w.scratch = c.take<unsigned char>(w.scratch_bytes);
-    w.total_bytes = c.offset;
+    w.scratch = c.take<unsigned char>(static_cast<int64_t>(w.scratch_bytes < INT64_MAX ? w.scratch_bytes : INT64_MAX));
+    w.status = c.total(w.total_bytes);
     return w;
   }
 };
@@ -237,16 +302,17 @@ struct DecodeWorkspace {
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
   size_t total_bytes = 0;
+  Status status = Status::kSuccess;  // kErrorInvalidSize when the size overflows size_t
   static DecodeWorkspace carve(void* base, int64_t B, const FfnShape& s, DecodeMethod method, size_t scratch_bytes) {
     DecodeWorkspace w;
     WorkspaceCarver c{static_cast<unsigned char*>(base)};
     const int64_t wide = s.d > s.f ? s.d : s.f;
-    w.au = c.take<T>(static_cast<size_t>(B * 2 * s.f));
-    w.m = c.take<T>(static_cast<size_t>(B * s.f));
-    if (method == DecodeMethod::kExpertSpace) w.H = c.take<T>(static_cast<size_t>(B * s.experts * wide));
+    w.au = c.take<T>(B, 2, s.f);
+    w.m = c.take<T>(B, s.f);
+    if (method == DecodeMethod::kExpertSpace) w.H = c.take<T>(B, s.experts, wide);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
-    w.scratch = c.take<unsigned char>(w.scratch_bytes);
-    w.total_bytes = c.offset;
+    w.scratch = c.take<unsigned char>(static_cast<int64_t>(w.scratch_bytes < INT64_MAX ? w.scratch_bytes : INT64_MAX));
+    w.status = c.total(w.total_bytes);
     return w;
   }
 };
@@ -377,7 +443,9 @@ Status run_prompt_cache(const PromptCacheArgs<T, float>& a, void* workspace, siz
   LORY_RETURN_IF_ERROR(Backend::template can_implement_prompt<T>(a));
   size_t scratch = 0;
   LORY_RETURN_IF_ERROR((detail::prompt_cache_scratch<Backend, T>(a, scratch)));
-  const size_t needed = detail::PromptCacheWorkspace::carve(nullptr, a.batch, a.shape, scratch).total_bytes;
+  const detail::PromptCacheWorkspace sized = detail::PromptCacheWorkspace::carve(nullptr, a.batch, a.shape, scratch);
+  LORY_RETURN_IF_ERROR(sized.status);
+  const size_t needed = sized.total_bytes;
   bool size_query = false;
   LORY_RETURN_IF_ERROR(
       detail::workspace_protocol(workspace, workspace_bytes, needed, size_query, detail::kCarvedWorkspaceAlign));
@@ -407,7 +475,9 @@ Status run_decode_step(const DecodeStepArgs<T, float>& a, void* workspace, size_
   size_t scratch = 0;
   LORY_RETURN_IF_ERROR((detail::decode_scratch<Backend, T>(a, method, scratch)));
   using Workspace = detail::DecodeWorkspace<T>;
-  const size_t needed = Workspace::carve(nullptr, a.batch, a.shape, method, scratch).total_bytes;
+  const Workspace sized = Workspace::carve(nullptr, a.batch, a.shape, method, scratch);
+  LORY_RETURN_IF_ERROR(sized.status);
+  const size_t needed = sized.total_bytes;
   bool size_query = false;
   LORY_RETURN_IF_ERROR(
       detail::workspace_protocol(workspace, workspace_bytes, needed, size_query, detail::kCarvedWorkspaceAlign));

@@ -45,27 +45,52 @@ LORY_HOST_DEVICE LORY_FORCEINLINE void swiglu_backward(A a, A u, A dm, A& da, A&
   da = dm * u * s * (A(1) + a * (A(1) - s));
 }
 
-// Numerically stable softmax over n values (max subtracted first). NaN in the
-// logits propagates to every probability; it never crashes or hangs.
+// Numerically stable softmax over n values (max m subtracted first). Special values:
+//   - NaN in the logits propagates to every probability; it never crashes or hangs.
+//   - +Inf logits take the limit: the +Inf entries share the mass equally (one-hot for a single
+//     one), every finite entry gets 0. exp(v - m) would be exp(Inf - Inf) = NaN there, so an entry
+//     equal to the max contributes exp(0) = 1 directly, which changes nothing for finite logits.
+//   - all logits -Inf: they are all equal, so the probabilities are uniform (also the limit).
+// softmax_term is the per-entry rule shared with the GPU's BlockRowSoftmax.
+template <class A>
+LORY_HOST_DEVICE LORY_FORCEINLINE A softmax_term(A v, A m) {
+  return v == m ? A(1) : math_exp(v - m);
+}
+
 template <class A>
 LORY_HOST_DEVICE inline void softmax(const A* logits, A* probs, int n) {
   A m = logits[0];
   for (int i = 1; i < n; ++i) m = (logits[i] > m || logits[i] != logits[i]) ? logits[i] : m;
   A sum = A(0);
   for (int i = 0; i < n; ++i) {
-    probs[i] = math_exp(logits[i] - m);
+    probs[i] = softmax_term(logits[i], m);
     sum += probs[i];
   }
   const A inv = A(1) / sum;
   for (int i = 0; i < n; ++i) probs[i] *= inv;
 }
 
-// Softmax backward: dz_i = p_i * (dp_i - <p, dp>).
+// Softmax backward, dz_i = p_i * (dp_i - <p, dp>), in a form that does not cancel. The formula is
+// invariant to adding a constant c to dp (sum p = 1); with c = dp_m of the most probable expert m,
+//   dz_i = p_i * ((dp_i - c) - sum_j p_j (dp_j - c)),
+// the m term of the sum is exactly 0, so dz_m = -p_m * sum_{j != m} p_j (dp_j - c) is formed from
+// the small probabilities themselves instead of from 1 - p_m, which fp32 rounds to 0 once p_m is
+// within 6e-8 of 1 (dz would then stop summing to zero over the experts). Equal dp (identical
+// experts) give dz = 0 exactly. The first index of the largest p is m (ties: the lowest index), the
+// GPU's BlockRowSoftmax::backward uses the same rule. dz may alias dp.
+template <class A>
+LORY_HOST_DEVICE inline int softmax_argmax(const A* p, int n) {
+  int m = 0;
+  for (int i = 1; i < n; ++i) m = p[i] > p[m] ? i : m;
+  return m;
+}
+
 template <class A>
 LORY_HOST_DEVICE inline void softmax_backward(const A* p, const A* dp, A* dz, int n) {
+  const A c = dp[softmax_argmax(p, n)];
   A dot = A(0);
-  for (int i = 0; i < n; ++i) dot += p[i] * dp[i];
-  for (int i = 0; i < n; ++i) dz[i] = p[i] * (dp[i] - dot);
+  for (int i = 0; i < n; ++i) dot += p[i] * (dp[i] - c);
+  for (int i = 0; i < n; ++i) dz[i] = p[i] * ((dp[i] - c) - dot);
 }
 
 // Weighted merge of one parameter element over E experts:

@@ -83,31 +83,71 @@ inline bool is_valid(MergeBackwardMethod m) {
 }
 
 // Shape and pointer checks shared by the CPU twin and the GPU launchers.
+// Aliasing: Wbar may not share memory with W or weights (every segment reads all of W).
 template <class T, class R>
 Status validate(const MergeForwardArgs<T, R>& a) {
-  if (a.num_segments <= 0 || a.params <= 0) return Status::kErrorInvalidSize;
-  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
-  if (!a.W || !a.weights || !a.Wbar) return Status::kErrorNullPointer;
-  if (a.expert_stride < a.params || a.segment_stride < a.params) return Status::kErrorInvalidShape;
-  if (!detail::mul_fits(a.experts, a.expert_stride) || !detail::mul_fits(a.num_segments, a.segment_stride))
-    return Status::kErrorInvalidSize;
-  return Status::kSuccess;
+  detail::clear_error_detail();
+  using detail::fail;
+  if (a.num_segments <= 0) return fail(Status::kErrorInvalidSize, "num_segments", "not positive");
+  if (a.params <= 0) return fail(Status::kErrorInvalidSize, "params", "not positive");
+  if (a.experts <= 0 || a.experts > kMaxExperts)
+    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  if (!a.W) return fail(Status::kErrorNullPointer, "W", "is null");
+  if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
+  if (!a.Wbar) return fail(Status::kErrorNullPointer, "Wbar", "is null");
+  if (a.expert_stride < a.params) return fail(Status::kErrorInvalidShape, "expert_stride", "below params");
+  if (a.segment_stride < a.params) return fail(Status::kErrorInvalidShape, "segment_stride", "below params");
+  if (!detail::mul_fits(a.experts, a.expert_stride))
+    return fail(Status::kErrorInvalidSize, "expert_stride", "E * expert_stride overflows int64");
+  if (!detail::mul_fits(a.num_segments, a.segment_stride))
+    return fail(Status::kErrorInvalidSize, "segment_stride", "S * segment_stride overflows int64");
+  if (!detail::mul_fits(a.num_segments, a.experts))
+    return fail(Status::kErrorInvalidSize, "num_segments", "S * E overflows int64");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W, "W"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.Wbar, "Wbar"));
+  return detail::check_aliasing(
+      {{"Wbar", detail::view_range(a.Wbar, a.num_segments, a.params, a.segment_stride)}},
+      {{"W", detail::view_range(a.W, a.experts, a.params, a.expert_stride)},
+       {"weights", detail::array_range(a.weights, a.num_segments * a.experts)}});
 }
 
+// Aliasing: no output (dW, d_weights) may share memory with an input (G, W, weights) or the other.
 template <class T, class R>
 Status validate(const MergeBackwardArgs<T, R>& a) {
-  if (a.num_segments <= 0 || a.params <= 0) return Status::kErrorInvalidSize;
-  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
-  if (!a.G || !a.weights) return Status::kErrorNullPointer;
-  if (!a.dW && !a.d_weights) return Status::kErrorNullPointer;  // nothing to compute
-  if (a.d_weights && !a.W) return Status::kErrorNullPointer;
-  if (a.grad_segment_stride < a.params) return Status::kErrorInvalidShape;
-  if (a.d_weights && a.expert_stride < a.params) return Status::kErrorInvalidShape;
-  if (a.dW && a.dW_expert_stride < a.params) return Status::kErrorInvalidShape;
-  if (!detail::mul_fits(a.num_segments, a.grad_segment_stride) ||
-      !detail::mul_fits(a.experts, a.expert_stride) || !detail::mul_fits(a.experts, a.dW_expert_stride))
-    return Status::kErrorInvalidSize;
-  return Status::kSuccess;
+  detail::clear_error_detail();
+  using detail::fail;
+  if (a.num_segments <= 0) return fail(Status::kErrorInvalidSize, "num_segments", "not positive");
+  if (a.params <= 0) return fail(Status::kErrorInvalidSize, "params", "not positive");
+  if (a.experts <= 0 || a.experts > kMaxExperts)
+    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  if (!a.G) return fail(Status::kErrorNullPointer, "G", "is null");
+  if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
+  if (!a.dW && !a.d_weights) return fail(Status::kErrorNullPointer, "dW", "dW and d_weights both null: nothing to compute");
+  if (a.d_weights && !a.W) return fail(Status::kErrorNullPointer, "W", "is null (d_weights needs it)");
+  if (a.grad_segment_stride < a.params) return fail(Status::kErrorInvalidShape, "grad_segment_stride", "below params");
+  if (a.d_weights && a.expert_stride < a.params) return fail(Status::kErrorInvalidShape, "expert_stride", "below params");
+  if (a.dW && a.dW_expert_stride < a.params) return fail(Status::kErrorInvalidShape, "dW_expert_stride", "below params");
+  if (!detail::mul_fits(a.num_segments, a.grad_segment_stride))
+    return fail(Status::kErrorInvalidSize, "grad_segment_stride", "S * grad_segment_stride overflows int64");
+  if (!detail::mul_fits(a.experts, a.expert_stride))
+    return fail(Status::kErrorInvalidSize, "expert_stride", "E * expert_stride overflows int64");
+  if (!detail::mul_fits(a.experts, a.dW_expert_stride))
+    return fail(Status::kErrorInvalidSize, "dW_expert_stride", "E * dW_expert_stride overflows int64");
+  if (!detail::mul_fits(a.num_segments, a.experts))
+    return fail(Status::kErrorInvalidSize, "num_segments", "S * E overflows int64");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.G, "G"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW, "dW"));
+  if (a.d_weights) LORY_RETURN_IF_ERROR(detail::check_aligned(a.W, "W"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.d_weights, "d_weights"));
+  const int64_t SE = a.num_segments * a.experts;
+  return detail::check_aliasing(
+      {{"dW", a.dW ? detail::view_range(a.dW, a.experts, a.params, a.dW_expert_stride) : detail::ByteRange{}},
+       {"d_weights", detail::array_range(a.d_weights, SE)}},
+      {{"G", detail::view_range(a.G, a.num_segments, a.params, a.grad_segment_stride)},
+       {"W", a.d_weights ? detail::view_range(a.W, a.experts, a.params, a.expert_stride) : detail::ByteRange{}},
+       {"weights", detail::array_range(a.weights, SE)}});
 }
 
 LORY_NAMESPACE_END

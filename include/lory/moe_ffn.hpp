@@ -66,6 +66,21 @@ struct MoeFfnBackwardArgs {
 };
 
 namespace detail {
+// Sizes a layer of these shapes needs addressable: every [tokens, max(d, f)] activation, the
+// [E, 3 d f] experts, the [S, 3 d f] merged weights and the [S, E] routing weights.
+inline Status validate_moe_sizes(const SegmentLayout& lay, const FfnShape& sh) {
+  const int64_t wide = sh.d > sh.f ? sh.d : sh.f;
+  if (!mul_fits(lay.num_tokens(), wide))
+    return fail(Status::kErrorInvalidSize, "shape", "B * L * max(d, f) overflows int64");
+  if (!mul_fits(sh.experts, sh.params_per_expert()))
+    return fail(Status::kErrorInvalidSize, "shape", "E * 3 d f overflows int64");
+  if (!mul_fits(lay.num_segments(), sh.params_per_expert()))
+    return fail(Status::kErrorInvalidSize, "layout", "S * 3 d f overflows int64");
+  if (!mul_fits(lay.num_segments(), sh.experts))
+    return fail(Status::kErrorInvalidSize, "layout", "S * E overflows int64");
+  return Status::kSuccess;
+}
+
 // Checks common to the forward and the backward: shapes, sizes, the experts.
 template <class T, class R>
 Status validate_moe_params(const MoeFfnParams<T, R>& p) {
@@ -73,41 +88,125 @@ Status validate_moe_params(const MoeFfnParams<T, R>& p) {
   LORY_RETURN_IF_ERROR(p.shape.validate());
   switch (p.mode) {
     case RoutingMode::kGivenWeights:
-      if (!p.given_weights) return Status::kErrorNullPointer;
+      if (!p.given_weights) return fail(Status::kErrorNullPointer, "p.given_weights", "is null");
       break;
     case RoutingMode::kCausalSegment:
     case RoutingMode::kPromptLevel:
-      if (!p.W_r) return Status::kErrorNullPointer;
+      if (!p.W_r) return fail(Status::kErrorNullPointer, "p.W_r", "is null");
       break;
     default:
-      return Status::kErrorInvalidArgument;
+      return fail(Status::kErrorInvalidArgument, "p.mode", "not a RoutingMode");
   }
-  if (!p.W_g || !p.W_u || !p.W_d) return Status::kErrorNullPointer;
-  // Every [tokens, max(d, f)] activation and the [E, 3 d f] experts must be addressable.
-  const int64_t wide = p.shape.d > p.shape.f ? p.shape.d : p.shape.f;
-  if (!mul_fits(p.layout.num_tokens(), wide)) return Status::kErrorInvalidSize;
-  if (!mul_fits(p.shape.experts, p.shape.params_per_expert())) return Status::kErrorInvalidSize;
-  if (!mul_fits(p.layout.num_segments(), p.shape.params_per_expert())) return Status::kErrorInvalidSize;
-  return Status::kSuccess;
+  if (!p.W_g) return fail(Status::kErrorNullPointer, "p.W_g", "is null");
+  if (!p.W_u) return fail(Status::kErrorNullPointer, "p.W_u", "is null");
+  if (!p.W_d) return fail(Status::kErrorNullPointer, "p.W_d", "is null");
+  LORY_RETURN_IF_ERROR(validate_moe_sizes(p.layout, p.shape));
+  LORY_RETURN_IF_ERROR(check_aligned(p.W_r, "p.W_r"));
+  LORY_RETURN_IF_ERROR(check_aligned(p.bias, "p.bias"));
+  LORY_RETURN_IF_ERROR(check_aligned(p.given_weights, "p.given_weights"));
+  LORY_RETURN_IF_ERROR(check_aligned(p.W_g, "p.W_g"));
+  LORY_RETURN_IF_ERROR(check_aligned(p.W_u, "p.W_u"));
+  return check_aligned(p.W_d, "p.W_d");
 }
+
+// The layer's read-only operands, for the aliasing checks (mode-dependent ones are empty when unused).
+template <class T, class R>
+struct MoeRanges {
+  ByteRange W_r, bias, given, W_g, W_u, W_d, tokens_x, rows_d, rows_e, segs_e;
+  MoeRanges(const MoeFfnParams<T, R>& p, const T* x, const R* hbar, const R* probs, const R* weights) {
+    const int64_t E = p.shape.experts, d = p.shape.d, fd = p.shape.f * d, S = p.layout.num_segments();
+    const bool routed = p.mode != RoutingMode::kGivenWeights;
+    const int64_t rows = p.mode == RoutingMode::kPromptLevel ? p.layout.batch : S;
+    W_r = routed ? array_range(p.W_r, E * d) : ByteRange{};
+    bias = routed ? array_range(p.bias, E) : ByteRange{};
+    given = routed ? ByteRange{} : array_range(p.given_weights, S * E);
+    W_g = array_range(p.W_g, E * fd);
+    W_u = array_range(p.W_u, E * fd);
+    W_d = array_range(p.W_d, E * fd);
+    tokens_x = array_range(x, p.layout.num_tokens() * d);
+    rows_d = routed ? array_range(hbar, rows * d) : ByteRange{};
+    rows_e = routed ? array_range(probs, rows * E) : ByteRange{};
+    segs_e = array_range(weights, S * E);
+  }
+};
 }  // namespace detail
 
+// Aliasing: y may be x itself (in place: each chunk's tokens are read before its y is written);
+// weights may be p.given_weights itself (kGivenWeights). Nothing else may share memory.
 template <class T, class R>
 Status validate(const MoeFfnForwardArgs<T, R>& a) {
+  detail::clear_error_detail();
+  using detail::fail;
   LORY_RETURN_IF_ERROR(detail::validate_moe_params(a.p));
-  if (!a.x || !a.y || !a.weights) return Status::kErrorNullPointer;
-  if (a.p.mode != RoutingMode::kGivenWeights && (!a.hbar || !a.probs)) return Status::kErrorNullPointer;
-  return Status::kSuccess;
+  if (!a.x) return fail(Status::kErrorNullPointer, "x", "is null");
+  if (!a.y) return fail(Status::kErrorNullPointer, "y", "is null");
+  if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
+  if (a.p.mode != RoutingMode::kGivenWeights) {
+    if (!a.hbar) return fail(Status::kErrorNullPointer, "hbar", "is null");
+    if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null");
+  }
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.y, "y"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.hbar, "hbar"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
+  const detail::MoeRanges<T, R> r(a.p, a.x, a.hbar, a.probs, a.weights);
+  return detail::check_aliasing(
+      {{"y", detail::array_range(a.y, a.p.layout.num_tokens() * a.p.shape.d), "x"},
+       {"hbar", r.rows_d},
+       {"probs", r.rows_e},
+       {"weights", r.segs_e, "p.given_weights"}},
+      {{"x", r.tokens_x}, {"p.W_r", r.W_r}, {"p.bias", r.bias}, {"p.given_weights", r.given},
+       {"p.W_g", r.W_g}, {"p.W_u", r.W_u}, {"p.W_d", r.W_d}});
 }
 
+// Aliasing: dx may be dy itself (in place: each chunk's dy is read before its dx is written).
+// Nothing else may share memory: in particular dx may not be x (the weight gradients read x after
+// dx is written).
 template <class T, class R>
 Status validate(const MoeFfnBackwardArgs<T, R>& a) {
+  detail::clear_error_detail();
+  using detail::fail;
   LORY_RETURN_IF_ERROR(detail::validate_moe_params(a.p));
-  if (!a.x || !a.dy || !a.weights || !a.dx) return Status::kErrorNullPointer;
-  if (!a.dW_g || !a.dW_u || !a.dW_d) return Status::kErrorNullPointer;
-  if (a.p.mode != RoutingMode::kGivenWeights && (!a.hbar || !a.probs || !a.dW_r))
-    return Status::kErrorNullPointer;
-  return Status::kSuccess;
+  if (!a.x) return fail(Status::kErrorNullPointer, "x", "is null");
+  if (!a.dy) return fail(Status::kErrorNullPointer, "dy", "is null");
+  if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
+  if (!a.dx) return fail(Status::kErrorNullPointer, "dx", "is null");
+  if (!a.dW_g) return fail(Status::kErrorNullPointer, "dW_g", "is null");
+  if (!a.dW_u) return fail(Status::kErrorNullPointer, "dW_u", "is null");
+  if (!a.dW_d) return fail(Status::kErrorNullPointer, "dW_d", "is null");
+  if (a.p.mode != RoutingMode::kGivenWeights) {
+    if (!a.hbar) return fail(Status::kErrorNullPointer, "hbar", "is null");
+    if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null");
+    if (!a.dW_r) return fail(Status::kErrorNullPointer, "dW_r", "is null");
+  }
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dy, "dy"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.hbar, "hbar"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dx, "dx"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW_r, "dW_r"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.d_bias, "d_bias"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW_g, "dW_g"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW_u, "dW_u"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW_d, "dW_d"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.d_weights, "d_weights"));
+  const detail::MoeRanges<T, R> r(a.p, a.x, a.hbar, a.probs, a.weights);
+  const int64_t E = a.p.shape.experts, d = a.p.shape.d, fd = a.p.shape.f * d;
+  const bool routed = a.p.mode != RoutingMode::kGivenWeights;
+  return detail::check_aliasing(
+      {{"dx", detail::array_range(a.dx, a.p.layout.num_tokens() * d), "dy"},
+       {"dW_r", routed ? detail::array_range(a.dW_r, E * d) : detail::ByteRange{}},
+       {"d_bias", routed ? detail::array_range(a.d_bias, E) : detail::ByteRange{}},
+       {"dW_g", detail::array_range(a.dW_g, E * fd)},
+       {"dW_u", detail::array_range(a.dW_u, E * fd)},
+       {"dW_d", detail::array_range(a.dW_d, E * fd)},
+       {"d_weights", detail::array_range(a.d_weights, a.p.layout.num_segments() * E)}},
+      {{"x", r.tokens_x}, {"dy", detail::array_range(a.dy, a.p.layout.num_tokens() * d)},
+       {"hbar", r.rows_d}, {"probs", r.rows_e}, {"weights", r.segs_e},
+       {"p.W_r", r.W_r}, {"p.bias", r.bias}, {"p.given_weights", r.given},
+       {"p.W_g", r.W_g}, {"p.W_u", r.W_u}, {"p.W_d", r.W_d}});
 }
 
 LORY_NAMESPACE_END

@@ -73,12 +73,21 @@ struct StridedBatchedGemm {
 
 template <class T>
 Status validate(const StridedBatchedGemm<T>& g) {
-  if (g.m <= 0 || g.n <= 0 || g.k <= 0 || g.batch <= 0) return Status::kErrorInvalidSize;
-  if (!g.A || !g.B || !g.C) return Status::kErrorNullPointer;
-  if (g.lda < (g.trans_a ? g.m : g.k) || g.ldb < (g.trans_b ? g.k : g.n) || g.ldc < g.n)
-    return Status::kErrorInvalidShape;
-  if (g.stride_a < 0 || g.stride_b < 0 || g.stride_c < 0) return Status::kErrorInvalidShape;
-  return Status::kSuccess;
+  detail::clear_error_detail();
+  using detail::fail;
+  if (g.m <= 0 || g.n <= 0 || g.k <= 0 || g.batch <= 0)
+    return fail(Status::kErrorInvalidSize, "m, n, k or batch", "not positive");
+  if (!g.A) return fail(Status::kErrorNullPointer, "A", "is null");
+  if (!g.B) return fail(Status::kErrorNullPointer, "B", "is null");
+  if (!g.C) return fail(Status::kErrorNullPointer, "C", "is null");
+  if (g.lda < (g.trans_a ? g.m : g.k)) return fail(Status::kErrorInvalidShape, "lda", "below the row width");
+  if (g.ldb < (g.trans_b ? g.k : g.n)) return fail(Status::kErrorInvalidShape, "ldb", "below the row width");
+  if (g.ldc < g.n) return fail(Status::kErrorInvalidShape, "ldc", "below n");
+  if (g.stride_a < 0 || g.stride_b < 0 || g.stride_c < 0)
+    return fail(Status::kErrorInvalidShape, "stride_a, stride_b or stride_c", "negative");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(g.A, "A"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(g.B, "B"));
+  return detail::check_aligned(g.C, "C");
 }
 
 namespace detail {
@@ -96,14 +105,17 @@ struct MoeSegmentGroup {
 // The workspace of one plan, carved with detail::WorkspaceCarver (every piece
 // 256-byte aligned, in this order):
 //   d_weights [S, E] fp32                  dL/de when the caller passes no buffer
+//   scratch   leaf operations' own workspace (>= 256 bytes, so never null)
 //   wbar_g    [C, f, d] T                  merged W_g; G_g in the backward
 //   wbar_u    [C, f, d] T                  merged W_u; G_u in the backward
 //   wbar_d    [C, d, f] T                  merged W_d; G_d in the backward
 //   act_a, act_u [C * Tmax, f] T           a = x Wbar_g^T, u = x Wbar_u^T
 //   act_m     [C * Tmax, f] T              m (forward); da (backward)
 //   act_dm, act_du [C * Tmax, f] T         backward only
-//   scratch   leaf operations' own workspace (>= 256 bytes, so never null)
-// with C = chunk segments and Tmax = min(T, L) tokens per segment.
+// with C = chunk segments and Tmax = min(T, L) tokens per segment. The total is
+// the exact end of act_du (no tail padding): it grows with every added segment,
+// so a budget of workspace_size_for_chunk(c) gives exactly chunk c. A size past
+// size_t sets `status` to kErrorInvalidSize.
 template <class T>
 struct MoeFfnWorkspace {
   float* d_weights = nullptr;
@@ -118,28 +130,26 @@ struct MoeFfnWorkspace {
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
   size_t total_bytes = 0;
+  Status status = Status::kSuccess;
 
   static MoeFfnWorkspace carve(void* base, const SegmentLayout& lay, const FfnShape& sh, int64_t chunk,
                                size_t scratch_bytes) {
     MoeFfnWorkspace w;
     WorkspaceCarver c{static_cast<unsigned char*>(base)};
-    const size_t S = static_cast<size_t>(lay.num_segments());
-    const size_t E = static_cast<size_t>(sh.experts);
-    const size_t fd = static_cast<size_t>(sh.f) * static_cast<size_t>(sh.d);
-    const size_t tmax = static_cast<size_t>(lay.segment_len < lay.seq_len ? lay.segment_len : lay.seq_len);
-    const size_t act = static_cast<size_t>(chunk) * tmax * static_cast<size_t>(sh.f);
-    w.d_weights = c.take<float>(S * E);
-    w.wbar_g = c.take<T>(static_cast<size_t>(chunk) * fd);
-    w.wbar_u = c.take<T>(static_cast<size_t>(chunk) * fd);
-    w.wbar_d = c.take<T>(static_cast<size_t>(chunk) * fd);
-    w.act_a = c.take<T>(act);
-    w.act_u = c.take<T>(act);
-    w.act_m = c.take<T>(act);
-    w.act_dm = c.take<T>(act);
-    w.act_du = c.take<T>(act);
+    const int64_t fd = sh.f * sh.d;  // validated: 3 f d fits
+    const int64_t tmax = lay.segment_len < lay.seq_len ? lay.segment_len : lay.seq_len;
+    w.d_weights = c.take<float>(lay.num_segments(), sh.experts);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
-    w.scratch = c.take<unsigned char>(w.scratch_bytes);
-    w.total_bytes = c.offset;
+    w.scratch = c.take<unsigned char>(static_cast<int64_t>(w.scratch_bytes < INT64_MAX ? w.scratch_bytes : INT64_MAX));
+    w.wbar_g = c.take<T>(chunk, fd);
+    w.wbar_u = c.take<T>(chunk, fd);
+    w.wbar_d = c.take<T>(chunk, fd);
+    w.act_a = c.take<T>(chunk, tmax, sh.f);
+    w.act_u = c.take<T>(chunk, tmax, sh.f);
+    w.act_m = c.take<T>(chunk, tmax, sh.f);
+    w.act_dm = c.take<T>(chunk, tmax, sh.f);
+    w.act_du = c.take<T>(chunk, tmax, sh.f);
+    w.status = c.total(w.total_bytes, /*exact_end=*/true);
     return w;
   }
 };
@@ -149,7 +159,7 @@ struct MoeFfnWorkspace {
 // workspace size (validation runs before the query and rejects null pointers).
 template <class P>
 P* shape_only_pointer() {
-  return reinterpret_cast<P*>(static_cast<uintptr_t>(4096));
+  return reinterpret_cast<P*>(kShapeOnlyAddress);
 }
 
 }  // namespace detail
@@ -163,11 +173,12 @@ class MoeFfnPlan {
   MoeFfnPlan(SegmentLayout layout, FfnShape shape, RoutingMode mode, MoeFfnOptions options = {})
       : layout_(layout), shape_(shape), mode_(mode), options_(options) {
     status_ = init();
+    init_detail_ = status_ == Status::kSuccess ? ErrorDetail{} : last_error_detail();
   }
 
   // Whether this plan can run: valid shapes, mode and options, and a budget at
   // least min_workspace_size(). Checked again by forward() and backward().
-  Status can_implement() const { return status_; }
+  Status can_implement() const { return plan_status(); }
 
   // Workspace bytes for chunk_segments() segments per chunk (forward and backward).
   size_t workspace_size() const { return workspace_bytes_; }
@@ -185,7 +196,7 @@ class MoeFfnPlan {
   RoutingMode mode() const { return mode_; }
 
   Status forward(const MoeFfnForwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
-    LORY_RETURN_IF_ERROR(status_);
+    LORY_RETURN_IF_ERROR(plan_status());
     LORY_RETURN_IF_ERROR(validate(a));
     LORY_RETURN_IF_ERROR(check_call(a.p, workspace, workspace_bytes, stream));
     const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
@@ -224,7 +235,7 @@ class MoeFfnPlan {
   }
 
   Status backward(const MoeFfnBackwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
-    LORY_RETURN_IF_ERROR(status_);
+    LORY_RETURN_IF_ERROR(plan_status());
     LORY_RETURN_IF_ERROR(validate(a));
     LORY_RETURN_IF_ERROR(check_call(a.p, workspace, workspace_bytes, stream));
     const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
@@ -333,17 +344,17 @@ class MoeFfnPlan {
   enum class Op { kTokens, kAct, kWeights };
 
   Status init() {
+    detail::clear_error_detail();
     LORY_RETURN_IF_ERROR(layout_.validate());
     LORY_RETURN_IF_ERROR(shape_.validate());
     if (mode_ != RoutingMode::kCausalSegment && mode_ != RoutingMode::kPromptLevel &&
         mode_ != RoutingMode::kGivenWeights)
-      return Status::kErrorInvalidArgument;
-    if (options_.max_chunk_segments < 0 || !is_valid(options_.merge_backward)) return Status::kErrorInvalidArgument;
-    const int64_t wide = shape_.d > shape_.f ? shape_.d : shape_.f;
-    if (!detail::mul_fits(layout_.num_tokens(), wide) ||
-        !detail::mul_fits(layout_.num_segments(), shape_.params_per_expert()) ||
-        !detail::mul_fits(shape_.experts, shape_.params_per_expert()))
-      return Status::kErrorInvalidSize;
+      return detail::fail(Status::kErrorInvalidArgument, "mode", "not a RoutingMode");
+    if (options_.max_chunk_segments < 0)
+      return detail::fail(Status::kErrorInvalidArgument, "options.max_chunk_segments", "negative");
+    if (!is_valid(options_.merge_backward))
+      return detail::fail(Status::kErrorInvalidArgument, "options.merge_backward", "not a MergeBackwardMethod");
+    LORY_RETURN_IF_ERROR(detail::validate_moe_sizes(layout_, shape_));
     LORY_RETURN_IF_ERROR(Backend::template can_implement<T>(layout_, shape_));
 
     const int64_t S = layout_.num_segments();
@@ -356,29 +367,38 @@ class MoeFfnPlan {
     } else {
       if (budget < min_workspace_bytes_) {
         workspace_bytes_ = min_workspace_bytes_;
-        return Status::kErrorWorkspaceTooSmall;
+        return detail::fail(Status::kErrorWorkspaceTooSmall, "options.workspace_budget_bytes",
+                            "below min_workspace_size()");
       }
-      // Largest chunk whose workspace fits the budget (the size is monotone in the chunk).
+      // Largest chunk whose workspace fits the budget (the size grows with the chunk; a size past
+      // size_t fits no budget).
       int64_t lo = 1, hi = cap;
       while (lo < hi) {
         const int64_t mid = lo + (hi - lo + 1) / 2;
         size_t bytes = 0;
-        LORY_RETURN_IF_ERROR(size_for_chunk(mid, bytes));
-        if (bytes <= budget) lo = mid;
+        const Status st = size_for_chunk(mid, bytes);
+        if (st != Status::kSuccess && st != Status::kErrorInvalidSize) return st;
+        if (st == Status::kSuccess && bytes <= budget) lo = mid;
         else hi = mid - 1;
       }
       chunk_ = lo;
+      detail::clear_error_detail();  // an overflowing probe above is not the plan's failure
     }
     LORY_RETURN_IF_ERROR(scratch_for_chunk(chunk_, scratch_bytes_));
-    workspace_bytes_ = Workspace::carve(nullptr, layout_, shape_, chunk_, scratch_bytes_).total_bytes;
+    const Workspace w = Workspace::carve(nullptr, layout_, shape_, chunk_, scratch_bytes_);
+    LORY_RETURN_IF_ERROR(w.status);
+    workspace_bytes_ = w.total_bytes;
     return Status::kSuccess;
   }
 
   Status size_for_chunk(int64_t chunk, size_t& bytes) const {
-    if (chunk <= 0 || chunk > layout_.num_segments()) return Status::kErrorInvalidArgument;
+    if (chunk <= 0 || chunk > layout_.num_segments())
+      return detail::fail(Status::kErrorInvalidArgument, "chunk", "outside [1, num_segments()]");
     size_t scratch = 0;
     LORY_RETURN_IF_ERROR(scratch_for_chunk(chunk, scratch));
-    bytes = Workspace::carve(nullptr, layout_, shape_, chunk, scratch).total_bytes;
+    const Workspace w = Workspace::carve(nullptr, layout_, shape_, chunk, scratch);
+    LORY_RETURN_IF_ERROR(w.status);
+    bytes = w.total_bytes;
     return Status::kSuccess;
   }
 
@@ -464,23 +484,35 @@ class MoeFfnPlan {
   // Checks shared by forward() and backward() once their arguments are valid: the arguments
   // match the plan's shapes, the stream suits the backend, the workspace is there, large enough and
   // 16-byte aligned.
+  // The plan's workspace is not a size query: workspace_size() answers that, so a null workspace is
+  // kErrorNullPointer ("workspace").
   Status check_call(const MoeFfnParams<T, float>& p, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(check_matches(p));
     LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
-    if (!workspace) return Status::kErrorNullPointer;
-    if (workspace_bytes < workspace_bytes_) return Status::kErrorWorkspaceTooSmall;
+    if (!workspace)
+      return detail::fail(Status::kErrorNullPointer, "workspace", "null (the plan's size query is workspace_size())");
+    if (workspace_bytes < workspace_bytes_)
+      return detail::fail(Status::kErrorWorkspaceTooSmall, "workspace_bytes", "below workspace_size()");
     // A misaligned base would otherwise be refused only mid-call, by a leaf.
-    if (!detail::is_aligned(workspace, detail::kCarvedWorkspaceAlign)) return Status::kErrorMisalignedPointer;
+    if (!detail::is_aligned(workspace, detail::kCarvedWorkspaceAlign))
+      return detail::fail(Status::kErrorMisalignedPointer, "workspace", "base not 16-byte aligned");
     return Status::kSuccess;
   }
 
   Status check_matches(const MoeFfnParams<T, float>& p) const {
     if (p.layout.batch != layout_.batch || p.layout.seq_len != layout_.seq_len ||
-        p.layout.segment_len != layout_.segment_len || p.shape.d != shape_.d || p.shape.f != shape_.f ||
-        p.shape.experts != shape_.experts)
-      return Status::kErrorInvalidShape;
-    if (p.mode != mode_) return Status::kErrorInvalidArgument;
+        p.layout.segment_len != layout_.segment_len)
+      return detail::fail(Status::kErrorInvalidShape, "p.layout", "differs from the plan's");
+    if (p.shape.d != shape_.d || p.shape.f != shape_.f || p.shape.experts != shape_.experts)
+      return detail::fail(Status::kErrorInvalidShape, "p.shape", "differs from the plan's");
+    if (p.mode != mode_) return detail::fail(Status::kErrorInvalidArgument, "p.mode", "differs from the plan's");
     return Status::kSuccess;
+  }
+
+  // The construction's failure, recorded again for the caller of a later call.
+  Status plan_status() const {
+    if (status_ != Status::kSuccess) detail::error_detail_slot() = init_detail_;
+    return status_;
   }
 
   // A leaf operation with the plan's scratch as its workspace. The scratch is
@@ -631,6 +663,7 @@ class MoeFfnPlan {
   RoutingMode mode_;
   MoeFfnOptions options_;
   Status status_ = Status::kErrorInvalidArgument;
+  ErrorDetail init_detail_;
   int64_t chunk_ = 0;
   size_t scratch_bytes_ = 0;
   size_t workspace_bytes_ = 0;

@@ -92,6 +92,13 @@ struct NanMax {
   }
 };
 
+struct MaxOp {
+  LORY_DEVICE LORY_FORCEINLINE float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MinOp {
+  LORY_DEVICE LORY_FORCEINLINE float operator()(float a, float b) const { return fminf(a, b); }
+};
+
 // Block-cooperative column sums over a slab of tokens: a [kRows x 32] thread
 // block, lane l owns the V columns [col0 + l*V, col0 + l*V + V) and thread row
 // y the tokens y, y + kRows, ... The kRows partial sums are combined in a fixed
@@ -173,7 +180,7 @@ struct BlockRowSoftmax {
     m = s_.first;
     float sum = 0.f;
     for (int i = threadIdx.x; i < n; i += kThreads) {
-      const float e = math_exp(v[i] - m);
+      const float e = softmax_term(v[i], m);  // +Inf logits: the one-hot limit, as lory::softmax
       v[i] = e;
       sum += e;
     }
@@ -185,15 +192,30 @@ struct BlockRowSoftmax {
     __syncthreads();
   }
 
-  // dz_i = p_i * (dp_i - <p, dp>); dz may alias dp. Ends with a barrier.
+  // dz_i = p_i * (dp_i - <p, dp>) in lory::softmax_backward's cancellation-free form: dp shifted by
+  // dp_m of the most probable expert m (the lowest index of the largest p). dz may alias dp.
+  // p and dp in shared memory. Ends with a barrier.
   LORY_DEVICE LORY_FORCEINLINE void backward(const float* p, const float* dp, float* dz, int n) {
+    float pm = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += kThreads) pm = fmaxf(pm, p[i]);
+    pm = Reduce(s_.reduce).Reduce(pm, MaxOp{});
+    if (threadIdx.x == 0) s_.first = pm;
+    __syncthreads();
+    pm = s_.first;
+    float first = static_cast<float>(n);  // indices < 256 are exact in float
+    for (int i = threadIdx.x; i < n; i += kThreads)
+      if (p[i] == pm) first = fminf(first, static_cast<float>(i));
+    first = Reduce(s_.reduce).Reduce(first, MinOp{});
+    if (threadIdx.x == 0) s_.second = dp[first < static_cast<float>(n) ? static_cast<int>(first) : 0];
+    __syncthreads();
+    const float c = s_.second;
     float dot = 0.f;
-    for (int i = threadIdx.x; i < n; i += kThreads) dot += p[i] * dp[i];
+    for (int i = threadIdx.x; i < n; i += kThreads) dot += p[i] * (dp[i] - c);
     dot = Reduce(s_.reduce).Sum(dot);
     if (threadIdx.x == 0) s_.first = dot;
     __syncthreads();
     dot = s_.first;
-    for (int i = threadIdx.x; i < n; i += kThreads) dz[i] = p[i] * (dp[i] - dot);
+    for (int i = threadIdx.x; i < n; i += kThreads) dz[i] = p[i] * ((dp[i] - c) - dot);
     __syncthreads();
   }
 
@@ -233,7 +255,7 @@ RouterForwardPlan plan_router_forward(const RouterForwardArgs<T, float>& a) {
   p.chunks = ceil_div(span, kRouterChunkTokens);
   WorkspaceCarver c{nullptr};
   if (a.mode != RoutingMode::kGivenWeights && p.chunks > 1)
-    c.take<float>(static_cast<size_t>(p.rows * p.chunks * a.d));
+    c.take<float>(p.rows, p.chunks, a.d);
   p.bytes = c.offset;
   return p;
 }
@@ -257,10 +279,10 @@ RouterBackwardPlan plan_router_backward(const RouterBackwardArgs<T, float>& a) {
   p.col_end = a.d_bias ? a.d + 1 : a.d;
   if (a.mode == RoutingMode::kGivenWeights) return p;  // nothing to do, no workspace
   WorkspaceCarver c{nullptr};
-  c.take<float>(static_cast<size_t>(p.rows * a.experts));           // dz
-  if (a.dx) c.take<float>(static_cast<size_t>(p.rows * a.d));       // v
+  c.take<float>(p.rows, a.experts);         // dz
+  if (a.dx) c.take<float>(p.rows, a.d);     // v
   if (a.dW_r || a.d_bias)
-    c.take<float>(static_cast<size_t>(p.dw_chunks * a.experts * (a.d + 1)));  // partials
+    c.take<float>(p.dw_chunks, a.experts, a.d + 1);  // partials
   p.bytes = c.offset;
   return p;
 }
@@ -583,7 +605,7 @@ Status router_forward(const RouterForwardArgs<T, float>& args, void* workspace,
   const int64_t d = args.d;
   const device::RouterRows geo = device::RouterRows::make(args.layout, plan.prompt);
   detail::WorkspaceCarver carve{static_cast<unsigned char*>(workspace)};
-  float* sums = plan.chunks > 1 ? carve.take<float>(static_cast<size_t>(plan.rows * plan.chunks * d))
+  float* sums = plan.chunks > 1 ? carve.take<float>(plan.rows, plan.chunks, d)
                                 : args.hbar;
   constexpr int V = detail::Vec16<T>::kSize;
   const dim3 block(32, detail::kRouterSumRows);
@@ -633,10 +655,10 @@ Status router_backward(const RouterBackwardArgs<T, float>& args, void* workspace
   const int64_t d = args.d;
   const device::RouterRows geo = device::RouterRows::make(args.layout, plan.prompt);
   detail::WorkspaceCarver carve{static_cast<unsigned char*>(workspace)};
-  float* dz = carve.take<float>(static_cast<size_t>(plan.rows * E));
-  float* v = args.dx ? carve.take<float>(static_cast<size_t>(plan.rows * d)) : nullptr;
+  float* dz = carve.take<float>(plan.rows, E);
+  float* v = args.dx ? carve.take<float>(plan.rows, d) : nullptr;
   float* partial = (args.dW_r || args.d_bias)
-                       ? carve.take<float>(static_cast<size_t>(plan.dw_chunks * E * (d + 1)))
+                       ? carve.take<float>(plan.dw_chunks, E, d + 1)
                        : nullptr;
 
   constexpr int V = detail::Vec16<T>::kSize;

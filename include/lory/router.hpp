@@ -64,41 +64,89 @@ int64_t router_rows(const RouterForwardArgs<T, R>& a) {
   return a.mode == RoutingMode::kPromptLevel ? a.layout.batch : a.layout.num_segments();
 }
 
+namespace detail {
+// Sizes and pointers common to the router's forward and backward: B * L * d, S * E and B * E fit.
+template <class Args>
+Status validate_router_common(const Args& a) {
+  LORY_RETURN_IF_ERROR(a.layout.validate());
+  if (a.experts <= 0 || a.experts > kMaxExperts)
+    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  if (!mul_fits(a.layout.num_segments(), a.experts))
+    return fail(Status::kErrorInvalidSize, "experts", "S * E overflows int64");
+  if (a.mode != RoutingMode::kCausalSegment && a.mode != RoutingMode::kPromptLevel &&
+      a.mode != RoutingMode::kGivenWeights)
+    return fail(Status::kErrorInvalidArgument, "mode", "not a RoutingMode");
+  if (a.mode == RoutingMode::kGivenWeights) return Status::kSuccess;
+  if (a.d <= 0) return fail(Status::kErrorInvalidSize, "d", "not positive");
+  if (!mul_fits(a.layout.num_tokens(), a.d)) return fail(Status::kErrorInvalidSize, "d", "B * L * d overflows int64");
+  return Status::kSuccess;
+}
+}  // namespace detail
+
+// Aliasing: weights may be given_weights itself (kGivenWeights copies through); no other output may
+// share memory with an input or another output.
 template <class T, class R>
 Status validate(const RouterForwardArgs<T, R>& a) {
-  LORY_RETURN_IF_ERROR(a.layout.validate());
-  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
-  if (!a.weights) return Status::kErrorNullPointer;
-  switch (a.mode) {
-    case RoutingMode::kGivenWeights:
-      if (!a.given_weights) return Status::kErrorNullPointer;
-      return Status::kSuccess;
-    case RoutingMode::kCausalSegment:
-    case RoutingMode::kPromptLevel:
-      if (a.d <= 0) return Status::kErrorInvalidSize;
-      if (!a.x || !a.W_r || !a.hbar || !a.probs) return Status::kErrorNullPointer;
-      if (!detail::mul_fits(a.layout.num_tokens(), a.d)) return Status::kErrorInvalidSize;
-      return Status::kSuccess;
+  detail::clear_error_detail();
+  LORY_RETURN_IF_ERROR(detail::validate_router_common(a));
+  using detail::fail;
+  if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
+  const int64_t S = a.layout.num_segments(), E = a.experts;
+  if (a.mode == RoutingMode::kGivenWeights) {
+    if (!a.given_weights) return fail(Status::kErrorNullPointer, "given_weights", "is null");
+    LORY_RETURN_IF_ERROR(detail::check_aligned(a.given_weights, "given_weights"));
+    return detail::check_aliasing({{"weights", detail::array_range(a.weights, S * E), "given_weights"}},
+                                  {{"given_weights", detail::array_range(a.given_weights, S * E)}});
   }
-  return Status::kErrorInvalidArgument;
+  if (!a.x) return fail(Status::kErrorNullPointer, "x", "is null");
+  if (!a.W_r) return fail(Status::kErrorNullPointer, "W_r", "is null");
+  if (!a.hbar) return fail(Status::kErrorNullPointer, "hbar", "is null");
+  if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_r, "W_r"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.bias, "bias"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.hbar, "hbar"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
+  const int64_t rows = router_rows(a), d = a.d;
+  return detail::check_aliasing(
+      {{"hbar", detail::array_range(a.hbar, rows * d)},
+       {"probs", detail::array_range(a.probs, rows * E)},
+       {"weights", detail::array_range(a.weights, S * E)}},
+      {{"x", detail::array_range(a.x, a.layout.num_tokens() * d)},
+       {"W_r", detail::array_range(a.W_r, E * d)},
+       {"bias", detail::array_range(a.bias, E)}});
 }
 
+// Aliasing: no output (dW_r, d_bias, dx) may share memory with an input or another output.
 template <class T, class R>
 Status validate(const RouterBackwardArgs<T, R>& a) {
-  LORY_RETURN_IF_ERROR(a.layout.validate());
-  if (a.experts <= 0 || a.experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
-  switch (a.mode) {
-    case RoutingMode::kGivenWeights:
-      return Status::kSuccess;
-    case RoutingMode::kCausalSegment:
-    case RoutingMode::kPromptLevel:
-      if (a.d <= 0) return Status::kErrorInvalidSize;
-      if (!a.W_r || !a.hbar || !a.probs || !a.d_weights) return Status::kErrorNullPointer;
-      if (!a.dW_r && !a.d_bias && !a.dx) return Status::kErrorNullPointer;  // nothing to compute
-      if (!detail::mul_fits(a.layout.num_tokens(), a.d)) return Status::kErrorInvalidSize;
-      return Status::kSuccess;
-  }
-  return Status::kErrorInvalidArgument;
+  detail::clear_error_detail();
+  LORY_RETURN_IF_ERROR(detail::validate_router_common(a));
+  using detail::fail;
+  if (a.mode == RoutingMode::kGivenWeights) return Status::kSuccess;
+  if (!a.W_r) return fail(Status::kErrorNullPointer, "W_r", "is null");
+  if (!a.hbar) return fail(Status::kErrorNullPointer, "hbar", "is null");
+  if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null");
+  if (!a.d_weights) return fail(Status::kErrorNullPointer, "d_weights", "is null");
+  if (!a.dW_r && !a.d_bias && !a.dx) return fail(Status::kErrorNullPointer, "dW_r", "dW_r, d_bias and dx all null: nothing to compute");
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_r, "W_r"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.hbar, "hbar"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.d_weights, "d_weights"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW_r, "dW_r"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.d_bias, "d_bias"));
+  LORY_RETURN_IF_ERROR(detail::check_aligned(a.dx, "dx"));
+  const int64_t S = a.layout.num_segments(), E = a.experts, d = a.d;
+  const int64_t rows = a.mode == RoutingMode::kPromptLevel ? a.layout.batch : S;
+  return detail::check_aliasing(
+      {{"dW_r", detail::array_range(a.dW_r, E * d)},
+       {"d_bias", detail::array_range(a.d_bias, E)},
+       {"dx", detail::array_range(a.dx, a.layout.num_tokens() * d)}},
+      {{"W_r", detail::array_range(a.W_r, E * d)},
+       {"hbar", detail::array_range(a.hbar, rows * d)},
+       {"probs", detail::array_range(a.probs, rows * E)},
+       {"d_weights", detail::array_range(a.d_weights, S * E)}});
 }
 
 LORY_NAMESPACE_END

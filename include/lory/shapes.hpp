@@ -32,8 +32,16 @@ struct SegmentLayout {
   int64_t seq_len = 0;     // L
   int64_t segment_len = 0; // T
 
-  LORY_HOST_DEVICE int64_t segments_per_sequence() const { return (seq_len + segment_len - 1) / segment_len; }
-  LORY_HOST_DEVICE int64_t num_segments() const { return batch * segments_per_sequence(); }
+  // ceil(L / T) without forming L + T - 1 (it overflows for L or T near INT64_MAX). Both counts are 0
+  // for a layout with a non-positive size, and num_segments() is 0 where B * N would overflow, so
+  // they are safe to call for sizing buffers before validate().
+  LORY_HOST_DEVICE int64_t segments_per_sequence() const {
+    return seq_len <= 0 || segment_len <= 0 ? 0 : (seq_len - 1) / segment_len + 1;
+  }
+  LORY_HOST_DEVICE int64_t num_segments() const {
+    const int64_t n = segments_per_sequence();
+    return batch <= 0 || n == 0 || batch > INT64_MAX / n ? 0 : batch * n;
+  }
   LORY_HOST_DEVICE int64_t num_tokens() const { return batch * seq_len; }
   // Segment s covers tokens [token_begin(s), token_begin(s) + length(s)) of the flattened [B*L] tokens.
   LORY_HOST_DEVICE int64_t token_begin(int64_t s) const {
@@ -54,9 +62,12 @@ struct SegmentLayout {
   }
 
   Status validate() const {
-    if (batch <= 0 || seq_len <= 0 || segment_len <= 0) return Status::kErrorInvalidSize;
+    if (batch <= 0) return detail::fail(Status::kErrorInvalidSize, "layout.batch", "not positive");
+    if (seq_len <= 0) return detail::fail(Status::kErrorInvalidSize, "layout.seq_len", "not positive");
+    if (segment_len <= 0) return detail::fail(Status::kErrorInvalidSize, "layout.segment_len", "not positive");
     // B * L * (any dim) must stay addressable in 64 bits; guard the product B * L here.
-    if (seq_len > (INT64_MAX / batch)) return Status::kErrorInvalidSize;
+    if (seq_len > (INT64_MAX / batch))
+      return detail::fail(Status::kErrorInvalidSize, "layout.seq_len", "B * L overflows int64");
     return Status::kSuccess;
   }
 };
@@ -73,9 +84,11 @@ struct FfnShape {
   LORY_HOST_DEVICE int64_t params_per_expert() const { return 3 * d * f; }  // P
 
   Status validate() const {
-    if (d <= 0 || f <= 0) return Status::kErrorInvalidSize;
-    if (experts <= 0 || experts > kMaxExperts) return Status::kErrorUnsupportedExpertCount;
-    if (d > INT64_MAX / 3 / f) return Status::kErrorInvalidSize;
+    if (d <= 0) return detail::fail(Status::kErrorInvalidSize, "shape.d", "not positive");
+    if (f <= 0) return detail::fail(Status::kErrorInvalidSize, "shape.f", "not positive");
+    if (experts <= 0 || experts > kMaxExperts)
+      return detail::fail(Status::kErrorUnsupportedExpertCount, "shape.experts", "outside [1, kMaxExperts]");
+    if (d > INT64_MAX / 3 / f) return detail::fail(Status::kErrorInvalidSize, "shape.f", "3 d f overflows int64");
     return Status::kSuccess;
   }
 };

@@ -39,6 +39,48 @@ LORY_HOST_DEVICE inline const char* status_string(Status s) {
   return "unknown status";
 }
 
+// Which argument a failed call blames. Every check that fails records one on the calling thread
+// (cuBLAS-style "last error", but with the argument's name), so a caller can say more than the
+// Status does:
+//
+//   const lory::Status st = plan.forward(args, ws, bytes, stream);
+//   if (st != lory::Status::kSuccess) {
+//     const lory::ErrorDetail e = lory::last_error_detail();
+//     // e.g. "misaligned pointer: x (not aligned to its element type)"
+//     std::fprintf(stderr, "%s: %s (%s)\n", lory::status_string(st), e.argument, e.reason);
+//   }
+//
+// `argument` is the field name of the argument struct (dotted for nested ones, "layout.segment_len"),
+// or the name of a call parameter ("workspace", "workspace_bytes"); `reason` is one short clause.
+// Both point to string literals (never freed). The record is per thread, costs one store on the
+// failure path and nothing on success; every validation clears it when it starts, so after a failed
+// call it describes that call's failure (its `status` equals the returned Status). Failures not tied
+// to one argument (a CUDA launch, cuBLAS) leave `argument` empty.
+struct ErrorDetail {
+  Status status = Status::kSuccess;
+  const char* argument = "";
+  const char* reason = "";
+};
+
+namespace detail {
+inline ErrorDetail& error_detail_slot() {
+  static thread_local ErrorDetail slot;
+  return slot;
+}
+// Records the failure and returns its status: `return detail::fail(Status::kErrorNullPointer, "x", "is null");`
+inline Status fail(Status s, const char* argument, const char* reason = "") {
+  ErrorDetail& d = error_detail_slot();
+  d.status = s;
+  d.argument = argument;
+  d.reason = reason;
+  return s;
+}
+inline void clear_error_detail() { error_detail_slot() = ErrorDetail{}; }
+}  // namespace detail
+
+// The argument at fault in the last failed lory call on this thread (see ErrorDetail).
+inline ErrorDetail last_error_detail() { return detail::error_detail_slot(); }
+
 // Largest expert count any primitive accepts (the routing weights of one
 // segment live in registers / shared memory).
 constexpr int kMaxExperts = 256;

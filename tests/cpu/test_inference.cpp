@@ -406,15 +406,16 @@ TEST_CASE("inference: the decode-method rule picks the one that moves fewer byte
 }
 
 TEST_CASE("inference: validation errors", "[inference][validation]") {
-  std::vector<float> buf(4096, 1.f);
+  // Inputs may share memory; outputs have their own (the aliasing rules).
+  std::vector<float> buf(4096, 1.f), out_probs(64), out_cache(4096), xy(64);
   float* p = buf.data();
   lory::PromptCacheArgs<float, float> pa;
   pa.batch = 2;
   pa.prompt_len = 3;
   pa.shape = {8, 12, 4};
   pa.x = pa.W_r = pa.W_g = pa.W_u = pa.W_d = p;
-  pa.probs = p;
-  pa.cache = p;
+  pa.probs = out_probs.data();
+  pa.cache = out_cache.data();
   REQUIRE(lory::validate(pa) == Status::kSuccess);
   auto bad = pa; bad.batch = 0;
   REQUIRE(lory::validate(bad) == Status::kErrorInvalidSize);
@@ -444,8 +445,8 @@ TEST_CASE("inference: validation errors", "[inference][validation]") {
   lory::DecodeStepArgs<float, float> da;
   da.batch = 3;
   da.shape = {8, 12, 4};
-  da.x = da.cache = da.probs = da.W_g = da.W_u = da.W_d = p;
-  da.y = p;
+  da.cache = da.probs = da.W_g = da.W_u = da.W_d = p;
+  da.x = da.y = xy.data();  // y in place over x
   for (DecodeMethod m : {DecodeMethod::kAuto, DecodeMethod::kMerged, DecodeMethod::kExpertSpace}) {
     da.method = m;
     REQUIRE(lory::validate(da) == Status::kSuccess);
@@ -483,7 +484,7 @@ TEST_CASE("inference: validation errors", "[inference][validation]") {
   REQUIRE(lory::validate(bd) == Status::kErrorInvalidSize);
 
   lory::ExpertCombineArgs<float> ca;
-  ca.rows = 2; ca.experts = 3; ca.cols = 5; ca.in = p; ca.weights = p; ca.out = p; ca.out_stride = 5;
+  ca.rows = 2; ca.experts = 3; ca.cols = 5; ca.in = p; ca.weights = p; ca.out = xy.data(); ca.out_stride = 5;
   REQUIRE(lory::validate(ca) == Status::kSuccess);
   auto bc = ca; bc.out_stride = 4;
   REQUIRE(lory::validate(bc) == Status::kErrorInvalidShape);
