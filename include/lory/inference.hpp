@@ -288,7 +288,7 @@ struct PromptCacheWorkspace {
     w.hbar = c.take<float>(B, s.d);
     w.router_probs = c.take<float>(B, s.experts);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
-    w.scratch = c.take<unsigned char>(static_cast<int64_t>(w.scratch_bytes < INT64_MAX ? w.scratch_bytes : INT64_MAX));
+    w.scratch = c.take_bytes(w.scratch_bytes);
     w.status = c.total(w.total_bytes);
     return w;
   }
@@ -311,7 +311,7 @@ struct DecodeWorkspace {
     w.m = c.take<T>(B, s.f);
     if (method == DecodeMethod::kExpertSpace) w.H = c.take<T>(B, s.experts, wide);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
-    w.scratch = c.take<unsigned char>(static_cast<int64_t>(w.scratch_bytes < INT64_MAX ? w.scratch_bytes : INT64_MAX));
+    w.scratch = c.take_bytes(w.scratch_bytes);
     w.status = c.total(w.total_bytes);
     return w;
   }

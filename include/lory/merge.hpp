@@ -82,16 +82,25 @@ inline bool is_valid(MergeBackwardMethod m) {
   return m == MergeBackwardMethod::kAuto || m == MergeBackwardMethod::kFused || m == MergeBackwardMethod::kGemm;
 }
 
+namespace detail {
+// S, E, P positive (E within kMaxExperts) and the [S, E] routing weights addressable.
+inline Status validate_merge_extent(int64_t num_segments, int experts, int64_t params) {
+  if (num_segments <= 0) return fail(Status::kErrorInvalidSize, "num_segments", "not positive");
+  if (params <= 0) return fail(Status::kErrorInvalidSize, "params", "not positive");
+  if (experts <= 0 || experts > kMaxExperts)
+    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  if (!mul_fits(num_segments, experts)) return fail(Status::kErrorInvalidSize, "num_segments", "S * E overflows int64");
+  return Status::kSuccess;
+}
+}  // namespace detail
+
 // Shape and pointer checks shared by the CPU twin and the GPU launchers.
 // Aliasing: Wbar may not share memory with W or weights (every segment reads all of W).
 template <class T, class R>
 Status validate(const MergeForwardArgs<T, R>& a) {
   detail::clear_error_detail();
   using detail::fail;
-  if (a.num_segments <= 0) return fail(Status::kErrorInvalidSize, "num_segments", "not positive");
-  if (a.params <= 0) return fail(Status::kErrorInvalidSize, "params", "not positive");
-  if (a.experts <= 0 || a.experts > kMaxExperts)
-    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  LORY_RETURN_IF_ERROR(detail::validate_merge_extent(a.num_segments, a.experts, a.params));
   if (!a.W) return fail(Status::kErrorNullPointer, "W", "is null");
   if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
   if (!a.Wbar) return fail(Status::kErrorNullPointer, "Wbar", "is null");
@@ -101,8 +110,6 @@ Status validate(const MergeForwardArgs<T, R>& a) {
     return fail(Status::kErrorInvalidSize, "expert_stride", "E * expert_stride overflows int64");
   if (!detail::mul_fits(a.num_segments, a.segment_stride))
     return fail(Status::kErrorInvalidSize, "segment_stride", "S * segment_stride overflows int64");
-  if (!detail::mul_fits(a.num_segments, a.experts))
-    return fail(Status::kErrorInvalidSize, "num_segments", "S * E overflows int64");
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.W, "W"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.Wbar, "Wbar"));
@@ -117,10 +124,7 @@ template <class T, class R>
 Status validate(const MergeBackwardArgs<T, R>& a) {
   detail::clear_error_detail();
   using detail::fail;
-  if (a.num_segments <= 0) return fail(Status::kErrorInvalidSize, "num_segments", "not positive");
-  if (a.params <= 0) return fail(Status::kErrorInvalidSize, "params", "not positive");
-  if (a.experts <= 0 || a.experts > kMaxExperts)
-    return fail(Status::kErrorUnsupportedExpertCount, "experts", "outside [1, kMaxExperts]");
+  LORY_RETURN_IF_ERROR(detail::validate_merge_extent(a.num_segments, a.experts, a.params));
   if (!a.G) return fail(Status::kErrorNullPointer, "G", "is null");
   if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
   if (!a.dW && !a.d_weights) return fail(Status::kErrorNullPointer, "dW", "dW and d_weights both null: nothing to compute");
@@ -134,8 +138,6 @@ Status validate(const MergeBackwardArgs<T, R>& a) {
     return fail(Status::kErrorInvalidSize, "expert_stride", "E * expert_stride overflows int64");
   if (!detail::mul_fits(a.experts, a.dW_expert_stride))
     return fail(Status::kErrorInvalidSize, "dW_expert_stride", "E * dW_expert_stride overflows int64");
-  if (!detail::mul_fits(a.num_segments, a.experts))
-    return fail(Status::kErrorInvalidSize, "num_segments", "S * E overflows int64");
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.G, "G"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.dW, "dW"));

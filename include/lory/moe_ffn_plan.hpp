@@ -140,7 +140,7 @@ struct MoeFfnWorkspace {
     const int64_t tmax = lay.segment_len < lay.seq_len ? lay.segment_len : lay.seq_len;
     w.d_weights = c.take<float>(lay.num_segments(), sh.experts);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
-    w.scratch = c.take<unsigned char>(static_cast<int64_t>(w.scratch_bytes < INT64_MAX ? w.scratch_bytes : INT64_MAX));
+    w.scratch = c.take_bytes(w.scratch_bytes);
     w.wbar_g = c.take<T>(chunk, fd);
     w.wbar_u = c.take<T>(chunk, fd);
     w.wbar_d = c.take<T>(chunk, fd);
@@ -195,6 +195,10 @@ class MoeFfnPlan {
   const FfnShape& shape() const { return shape_; }
   RoutingMode mode() const { return mode_; }
 
+  // workspace: workspace_bytes >= workspace_size(), 16-byte aligned. Unlike a launcher's, the plan's
+  // workspace argument is not a size query (workspace_size() is, and workspace_bytes is taken by
+  // value): a null workspace is kErrorNullPointer naming "workspace". Aliasing (moe_ffn.hpp): y may
+  // be x, dx may be dy; nothing else may share memory.
   Status forward(const MoeFfnForwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(plan_status());
     LORY_RETURN_IF_ERROR(validate(a));

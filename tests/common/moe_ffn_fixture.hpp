@@ -39,13 +39,6 @@ auto data_or_null(B& b) -> decltype(b.get()) {
   return b.get();
 }
 
-template <class U, class V>
-std::vector<U> convert_vector(const std::vector<V>& v) {
-  std::vector<U> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = lory::from_double<U>(lory::to_double(v[i]));
-  return out;
-}
-
 // The layer's parameters from any struct with members W_r, bias, given, W_g,
 // W_u, W_d (an empty bias or W_r gives a null pointer).
 template <class T, class R, class In>

@@ -120,6 +120,14 @@ template <class T> std::vector<double> to_double_vector(const std::vector<T>& v)
   for (size_t i = 0; i < v.size(); ++i) out[i] = lory::to_double(v[i]);
   return out;
 }
+// Element by element through double (exact for every storage dtype into a wider one).
+template <class U, class V>
+std::vector<U> convert_vector(const std::vector<V>& v) {
+  std::vector<U> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = lory::from_double<U>(lory::to_double(v[i]));
+  return out;
+}
+
 template <class T> std::vector<T> from_double_vector(const std::vector<double>& v) {
   std::vector<T> out(v.size());
   for (size_t i = 0; i < v.size(); ++i) out[i] = lory::from_double<T>(v[i]);

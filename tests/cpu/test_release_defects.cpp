@@ -11,6 +11,7 @@
 
 #include "common/catch.hpp"
 #include "common/moe_ffn_fixture.hpp"
+#include "common/router_grads.hpp"
 #include "common/test_util.hpp"
 #include "lory/inference.hpp"
 #include "lory/math.hpp"
@@ -339,79 +340,22 @@ TEST_CASE("release e: merge, router and SwiGLU refuse outputs over their inputs"
 
 // ---- f. softmax backward without cancellation --------------------------------------------------
 
-namespace {
-
-// dW_r and d_bias of the router backward in fp32 (float twin) and in float64, for a router whose
-// most probable expert has 1 - p of about `gap` in every row.
-struct SharpRouter {
-  std::vector<float> dW_r, d_bias;
-  std::vector<double> dW_r64, d_bias64;
-};
-
-SharpRouter sharp_router(double gap, int E, int dominant, std::mt19937_64& rng) {
-  const SegmentLayout lay{2, 6, 2};
-  const int64_t d = 5, S = lay.num_segments();
-  // Positive tokens and d_weights signed by expert (the dominant one's negative): the sums over
-  // rows and tokens do not cancel, so any error seen is the softmax backward's own.
-  std::vector<float> x = random_vector<float>(lay.num_tokens() * d, rng, 0.5, 1);
-  std::vector<float> W_r = random_vector<float>(E * d, rng, -0.1, 0.1);
-  std::vector<float> bias(E, 0.f);
-  bias[dominant] = static_cast<float>(std::log((E - 1) / gap));
-  std::vector<float> d_weights = random_vector<float>(S * E, rng, 0.5, 1);
-  for (int64_t s = 0; s < S; ++s) d_weights[s * E + dominant] *= -1.f;
-  SharpRouter out;
-  {
-    std::vector<float> hbar(S * d), probs(S * E), weights(S * E);
-    lory::RouterForwardArgs<float, float> f;
-    f.layout = lay; f.d = d; f.experts = E;
-    f.x = x.data(); f.W_r = W_r.data(); f.bias = bias.data();
-    f.hbar = hbar.data(); f.probs = probs.data(); f.weights = weights.data();
-    REQUIRE(lory::reference::router_forward<float>(f) == Status::kSuccess);
-    double pmax = 0;
-    for (float p : probs) pmax = std::max<double>(pmax, p);
-    INFO("gap " << gap << " 1 - max p " << 1 - pmax);
-    out.dW_r.resize(E * d);
-    out.d_bias.resize(E);
-    lory::RouterBackwardArgs<float, float> b;
-    b.layout = lay; b.d = d; b.experts = E;
-    b.W_r = W_r.data(); b.hbar = hbar.data(); b.probs = probs.data(); b.d_weights = d_weights.data();
-    b.dW_r = out.dW_r.data(); b.d_bias = out.d_bias.data();
-    REQUIRE(lory::reference::router_backward<float>(b) == Status::kSuccess);
-  }
-  {
-    const auto x64 = convert_vector<double>(x), W64 = convert_vector<double>(W_r), b64 = convert_vector<double>(bias),
-               dw64 = convert_vector<double>(d_weights);
-    std::vector<double> hbar(S * d), probs(S * E), weights(S * E);
-    lory::RouterForwardArgs<double, double> f;
-    f.layout = lay; f.d = d; f.experts = E;
-    f.x = x64.data(); f.W_r = W64.data(); f.bias = b64.data();
-    f.hbar = hbar.data(); f.probs = probs.data(); f.weights = weights.data();
-    REQUIRE(lory::reference::router_forward<double>(f) == Status::kSuccess);
-    out.dW_r64.resize(E * d);
-    out.d_bias64.resize(E);
-    lory::RouterBackwardArgs<double, double> b;
-    b.layout = lay; b.d = d; b.experts = E;
-    b.W_r = W64.data(); b.hbar = hbar.data(); b.probs = probs.data(); b.d_weights = dw64.data();
-    b.dW_r = out.dW_r64.data(); b.d_bias = out.d_bias64.data();
-    REQUIRE(lory::reference::router_backward<double>(b) == Status::kSuccess);
-  }
-  return out;
-}
-
-}  // namespace
-
 TEST_CASE("release f: router gradients of sharp routing match float64 to 1e-5 in fp32", "[cpu][release][router]") {
   auto rng = make_rng("release_f_sharp");
+  const SegmentLayout lay{2, 6, 2};
+  const int64_t d = 5;
   for (int E : {2, 3, 8})
     for (int dominant : {0, E - 1})
       for (double gap = 1e-4; gap >= 1e-11; gap /= 10) {
         INFO("E " << E << " dominant " << dominant << " 1 - max p ~ " << gap);
-        const SharpRouter r = sharp_router(gap, E, dominant, rng);
-        CHECK(rel_error(r.dW_r, r.dW_r64) <= 1e-5);
-        CHECK(rel_error(r.d_bias, r.d_bias64) <= 1e-5);
+        const SharpRouterProblem p = sharp_router_problem(lay, d, E, dominant, gap, rng);
+        const auto f32 = router_grads_twin<float>(lay, d, E, p.x, p.W, p.bias, p.d_weights);
+        const auto f64 = router_grads_twin<double>(lay, d, E, p.x, p.W, p.bias, p.d_weights);
+        CHECK(rel_error(f32.dW_r, f64.dW_r) <= 1e-5);
+        CHECK(rel_error(f32.d_bias, f64.d_bias) <= 1e-5);
         // The bias gradient sums to zero over the experts (sum p = 1).
         double sum = 0, norm = 0;
-        for (float v : r.d_bias) {
+        for (float v : f32.d_bias) {
           sum += v;
           norm += std::fabs(v);
         }
@@ -481,26 +425,16 @@ TEST_CASE("release g: +Inf logits give the one-hot limit, NaN propagates, all -I
   const int64_t d = 3, S = lay.num_segments();
   const int E = 3;
   auto rng = make_rng("release_g");
-  std::vector<float> x = random_vector<float>(lay.num_tokens() * d, rng), W_r = random_vector<float>(E * d, rng);
-  std::vector<float> bias = {0.f, inf, 0.5f}, hbar(S * d), probs(S * E), weights(S * E);
-  lory::RouterForwardArgs<float, float> f;
-  f.layout = lay; f.d = d; f.experts = E;
-  f.x = x.data(); f.W_r = W_r.data(); f.bias = bias.data();
-  f.hbar = hbar.data(); f.probs = probs.data(); f.weights = weights.data();
-  REQUIRE(lory::reference::router_forward<float>(f) == Status::kSuccess);
+  const auto g = router_grads_twin<float>(lay, d, E, random_vector<float>(lay.num_tokens() * d, rng),
+                                          random_vector<float>(E * d, rng), {0.f, inf, 0.5f},
+                                          random_vector<float>(S * E, rng));
   for (int64_t s = 0; s < S; ++s) {
-    CHECK(probs[s * E + 0] == 0.f);
-    CHECK(probs[s * E + 1] == 1.f);
-    CHECK(probs[s * E + 2] == 0.f);
+    CHECK(g.probs[s * E + 0] == 0.f);
+    CHECK(g.probs[s * E + 1] == 1.f);
+    CHECK(g.probs[s * E + 2] == 0.f);
   }
-  std::vector<float> dW_r(E * d), d_bias(E), dw = random_vector<float>(S * E, rng);
-  lory::RouterBackwardArgs<float, float> b;
-  b.layout = lay; b.d = d; b.experts = E;
-  b.W_r = W_r.data(); b.hbar = hbar.data(); b.probs = probs.data(); b.d_weights = dw.data();
-  b.dW_r = dW_r.data(); b.d_bias = d_bias.data();
-  REQUIRE(lory::reference::router_backward<float>(b) == Status::kSuccess);
-  for (float v : dW_r) CHECK(v == 0.f);
-  for (float v : d_bias) CHECK(v == 0.f);
+  for (float v : g.dW_r) CHECK(v == 0.f);
+  for (float v : g.d_bias) CHECK(v == 0.f);
 }
 
 // ---- h. which argument is at fault -------------------------------------------------------------

@@ -11,6 +11,7 @@
 
 #include "common/catch.hpp"
 #include "common/gpu_util.cuh"
+#include "common/router_grads.hpp"
 #include "common/test_util.hpp"
 #include "lory/reference/router.hpp"
 #include "lory/router.cuh"
@@ -329,4 +330,68 @@ TEST_CASE("router_forward given weights may alias the output", "[gpu][router]") 
   REQUIRE(lory::router_forward(args, ws.get(), bytes, nullptr) == lory::Status::kSuccess);
   LORY_TEST_SYNC();
   REQUIRE(same_bits(g.download(w.size()), w));
+}
+
+namespace {
+
+// Forward then backward on the device (fp32 storage), causal routing with a bias.
+lory_test::RouterGrads<float> router_grads_on_device(const lory::SegmentLayout& layout, int64_t d, int E,
+                                                      const std::vector<float>& x, const std::vector<float>& W,
+                                                      const std::vector<float>& bias,
+                                                      const std::vector<float>& d_weights) {
+  const int64_t S = layout.num_segments();
+  DeviceBuffer<float> g_x(x), g_W(W), g_bias(bias), g_dw(d_weights), g_hbar(S * d), g_probs(S * E),
+      g_weights(S * E), g_dW(E * d), g_db(E);
+  lory::RouterForwardArgs<float, float> f;
+  f.layout = layout; f.d = d; f.experts = E;
+  f.x = g_x.get(); f.W_r = g_W.get(); f.bias = g_bias.get();
+  f.hbar = g_hbar.get(); f.probs = g_probs.get(); f.weights = g_weights.get();
+  size_t bytes = 0;
+  REQUIRE(lory::router_forward(f, nullptr, bytes, nullptr) == lory::Status::kSuccess);
+  Workspace fws(bytes);
+  REQUIRE(lory::router_forward(f, fws.buf.get(), bytes, nullptr) == lory::Status::kSuccess);
+  lory::RouterBackwardArgs<float, float> b;
+  b.layout = layout; b.d = d; b.experts = E;
+  b.W_r = g_W.get(); b.hbar = g_hbar.get(); b.probs = g_probs.get(); b.d_weights = g_dw.get();
+  b.dW_r = g_dW.get(); b.d_bias = g_db.get();
+  REQUIRE(lory::router_backward(b, nullptr, bytes, nullptr) == lory::Status::kSuccess);
+  Workspace bws(bytes);
+  REQUIRE(lory::router_backward(b, bws.buf.get(), bytes, nullptr) == lory::Status::kSuccess);
+  LORY_TEST_SYNC();
+  return {g_probs.download(S * E), g_dW.download(E * d), g_db.download(E)};
+}
+
+}  // namespace
+
+// 1 - max p from 1e-4 down to 1e-11: p * (dp - <p, dp>) cancels in fp32 once the most probable
+// expert's p rounds to 1; BlockRowSoftmax::backward shifts dp by that expert's dp as the twin does.
+TEST_CASE("router_backward of sharp routing matches float64 to 1e-5", "[gpu][router]") {
+  auto rng = lory_test::make_rng("router_sharp");
+  const lory::SegmentLayout layout{2, 6, 2};
+  const int64_t d = 5;
+  for (int E : {2, 5, 40})
+    for (int dominant : {0, E / 2, E - 1})
+      for (double gap = 1e-4; gap >= 1e-11; gap /= 10) {
+        INFO("E " << E << " dominant " << dominant << " 1 - max p ~ " << gap);
+        const auto p = lory_test::sharp_router_problem(layout, d, E, dominant, gap, rng);
+        const auto gpu = router_grads_on_device(layout, d, E, p.x, p.W, p.bias, p.d_weights);
+        const auto ref = lory_test::router_grads_twin<double>(layout, d, E, p.x, p.W, p.bias, p.d_weights);
+        CHECK(lory_test::rel_error(gpu.dW_r, ref.dW_r) <= 1e-5);
+        CHECK(lory_test::rel_error(gpu.d_bias, ref.d_bias) <= 1e-5);
+      }
+}
+
+// A +Inf logit: the one-hot limit forward (not NaN), a zero gradient backward.
+TEST_CASE("router with a +Inf logit routes one-hot and has a zero gradient", "[gpu][router]") {
+  auto rng = lory_test::make_rng("router_inf");
+  const lory::SegmentLayout layout{2, 7, 3};
+  const int64_t d = 4, S = layout.num_segments();
+  const int E = 5;
+  const auto g = router_grads_on_device(layout, d, E, lory_test::random_vector<float>(layout.num_tokens() * d, rng),
+                                        lory_test::random_vector<float>(E * d, rng), {0.f, 0.25f, INFINITY, -1.f, 0.5f},
+                                        lory_test::random_vector<float>(S * E, rng));
+  for (int64_t s = 0; s < S; ++s)
+    for (int e = 0; e < E; ++e) REQUIRE(g.probs[s * E + e] == (e == 2 ? 1.f : 0.f));
+  for (float v : g.dW_r) REQUIRE(v == 0.f);
+  for (float v : g.d_bias) REQUIRE(v == 0.f);
 }

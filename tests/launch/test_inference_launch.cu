@@ -24,14 +24,14 @@ lory::PromptCacheArgs<T, float> valid_prompt(int64_t B, int64_t L, FfnShape sh) 
   a.batch = B;
   a.prompt_len = L;
   a.shape = sh;
-  a.x = bogus<const T>(0x100000);
-  a.W_r = bogus<const T>(0x200000);
-  a.bias = bogus<const float>(0x300000);
-  a.W_g = bogus<const T>(0x400000);
-  a.W_u = bogus<const T>(0x500000);
-  a.W_d = bogus<const T>(0x600000);
-  a.probs = bogus<float>(0x700000);
-  a.cache = bogus<T>(0x800000);
+  a.x = bogus<const T>(uintptr_t(1) << 44);
+  a.W_r = bogus<const T>(uintptr_t(2) << 44);
+  a.bias = bogus<const float>(uintptr_t(3) << 44);
+  a.W_g = bogus<const T>(uintptr_t(4) << 44);
+  a.W_u = bogus<const T>(uintptr_t(5) << 44);
+  a.W_d = bogus<const T>(uintptr_t(6) << 44);
+  a.probs = bogus<float>(uintptr_t(7) << 44);
+  a.cache = bogus<T>(uintptr_t(8) << 44);
   return a;
 }
 
@@ -41,13 +41,13 @@ lory::DecodeStepArgs<T, float> valid_decode(int64_t B, FfnShape sh, DecodeMethod
   a.batch = B;
   a.shape = sh;
   a.method = method;
-  a.x = bogus<const T>(0x100000);
-  a.y = bogus<T>(0x200000);
-  a.cache = bogus<const T>(0x300000);
-  a.probs = bogus<const float>(0x400000);
-  a.W_g = bogus<const T>(0x500000);
-  a.W_u = bogus<const T>(0x600000);
-  a.W_d = bogus<const T>(0x700000);
+  a.x = bogus<const T>(uintptr_t(1) << 44);
+  a.y = bogus<T>(uintptr_t(2) << 44);
+  a.cache = bogus<const T>(uintptr_t(3) << 44);
+  a.probs = bogus<const float>(uintptr_t(4) << 44);
+  a.W_g = bogus<const T>(uintptr_t(5) << 44);
+  a.W_u = bogus<const T>(uintptr_t(6) << 44);
+  a.W_d = bogus<const T>(uintptr_t(7) << 44);
   return a;
 }
 

@@ -5,6 +5,7 @@
 // the CUDA runtime.
 #include <climits>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "common/catch.hpp"
@@ -27,10 +28,10 @@ lory::MergeForwardArgs<T, float> good_forward() {
   a.num_segments = 5;
   a.experts = 8;
   a.params = 1000;
-  a.W = bogus<T>(0x1000);
+  a.W = bogus<T>(uintptr_t(1) << 44);
   a.expert_stride = 1000;
-  a.weights = bogus<float>(0x2000);
-  a.Wbar = bogus_mut<T>(0x3000);
+  a.weights = bogus<float>(uintptr_t(2) << 44);
+  a.Wbar = bogus_mut<T>(uintptr_t(3) << 44);
   a.segment_stride = 1000;
   return a;
 }
@@ -41,14 +42,14 @@ lory::MergeBackwardArgs<T, float> good_backward() {
   a.num_segments = 5;
   a.experts = 8;
   a.params = 1000;
-  a.G = bogus<T>(0x1000);
+  a.G = bogus<T>(uintptr_t(1) << 44);
   a.grad_segment_stride = 1000;
-  a.W = bogus<T>(0x2000);
+  a.W = bogus<T>(uintptr_t(2) << 44);
   a.expert_stride = 1000;
-  a.weights = bogus<float>(0x3000);
-  a.dW = bogus_mut<T>(0x4000);
+  a.weights = bogus<float>(uintptr_t(3) << 44);
+  a.dW = bogus_mut<T>(uintptr_t(4) << 44);
   a.dW_expert_stride = 1000;
-  a.d_weights = bogus_mut<float>(0x5000);
+  a.d_weights = bogus_mut<float>(uintptr_t(5) << 44);
   return a;
 }
 
@@ -128,6 +129,10 @@ TEMPLATE_TEST_CASE("merge_forward rejects every invalid argument before launchin
     a.Wbar = bogus_mut<T>(0x3001);
     CHECK(fwd(a) == Status::kErrorMisalignedPointer);
   }
+  a = good_forward<T>();
+  a.Wbar = const_cast<T*>(a.W);  // in place over the experts: refused as by the CPU twin
+  CHECK(fwd(a) == Status::kErrorInvalidArgument);
+  CHECK(std::string(lory::last_error_detail().argument) == "Wbar");
 }
 
 TEMPLATE_TEST_CASE("merge_forward workspace query and too-small workspace", "[launch][merge]", float, __half,
@@ -237,6 +242,9 @@ TEMPLATE_TEST_CASE("merge_backward rejects every invalid argument before launchi
   a = good_backward<T>();
   a.d_weights = bogus_mut<float>(0x5002);
   CHECK(bwd(a) == Status::kErrorMisalignedPointer);
+  a = good_backward<T>();
+  a.dW = const_cast<T*>(a.G);  // an output over an input: refused as by the CPU twin
+  CHECK(bwd(a) == Status::kErrorInvalidArgument);
   a = good_backward<T>();
   a.weights = bogus<float>(0x3001);
   CHECK(bwd(a) == Status::kErrorMisalignedPointer);

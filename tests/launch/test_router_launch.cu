@@ -2,6 +2,7 @@
 // any CUDA call (the pointers below are bogus and never dereferenced), and the
 // workspace queries answer without touching the device.
 #include <cstdint>
+#include <string>
 
 #include "common/catch.hpp"
 #include "lory/router.cuh"
@@ -23,13 +24,13 @@ lory::RouterForwardArgs<T, float> valid_forward(RoutingMode mode) {
   a.d = 64;
   a.experts = 8;
   a.mode = mode;
-  a.x = bogus<const T>(0x10000);
-  a.W_r = bogus<const T>(0x20000);
+  a.x = bogus<const T>(uintptr_t(1) << 44);
+  a.W_r = bogus<const T>(uintptr_t(2) << 44);
   a.bias = nullptr;
-  a.given_weights = bogus<const float>(0x30000);
-  a.hbar = bogus<float>(0x40000);
-  a.probs = bogus<float>(0x50000);
-  a.weights = bogus<float>(0x60000);
+  a.given_weights = bogus<const float>(uintptr_t(3) << 44);
+  a.hbar = bogus<float>(uintptr_t(4) << 44);
+  a.probs = bogus<float>(uintptr_t(5) << 44);
+  a.weights = bogus<float>(uintptr_t(6) << 44);
   return a;
 }
 
@@ -39,13 +40,13 @@ lory::RouterBackwardArgs<T, float> valid_backward(RoutingMode mode) {
   a.d = 64;
   a.experts = 8;
   a.mode = mode;
-  a.W_r = bogus<const T>(0x10000);
-  a.hbar = bogus<const float>(0x20000);
-  a.probs = bogus<const float>(0x30000);
-  a.d_weights = bogus<const float>(0x40000);
-  a.dW_r = bogus<T>(0x50000);
-  a.d_bias = bogus<float>(0x60000);
-  a.dx = bogus<T>(0x70000);
+  a.W_r = bogus<const T>(uintptr_t(1) << 44);
+  a.hbar = bogus<const float>(uintptr_t(2) << 44);
+  a.probs = bogus<const float>(uintptr_t(3) << 44);
+  a.d_weights = bogus<const float>(uintptr_t(4) << 44);
+  a.dW_r = bogus<T>(uintptr_t(5) << 44);
+  a.d_bias = bogus<float>(uintptr_t(6) << 44);
+  a.dx = bogus<T>(uintptr_t(7) << 44);
   return a;
 }
 
@@ -250,4 +251,22 @@ TEST_CASE("router_backward workspace queries", "[launch][router]") {
   size_t bytes = 999;
   REQUIRE(lory::router_backward(g, nullptr, bytes, nullptr) == Status::kSuccess);
   CHECK(bytes == 0);
+}
+
+// The launchers share the CPU twin's validation: a misaligned fp32 buffer and an output over an
+// input get the same answer on both sides, with the argument named.
+TEST_CASE("router launchers refuse misaligned and aliased buffers as the CPU twin does", "[launch][router]") {
+  auto a = valid_forward(RoutingMode::kCausalSegment);
+  a.hbar = bogus<float>((uintptr_t(4) << 44) + 2);
+  CHECK(lory::router_forward_can_implement(a) == Status::kErrorMisalignedPointer);
+  CHECK(forward_status(a) == Status::kErrorMisalignedPointer);
+  CHECK(std::string(lory::last_error_detail().argument) == "hbar");
+  a = valid_forward(RoutingMode::kCausalSegment);
+  a.probs = reinterpret_cast<float*>(const_cast<T*>(a.W_r));  // probs over the router weight
+  CHECK(forward_status(a) == Status::kErrorInvalidArgument);
+  CHECK(std::string(lory::last_error_detail().argument) == "probs");
+  auto b = valid_backward(RoutingMode::kPromptLevel);
+  b.dW_r = const_cast<T*>(b.W_r);
+  CHECK(backward_status(b) == Status::kErrorInvalidArgument);
+  CHECK(std::string(lory::last_error_detail().argument) == "dW_r");
 }

@@ -137,6 +137,11 @@ struct WorkspaceCarver {
     offset = align_up(last_end);
     return p;
   }
+  // A piece of n bytes (a leaf operation's scratch).
+  void* take_bytes(size_t n) {
+    return n > static_cast<size_t>(INT64_MAX) ? (overflow = true, nullptr)
+                                                : take<unsigned char>(static_cast<int64_t>(n));
+  }
   // Bytes the pieces span: the padded offset, or the exact end with `exact_end`.
   Status total(size_t& bytes, bool exact_end = false) const {
     if (overflow) return fail(Status::kErrorInvalidSize, "workspace", "its size overflows size_t");
