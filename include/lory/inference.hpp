@@ -170,7 +170,8 @@ Status validate(const PromptCacheArgs<T, R>& a) {
     return fail(Status::kErrorInvalidSize, "batch", "B * 3 d f overflows int64");
   if (!detail::mul_fits(a.shape.experts, a.shape.params_per_expert()))
     return fail(Status::kErrorInvalidSize, "shape", "E * 3 d f overflows int64");
-  if (!detail::mul_fits(a.batch, a.shape.experts)) return fail(Status::kErrorInvalidSize, "batch", "B * E overflows int64");
+  if (!detail::mul_fits(a.batch, a.shape.experts))
+    return fail(Status::kErrorInvalidSize, "batch", "B * E overflows int64");
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_r, "W_r"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.bias, "bias"));
@@ -183,14 +184,15 @@ Status validate(const PromptCacheArgs<T, R>& a) {
   }
   const int64_t B = a.batch, d = a.shape.d, E = a.shape.experts, P = a.shape.params_per_expert(), fd = a.shape.f * d;
   const bool merged = a.cache != nullptr;
-  return detail::check_aliasing(
-      {{"probs", detail::array_range(a.probs, B * E)}, {"cache", detail::array_range(a.cache, B * P)}},
-      {{"x", detail::array_range(a.x, B * a.prompt_len * d)},
-       {"W_r", detail::array_range(a.W_r, E * d)},
-       {"bias", detail::array_range(a.bias, E)},
-       {"W_g", merged ? detail::array_range(a.W_g, E * fd) : detail::ByteRange{}},
-       {"W_u", merged ? detail::array_range(a.W_u, E * fd) : detail::ByteRange{}},
-       {"W_d", merged ? detail::array_range(a.W_d, E * fd) : detail::ByteRange{}}});
+  const detail::Operand outputs[] = {{"probs", detail::array_range(a.probs, B * E)},
+                                     {"cache", detail::array_range(a.cache, B * P)}};
+  const detail::Operand inputs[] = {{"x", detail::array_range(a.x, B * a.prompt_len * d)},
+      {"W_r", detail::array_range(a.W_r, E * d)},
+      {"bias", detail::array_range(a.bias, E)},
+      {"W_g", merged ? detail::array_range(a.W_g, E * fd) : detail::ByteRange{}},
+      {"W_u", merged ? detail::array_range(a.W_u, E * fd) : detail::ByteRange{}},
+      {"W_d", merged ? detail::array_range(a.W_d, E * fd) : detail::ByteRange{}}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 // Aliasing: y may be x itself (x is consumed before y is written); no other sharing.
@@ -207,7 +209,8 @@ Status validate(const DecodeStepArgs<T, R>& a) {
   if (!a.y) return fail(Status::kErrorNullPointer, "y", "is null");
   const int64_t B = a.batch, d = a.shape.d, E = a.shape.experts, P = a.shape.params_per_expert();
   const int64_t wide = a.shape.d > a.shape.f ? a.shape.d : a.shape.f;
-  if (!detail::mul_fits(B, 2 * wide)) return fail(Status::kErrorInvalidSize, "batch", "B * 2 max(d, f) overflows int64");
+  if (!detail::mul_fits(B, 2 * wide))
+    return fail(Status::kErrorInvalidSize, "batch", "B * 2 max(d, f) overflows int64");
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.x, "x"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.y, "y"));
   const detail::ByteRange ry = detail::array_range(a.y, B * d), rx = detail::array_range(a.x, B * d);
@@ -215,7 +218,9 @@ Status validate(const DecodeStepArgs<T, R>& a) {
     if (!a.cache) return fail(Status::kErrorNullPointer, "cache", "is null (merged decode needs it)");
     if (!detail::mul_fits(B, P)) return fail(Status::kErrorInvalidSize, "batch", "B * 3 d f overflows int64");
     LORY_RETURN_IF_ERROR(detail::check_aligned(a.cache, "cache"));
-    return detail::check_aliasing({{"y", ry, "x"}}, {{"x", rx}, {"cache", detail::array_range(a.cache, B * P)}});
+    const detail::Operand outputs[] = {{"y", ry, "x"}};
+    const detail::Operand inputs[] = {{"x", rx}, {"cache", detail::array_range(a.cache, B * P)}};
+    return detail::check_aliasing(outputs, inputs);
   }
   if (!a.probs) return fail(Status::kErrorNullPointer, "probs", "is null (expert-space decode needs it)");
   if (!a.W_g) return fail(Status::kErrorNullPointer, "W_g", "is null (expert-space decode needs it)");
@@ -229,11 +234,12 @@ Status validate(const DecodeStepArgs<T, R>& a) {
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_u, "W_u"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.W_d, "W_d"));
   const int64_t fd = a.shape.f * d;
-  return detail::check_aliasing({{"y", ry, "x"}},
-                                {{"x", rx}, {"probs", detail::array_range(a.probs, B * E)},
-                                 {"W_g", detail::array_range(a.W_g, E * fd)},
-                                 {"W_u", detail::array_range(a.W_u, E * fd)},
-                                 {"W_d", detail::array_range(a.W_d, E * fd)}});
+  const detail::Operand outputs[] = {{"y", ry, "x"}};
+  const detail::Operand inputs[] = {{"x", rx}, {"probs", detail::array_range(a.probs, B * E)},
+      {"W_g", detail::array_range(a.W_g, E * fd)},
+      {"W_u", detail::array_range(a.W_u, E * fd)},
+      {"W_d", detail::array_range(a.W_d, E * fd)}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 template <class T>
@@ -255,9 +261,10 @@ Status validate(const ExpertCombineArgs<T>& a) {
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.in, "in"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.out, "out"));
-  return detail::check_aliasing({{"out", detail::view_range(a.out, a.rows, a.cols, a.out_stride)}},
-                                {{"in", detail::array_range(a.in, a.rows * a.experts * a.cols)},
-                                 {"weights", detail::array_range(a.weights, a.rows * a.experts)}});
+  const detail::Operand outputs[] = {{"out", detail::view_range(a.out, a.rows, a.cols, a.out_stride)}};
+  const detail::Operand inputs[] = {{"in", detail::array_range(a.in, a.rows * a.experts * a.cols)},
+      {"weights", detail::array_range(a.weights, a.rows * a.experts)}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 // ---- orchestration (written once; Backend = InferenceCudaBackend or reference::InferenceCpuBackend) ----

@@ -113,10 +113,10 @@ Status validate(const MergeForwardArgs<T, R>& a) {
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.W, "W"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.Wbar, "Wbar"));
-  return detail::check_aliasing(
-      {{"Wbar", detail::view_range(a.Wbar, a.num_segments, a.params, a.segment_stride)}},
-      {{"W", detail::view_range(a.W, a.experts, a.params, a.expert_stride)},
-       {"weights", detail::array_range(a.weights, a.num_segments * a.experts)}});
+  const detail::Operand outputs[] = {{"Wbar", detail::view_range(a.Wbar, a.num_segments, a.params, a.segment_stride)}};
+  const detail::Operand inputs[] = {{"W", detail::view_range(a.W, a.experts, a.params, a.expert_stride)},
+      {"weights", detail::array_range(a.weights, a.num_segments * a.experts)}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 // Aliasing: no output (dW, d_weights) may share memory with an input (G, W, weights) or the other.
@@ -127,11 +127,14 @@ Status validate(const MergeBackwardArgs<T, R>& a) {
   LORY_RETURN_IF_ERROR(detail::validate_merge_extent(a.num_segments, a.experts, a.params));
   if (!a.G) return fail(Status::kErrorNullPointer, "G", "is null");
   if (!a.weights) return fail(Status::kErrorNullPointer, "weights", "is null");
-  if (!a.dW && !a.d_weights) return fail(Status::kErrorNullPointer, "dW", "dW and d_weights both null: nothing to compute");
+  if (!a.dW && !a.d_weights)
+    return fail(Status::kErrorNullPointer, "dW", "dW and d_weights both null: nothing to compute");
   if (a.d_weights && !a.W) return fail(Status::kErrorNullPointer, "W", "is null (d_weights needs it)");
   if (a.grad_segment_stride < a.params) return fail(Status::kErrorInvalidShape, "grad_segment_stride", "below params");
-  if (a.d_weights && a.expert_stride < a.params) return fail(Status::kErrorInvalidShape, "expert_stride", "below params");
-  if (a.dW && a.dW_expert_stride < a.params) return fail(Status::kErrorInvalidShape, "dW_expert_stride", "below params");
+  if (a.d_weights && a.expert_stride < a.params)
+    return fail(Status::kErrorInvalidShape, "expert_stride", "below params");
+  if (a.dW && a.dW_expert_stride < a.params)
+    return fail(Status::kErrorInvalidShape, "dW_expert_stride", "below params");
   if (!detail::mul_fits(a.num_segments, a.grad_segment_stride))
     return fail(Status::kErrorInvalidSize, "grad_segment_stride", "S * grad_segment_stride overflows int64");
   if (!detail::mul_fits(a.experts, a.expert_stride))
@@ -144,12 +147,13 @@ Status validate(const MergeBackwardArgs<T, R>& a) {
   if (a.d_weights) LORY_RETURN_IF_ERROR(detail::check_aligned(a.W, "W"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.d_weights, "d_weights"));
   const int64_t SE = a.num_segments * a.experts;
-  return detail::check_aliasing(
-      {{"dW", a.dW ? detail::view_range(a.dW, a.experts, a.params, a.dW_expert_stride) : detail::ByteRange{}},
-       {"d_weights", detail::array_range(a.d_weights, SE)}},
-      {{"G", detail::view_range(a.G, a.num_segments, a.params, a.grad_segment_stride)},
-       {"W", a.d_weights ? detail::view_range(a.W, a.experts, a.params, a.expert_stride) : detail::ByteRange{}},
-       {"weights", detail::array_range(a.weights, SE)}});
+  const detail::ByteRange dW = a.dW ? detail::view_range(a.dW, a.experts, a.params, a.dW_expert_stride) : detail::ByteRange{};
+  const detail::Operand outputs[] = {{"dW", dW},
+      {"d_weights", detail::array_range(a.d_weights, SE)}};
+  const detail::Operand inputs[] = {{"G", detail::view_range(a.G, a.num_segments, a.params, a.grad_segment_stride)},
+      {"W", a.d_weights ? detail::view_range(a.W, a.experts, a.params, a.expert_stride) : detail::ByteRange{}},
+      {"weights", detail::array_range(a.weights, SE)}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 LORY_NAMESPACE_END

@@ -151,13 +151,13 @@ Status validate(const MoeFfnForwardArgs<T, R>& a) {
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.weights, "weights"));
   const detail::MoeRanges<T, R> r(a.p, a.x, a.hbar, a.probs, a.weights);
-  return detail::check_aliasing(
-      {{"y", detail::array_range(a.y, a.p.layout.num_tokens() * a.p.shape.d), "x"},
-       {"hbar", r.rows_d},
-       {"probs", r.rows_e},
-       {"weights", r.segs_e, "p.given_weights"}},
-      {{"x", r.tokens_x}, {"p.W_r", r.W_r}, {"p.bias", r.bias}, {"p.given_weights", r.given},
-       {"p.W_g", r.W_g}, {"p.W_u", r.W_u}, {"p.W_d", r.W_d}});
+  const detail::Operand outputs[] = {{"y", detail::array_range(a.y, a.p.layout.num_tokens() * a.p.shape.d), "x"},
+      {"hbar", r.rows_d},
+      {"probs", r.rows_e},
+      {"weights", r.segs_e, "p.given_weights"}};
+  const detail::Operand inputs[] = {{"x", r.tokens_x}, {"p.W_r", r.W_r}, {"p.bias", r.bias},
+      {"p.given_weights", r.given}, {"p.W_g", r.W_g}, {"p.W_u", r.W_u}, {"p.W_d", r.W_d}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 // Aliasing: dx may be dy itself (in place: each chunk's dy is read before its dx is written).
@@ -195,18 +195,18 @@ Status validate(const MoeFfnBackwardArgs<T, R>& a) {
   const detail::MoeRanges<T, R> r(a.p, a.x, a.hbar, a.probs, a.weights);
   const int64_t E = a.p.shape.experts, d = a.p.shape.d, fd = a.p.shape.f * d;
   const bool routed = a.p.mode != RoutingMode::kGivenWeights;
-  return detail::check_aliasing(
-      {{"dx", detail::array_range(a.dx, a.p.layout.num_tokens() * d), "dy"},
-       {"dW_r", routed ? detail::array_range(a.dW_r, E * d) : detail::ByteRange{}},
-       {"d_bias", routed ? detail::array_range(a.d_bias, E) : detail::ByteRange{}},
-       {"dW_g", detail::array_range(a.dW_g, E * fd)},
-       {"dW_u", detail::array_range(a.dW_u, E * fd)},
-       {"dW_d", detail::array_range(a.dW_d, E * fd)},
-       {"d_weights", detail::array_range(a.d_weights, a.p.layout.num_segments() * E)}},
-      {{"x", r.tokens_x}, {"dy", detail::array_range(a.dy, a.p.layout.num_tokens() * d)},
-       {"hbar", r.rows_d}, {"probs", r.rows_e}, {"weights", r.segs_e},
-       {"p.W_r", r.W_r}, {"p.bias", r.bias}, {"p.given_weights", r.given},
-       {"p.W_g", r.W_g}, {"p.W_u", r.W_u}, {"p.W_d", r.W_d}});
+  const detail::Operand outputs[] = {{"dx", detail::array_range(a.dx, a.p.layout.num_tokens() * d), "dy"},
+      {"dW_r", routed ? detail::array_range(a.dW_r, E * d) : detail::ByteRange{}},
+      {"d_bias", routed ? detail::array_range(a.d_bias, E) : detail::ByteRange{}},
+      {"dW_g", detail::array_range(a.dW_g, E * fd)},
+      {"dW_u", detail::array_range(a.dW_u, E * fd)},
+      {"dW_d", detail::array_range(a.dW_d, E * fd)},
+      {"d_weights", detail::array_range(a.d_weights, a.p.layout.num_segments() * E)}};
+  const detail::Operand inputs[] = {{"x", r.tokens_x}, {"dy", detail::array_range(a.dy, a.p.layout.num_tokens() * d)},
+      {"hbar", r.rows_d}, {"probs", r.rows_e}, {"weights", r.segs_e},
+      {"p.W_r", r.W_r}, {"p.bias", r.bias}, {"p.given_weights", r.given},
+      {"p.W_g", r.W_g}, {"p.W_u", r.W_u}, {"p.W_d", r.W_d}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 LORY_NAMESPACE_END

@@ -201,8 +201,9 @@ class MoeFfnPlan {
   // be x, dx may be dy; nothing else may share memory.
   Status forward(const MoeFfnForwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(plan_status());
+    LORY_RETURN_IF_ERROR(check_matches(a.p));  // first: the extents validate() checks come from a.p
     LORY_RETURN_IF_ERROR(validate(a));
-    LORY_RETURN_IF_ERROR(check_call(a.p, workspace, workspace_bytes, stream));
+    LORY_RETURN_IF_ERROR(check_call(workspace, workspace_bytes, stream));
     const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
     const int E = shape_.experts;
 
@@ -240,8 +241,9 @@ class MoeFfnPlan {
 
   Status backward(const MoeFfnBackwardArgs<T, float>& a, void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(plan_status());
+    LORY_RETURN_IF_ERROR(check_matches(a.p));  // first: the extents validate() checks come from a.p
     LORY_RETURN_IF_ERROR(validate(a));
-    LORY_RETURN_IF_ERROR(check_call(a.p, workspace, workspace_bytes, stream));
+    LORY_RETURN_IF_ERROR(check_call(workspace, workspace_bytes, stream));
     const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
     const int E = shape_.experts;
     const int64_t d = shape_.d, f = shape_.f, fd = f * d;
@@ -485,13 +487,11 @@ class MoeFfnPlan {
     return Status::kSuccess;
   }
 
-  // Checks shared by forward() and backward() once their arguments are valid: the arguments
-  // match the plan's shapes, the stream suits the backend, the workspace is there, large enough and
-  // 16-byte aligned.
+  // Checks shared by forward() and backward() once their arguments are valid: the stream suits the
+  // backend, the workspace is there, large enough and 16-byte aligned.
   // The plan's workspace is not a size query: workspace_size() answers that, so a null workspace is
   // kErrorNullPointer ("workspace").
-  Status check_call(const MoeFfnParams<T, float>& p, void* workspace, size_t workspace_bytes, Stream stream) const {
-    LORY_RETURN_IF_ERROR(check_matches(p));
+  Status check_call(void* workspace, size_t workspace_bytes, Stream stream) const {
     LORY_RETURN_IF_ERROR(Backend::check_stream(stream));
     if (!workspace)
       return detail::fail(Status::kErrorNullPointer, "workspace", "null (the plan's size query is workspace_size())");

@@ -96,8 +96,9 @@ Status validate(const RouterForwardArgs<T, R>& a) {
   if (a.mode == RoutingMode::kGivenWeights) {
     if (!a.given_weights) return fail(Status::kErrorNullPointer, "given_weights", "is null");
     LORY_RETURN_IF_ERROR(detail::check_aligned(a.given_weights, "given_weights"));
-    return detail::check_aliasing({{"weights", detail::array_range(a.weights, S * E), "given_weights"}},
-                                  {{"given_weights", detail::array_range(a.given_weights, S * E)}});
+    const detail::Operand outputs[] = {{"weights", detail::array_range(a.weights, S * E), "given_weights"}};
+    const detail::Operand inputs[] = {{"given_weights", detail::array_range(a.given_weights, S * E)}};
+    return detail::check_aliasing(outputs, inputs);
   }
   if (!a.x) return fail(Status::kErrorNullPointer, "x", "is null");
   if (!a.W_r) return fail(Status::kErrorNullPointer, "W_r", "is null");
@@ -109,13 +110,13 @@ Status validate(const RouterForwardArgs<T, R>& a) {
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.hbar, "hbar"));
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.probs, "probs"));
   const int64_t rows = router_rows(a), d = a.d;
-  return detail::check_aliasing(
-      {{"hbar", detail::array_range(a.hbar, rows * d)},
-       {"probs", detail::array_range(a.probs, rows * E)},
-       {"weights", detail::array_range(a.weights, S * E)}},
-      {{"x", detail::array_range(a.x, a.layout.num_tokens() * d)},
-       {"W_r", detail::array_range(a.W_r, E * d)},
-       {"bias", detail::array_range(a.bias, E)}});
+  const detail::Operand outputs[] = {{"hbar", detail::array_range(a.hbar, rows * d)},
+      {"probs", detail::array_range(a.probs, rows * E)},
+      {"weights", detail::array_range(a.weights, S * E)}};
+  const detail::Operand inputs[] = {{"x", detail::array_range(a.x, a.layout.num_tokens() * d)},
+      {"W_r", detail::array_range(a.W_r, E * d)},
+      {"bias", detail::array_range(a.bias, E)}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 // Aliasing: no output (dW_r, d_bias, dx) may share memory with an input or another output.
@@ -139,14 +140,14 @@ Status validate(const RouterBackwardArgs<T, R>& a) {
   LORY_RETURN_IF_ERROR(detail::check_aligned(a.dx, "dx"));
   const int64_t S = a.layout.num_segments(), E = a.experts, d = a.d;
   const int64_t rows = a.mode == RoutingMode::kPromptLevel ? a.layout.batch : S;
-  return detail::check_aliasing(
-      {{"dW_r", detail::array_range(a.dW_r, E * d)},
-       {"d_bias", detail::array_range(a.d_bias, E)},
-       {"dx", detail::array_range(a.dx, a.layout.num_tokens() * d)}},
-      {{"W_r", detail::array_range(a.W_r, E * d)},
-       {"hbar", detail::array_range(a.hbar, rows * d)},
-       {"probs", detail::array_range(a.probs, rows * E)},
-       {"d_weights", detail::array_range(a.d_weights, S * E)}});
+  const detail::Operand outputs[] = {{"dW_r", detail::array_range(a.dW_r, E * d)},
+      {"d_bias", detail::array_range(a.d_bias, E)},
+      {"dx", detail::array_range(a.dx, a.layout.num_tokens() * d)}};
+  const detail::Operand inputs[] = {{"W_r", detail::array_range(a.W_r, E * d)},
+      {"hbar", detail::array_range(a.hbar, rows * d)},
+      {"probs", detail::array_range(a.probs, rows * E)},
+      {"d_weights", detail::array_range(a.d_weights, S * E)}};
+  return detail::check_aliasing(outputs, inputs);
 }
 
 LORY_NAMESPACE_END

@@ -3,7 +3,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 
 #include "lory/config.hpp"
 #include "lory/status.hpp"
@@ -74,16 +73,19 @@ struct Operand {
 };
 // Every output must be disjoint from every input and from the other outputs, except an exact
 // coincidence with its documented in-place partner. Names the output at fault.
-inline Status check_aliasing(std::initializer_list<Operand> outputs, std::initializer_list<Operand> inputs) {
-  for (const auto* list : {&outputs, &inputs})
-    for (const Operand& o : *list)
-      if (o.range.too_big) return fail(Status::kErrorInvalidSize, o.name, "its extent runs past the address space");
-  for (const Operand* o = outputs.begin(); o != outputs.end(); ++o) {
+// (Arrays, not initializer lists: nvcc's host-code pass mangles a braced list as a second argument.)
+template <size_t NO, size_t NI>
+inline Status check_aliasing(const Operand (&outputs)[NO], const Operand (&inputs)[NI]) {
+  for (const Operand& o : outputs)
+    if (o.range.too_big) return fail(Status::kErrorInvalidSize, o.name, "its extent runs past the address space");
+  for (const Operand& i : inputs)
+    if (i.range.too_big) return fail(Status::kErrorInvalidSize, i.name, "its extent runs past the address space");
+  for (size_t o = 0; o < NO; ++o) {
     for (const Operand& in : inputs) {
-      const bool same_ok = o->in_place_with && std::strcmp(o->in_place_with, in.name) == 0;
-      LORY_RETURN_IF_ERROR(check_no_alias(o->range, o->name, in.range, same_ok));
+      const bool same_ok = outputs[o].in_place_with && std::strcmp(outputs[o].in_place_with, in.name) == 0;
+      LORY_RETURN_IF_ERROR(check_no_alias(outputs[o].range, outputs[o].name, in.range, same_ok));
     }
-    for (const Operand* p = outputs.begin(); p != o; ++p) LORY_RETURN_IF_ERROR(check_no_alias(o->range, o->name, p->range));
+    for (size_t p = 0; p < o; ++p) LORY_RETURN_IF_ERROR(check_no_alias(outputs[o].range, outputs[o].name, outputs[p].range));
   }
   return Status::kSuccess;
 }
