@@ -96,10 +96,11 @@ struct InferenceCudaBackend : MoeFfnCudaBackend {
   static Status can_implement_decode(const DecodeStepArgs<T, float>& a) {
     static_assert(detail::is_gpu_storage<T>::value, "decode_step: T must be float, __half or __nv_bfloat16");
     const FfnShape& s = a.shape;
-    if (!detail::fits_int(a.batch) || !detail::fits_int(2 * s.f) || !detail::fits_int(s.d)) return Status::kErrorInvalidSize;
+    if (!detail::fits_int(a.batch) || !detail::fits_int(2 * s.f) || !detail::fits_int(s.d))
+      return detail::fail(Status::kErrorInvalidSize, "batch", "B, 2 f or d past cuBLAS' int");
     const bool merged = resolve_decode_method(a) == DecodeMethod::kMerged;
     if (!merged && (!detail::fits_int(s.experts * s.f) || !detail::fits_int(s.experts * s.d)))
-      return Status::kErrorInvalidSize;
+      return detail::fail(Status::kErrorInvalidSize, "shape", "E * f or E * d past cuBLAS' int (expert space)");
     if (!detail::is_aligned(a.x, alignof(T)) || !detail::is_aligned(a.y, alignof(T)))
       return Status::kErrorMisalignedPointer;
     if (merged && !detail::is_aligned(a.cache, alignof(T))) return Status::kErrorMisalignedPointer;

@@ -2109,7 +2109,7 @@ Status merge_backward_on_path(const MergeBackwardArgs<T, float>& a, void* worksp
   }
   // Reserved by the query for every device the kernels run on; checked before anything is written.
   if ((plan.use_partials && !plan.partials_bytes) || plan.partials_bytes + plan.split_bytes > workspace_bytes)
-    return Status::kErrorWorkspaceTooSmall;
+    return fail(Status::kErrorWorkspaceTooSmall, "workspace_bytes", "below what this device's kernel needs");
 
   if constexpr (is_wgmma_tuning<Tuning>::value && is_mma_b16<T>::value) {
     // Refused before anything is written (the split weights, the fast mode's zeroing).

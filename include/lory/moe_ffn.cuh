@@ -49,9 +49,10 @@ struct MoeFfnCudaBackend {
   template <class T>
   static Status can_implement(const SegmentLayout& lay, const FfnShape& sh) {
     static_assert(detail::is_gpu_storage<T>::value, "MoeFfnCudaPlan: T must be float, __half or __nv_bfloat16");
-    if (!detail::fits_int(sh.d) || !detail::fits_int(sh.f) || !detail::fits_int(lay.segment_len) ||
-        !detail::fits_int(lay.num_segments()))
-      return Status::kErrorInvalidSize;
+    if (!detail::fits_int(sh.d) || !detail::fits_int(sh.f))
+      return detail::fail(Status::kErrorInvalidSize, "shape", "d or f past cuBLAS' int");
+    if (!detail::fits_int(lay.segment_len) || !detail::fits_int(lay.num_segments()))
+      return detail::fail(Status::kErrorInvalidSize, "layout", "T or S past cuBLAS' int");
     return Status::kSuccess;
   }
 
@@ -100,7 +101,7 @@ struct MoeFfnCudaBackend {
   static Status gemm(const StridedBatchedGemm<T>& g, Stream s) {
     static_assert(detail::is_gpu_storage<T>::value, "MoeFfnCudaBackend::gemm: T must be float, __half or __nv_bfloat16");
     LORY_RETURN_IF_ERROR(validate(g));
-    if (!s.cublas) return Status::kErrorNullPointer;
+    if (!s.cublas) return detail::fail(Status::kErrorNullPointer, "cublas", "null cuBLAS handle");
     if (!detail::fits_int(g.m) || !detail::fits_int(g.n) || !detail::fits_int(g.k) || !detail::fits_int(g.batch) ||
         !detail::fits_int(g.lda) || !detail::fits_int(g.ldb) || !detail::fits_int(g.ldc))
       return Status::kErrorInvalidSize;

@@ -560,8 +560,9 @@ Status router_gpu_checks(int64_t d, int64_t num_tokens) {
   static_assert(is_gpu_storage<T>::value, "lory GPU kernels take float, __half or __nv_bfloat16");
   // Column counts ride in grid dimensions; token and row indices are divided
   // in 32 bits (64-bit divisions are slow subroutine calls on the GPU).
-  if (d >= (int64_t(1) << 31) - 1) return Status::kErrorInvalidSize;
-  if (num_tokens >= (int64_t(1) << 31)) return Status::kErrorInvalidSize;
+  if (d >= (int64_t(1) << 31) - 1) return fail(Status::kErrorInvalidSize, "d", "past the GPU kernels' 2^31 - 1");
+  if (num_tokens >= (int64_t(1) << 31))
+    return fail(Status::kErrorInvalidSize, "layout", "B * L past the GPU kernels' 2^31 tokens");
   return Status::kSuccess;
 }
 

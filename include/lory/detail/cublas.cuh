@@ -27,13 +27,14 @@ inline bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 // pointer mode (alpha and beta are host values). Its math mode and workspace are the caller's
 // choice and are used as they are (lory/merge.hpp, MergeBackwardMethod).
 inline Status check_cublas_handle(cublasHandle_t handle, cudaStream_t stream) {
-  if (!handle) return Status::kErrorNullPointer;
+  if (!handle) return fail(Status::kErrorNullPointer, "cublas", "null cuBLAS handle");
   cudaStream_t bound = nullptr;
   if (cublasGetStream(handle, &bound) != CUBLAS_STATUS_SUCCESS) return Status::kErrorCublas;
-  if (bound != stream) return Status::kErrorInvalidArgument;
+  if (bound != stream) return fail(Status::kErrorInvalidArgument, "cublas", "handle bound to another stream");
   cublasPointerMode_t mode = CUBLAS_POINTER_MODE_HOST;
   if (cublasGetPointerMode(handle, &mode) != CUBLAS_STATUS_SUCCESS) return Status::kErrorCublas;
-  if (mode != CUBLAS_POINTER_MODE_HOST) return Status::kErrorInvalidArgument;
+  if (mode != CUBLAS_POINTER_MODE_HOST)
+    return fail(Status::kErrorInvalidArgument, "cublas", "handle not in host pointer mode");
   return Status::kSuccess;
 }
 
