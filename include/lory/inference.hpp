@@ -479,9 +479,11 @@ Status run_decode_step(const DecodeStepArgs<T, float>& a, void* workspace, size_
   LORY_RETURN_IF_ERROR(validate(a));
   LORY_RETURN_IF_ERROR(Backend::template can_implement_decode<T>(a));
   const DecodeMethod method = resolve_decode_method(a);
+  using Workspace = detail::DecodeWorkspace<T>;
+  // The activations' size first: the scratch queries offset shape-only pointers by these extents.
+  LORY_RETURN_IF_ERROR(Workspace::carve(nullptr, a.batch, a.shape, method, 0).status);
   size_t scratch = 0;
   LORY_RETURN_IF_ERROR((detail::decode_scratch<Backend, T>(a, method, scratch)));
-  using Workspace = detail::DecodeWorkspace<T>;
   const Workspace sized = Workspace::carve(nullptr, a.batch, a.shape, method, scratch);
   LORY_RETURN_IF_ERROR(sized.status);
   const size_t needed = sized.total_bytes;
