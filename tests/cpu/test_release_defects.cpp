@@ -62,8 +62,11 @@ TEST_CASE("release a: plan workspace sizes past size_t are kErrorInvalidSize, ne
     MoeFfnOptions o;
     o.workspace_budget_bytes = size_t(1) << 20;
     CpuPlan plan(lay, sh, RoutingMode::kCausalSegment, o);
-    const Status st = plan.can_implement();
-    REQUIRE(st != Status::kSuccess);
+    // One segment per chunk already needs 36 GiB (S * E routing weights, f d merged weights, T f
+    // activations): too small a budget, reported with the true minimum, not a wrapped chunk.
+    REQUIRE(plan.can_implement() == Status::kErrorWorkspaceTooSmall);
+    CHECK(blamed(Status::kErrorWorkspaceTooSmall) == "options.workspace_budget_bytes");
+    REQUIRE(plan.min_workspace_size() > (size_t(36) << 30));
     REQUIRE(plan.chunk_segments() <= lay.num_segments());
   }
   // Chunk 1 fits (about 20 GiB), chunk S wraps around: the budget search must treat a size past
