@@ -1,6 +1,9 @@
 """The lory PyTorch extension on the CPU: outputs and every gradient against the plain PyTorch
 layer (reference.py) under autograd, gradcheck, opcheck, the inference ops and the module."""
+import importlib
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -284,3 +287,21 @@ def test_errors(ext, gen):
         lory_torch.LoryMoEFFN(4, 6, 3, merge_backward="fast")
     with pytest.raises(RuntimeError, match="merge_backward"):
         torch.ops.lory.moe_ffn_forward(p["x"], p["W_r"], *args, None, "causal", 4, 0, 0, "fast")
+
+
+@pytest.mark.skipif(os.environ.get("LORY_TORCH_FROM_SOURCE", "") not in ("", "0"),
+                    reason="testing the source tree (LORY_TORCH_FROM_SOURCE=1)")
+def test_the_installed_package_is_tested(ext):
+    """The tests import the installed package (its compiled lory_torch._C), not python/ in the clone."""
+    repo_python = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
+    pkg = os.path.realpath(os.path.dirname(lory_torch.__file__))
+    assert not pkg.startswith(repo_python + os.sep), f"lory_torch imported from the source tree: {pkg}"
+    assert "site-packages" in pkg or "dist-packages" in pkg, pkg
+    importlib.import_module("lory_torch._C")  # the ahead-of-time build, no JIT
+    assert lory_torch.__version__ == ".".join(
+        re.search(rf"#define LORY_VERSION_{k}\s+(\d+)", _version_header()).group(1) for k in ("MAJOR", "MINOR", "PATCH"))
+
+
+def _version_header():
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "lory", "version.hpp")) as f:
+        return f.read()
