@@ -41,6 +41,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.abspath(os.path.join(_HERE, "..", ".."))  # python/lory_torch -> repository root
 MODES = ("causal", "prompt", "given")
 MERGE_BACKWARD_METHODS = ("auto", "fused", "gemm")
+MAX_EXPERTS = 256  # lory::kMaxExperts
 
 __version__ = "0.0.0+unknown"
 try:
@@ -133,12 +134,25 @@ def _router_rows(mode: str, B: int, N: int) -> int:
     return {"causal": B * N, "prompt": B, "given": 0}[mode]
 
 
+def _check_devices(op: str, first: str, tensors: dict) -> None:
+    """Every tensor of a call on one device. Checked in the fake kernels too: a call mixing the meta
+    device with another would otherwise be dispatched to its fake kernel (Meta outranks CPU and
+    CUDA) and return uninitialised tensors instead of an error."""
+    ref = tensors[first]
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"lory::{op}: {name} is on {t.device} but {first} is on {ref.device} "
+                               "(every tensor of a call on one device)")
+
+
 def _register_python_parts() -> None:
     lib = "lory::"
 
     @torch.library.register_fake(lib + "moe_ffn_forward")
     def _fwd_fake(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk_segments=0,
                   workspace_budget_bytes=0, merge_backward="auto"):
+        _check_devices("moe_ffn_forward", "x", dict(x=x, W_r=W_r, W_g=W_g, W_u=W_u, W_d=W_d,
+                                                    given_weights=given_weights))
         B, L, d = x.shape
         E = W_g.shape[0]
         N = (L + segment_len - 1) // segment_len
@@ -150,16 +164,22 @@ def _register_python_parts() -> None:
     @torch.library.register_fake(lib + "moe_ffn_backward")
     def _bwd_fake(dy, x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode, segment_len,
                   max_chunk_segments=0, workspace_budget_bytes=0, merge_backward="auto"):
-        dW_r = x.new_empty((0,)) if mode == "given" else torch.empty_like(W_r)
-        return (torch.empty_like(x), dW_r, torch.empty_like(W_g), torch.empty_like(W_u), torch.empty_like(W_d),
-                torch.empty_like(weights))
+        _check_devices("moe_ffn_backward", "x", dict(dy=dy, x=x, W_r=W_r, W_g=W_g, W_u=W_u, W_d=W_d,
+                                                     given_weights=given_weights, hbar=hbar, probs=probs,
+                                                     weights=weights))
+        # The real kernels return contiguous tensors whatever the inputs' strides.
+        dW_r = x.new_empty((0,)) if mode == "given" else W_r.new_empty(W_r.shape)
+        return (x.new_empty(x.shape), dW_r, W_g.new_empty(W_g.shape), W_u.new_empty(W_u.shape),
+                W_d.new_empty(W_d.shape), weights.new_empty(weights.shape))
 
     @torch.library.register_fake(lib + "prompt_route")
     def _route_fake(x, W_r):
+        _check_devices("prompt_route", "x", dict(x=x, W_r=W_r))
         return x.new_empty((x.shape[0], W_r.shape[0]), dtype=_routing_dtype(x.dtype))
 
     @torch.library.register_fake(lib + "merge_experts")
     def _merge_fake(W_g, W_u, W_d, weights):
+        _check_devices("merge_experts", "W_g", dict(W_g=W_g, W_u=W_u, W_d=W_d, weights=weights))
         B = weights.shape[0]
         _, f, d = W_g.shape
         return W_g.new_empty((B, f, d)), W_g.new_empty((B, f, d)), W_g.new_empty((B, d, f))
@@ -182,6 +202,15 @@ def _register_python_parts() -> None:
                 d_weights if mode == "given" else None, None, None, None, None, None)
 
     torch.library.register_autograd(lib + "moe_ffn_forward", _backward, setup_context=_setup)
+
+    # Second derivatives are not implemented: the backward op gets an autograd formula that says
+    # so, instead of PyTorch's default for an op without one (a warning, then zero gradients).
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("lory: double backward (differentiating the gradients of moe_ffn / LoryMoEFFN, "
+                           "e.g. create_graph=True then backward again) is not supported")
+
+    torch.library.register_autograd(lib + "moe_ffn_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
     def _merge_setup(ctx, inputs, output):
         W_g, W_u, W_d, weights = inputs
@@ -260,13 +289,21 @@ class LoryMoEFFN(nn.Module):
                  segment_len: int = 256, device=None, dtype=None, max_chunk_segments: int = 0,
                  workspace_budget_bytes: int = 0, merge_backward: str = "auto"):
         super().__init__()
+        for name, v, lo in (("d_model", d_model, 1), ("d_ff", d_ff, 1), ("num_experts", num_experts, 1),
+                            ("segment_len", segment_len, 1), ("max_chunk_segments", max_chunk_segments, 0),
+                            ("workspace_budget_bytes", workspace_budget_bytes, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"LoryMoEFFN: {name} must be an integer >= {lo}, got {v!r}")
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"LoryMoEFFN: num_experts must be at most {MAX_EXPERTS}, got {num_experts}")
         if routing not in MODES:
-            raise ValueError(f"routing must be one of {MODES}, got {routing!r}")
+            raise ValueError(f"LoryMoEFFN: routing must be one of {MODES}, got {routing!r}")
         kw = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
         self.routing, self.segment_len = routing, segment_len
         if merge_backward not in MERGE_BACKWARD_METHODS:
-            raise ValueError(f"merge_backward must be one of {MERGE_BACKWARD_METHODS}, got {merge_backward!r}")
+            raise ValueError(f"LoryMoEFFN: merge_backward must be one of {MERGE_BACKWARD_METHODS}, "
+                             f"got {merge_backward!r}")
         self.max_chunk_segments, self.workspace_budget_bytes = max_chunk_segments, workspace_budget_bytes
         self.merge_backward = merge_backward
         self.W_r = None if routing == "given" else nn.Parameter(torch.empty(num_experts, d_model, **kw))
