@@ -97,7 +97,7 @@ Status router_backward(const RouterBackwardArgs<T, R>& a) {
       for (int e = 0; e < E; ++e) dp[e] = static_cast<Acc>(a.d_weights[(r + 1) * E + e]);
     }
     // softmax_backward is invariant to adding a constant to dp (sum p = 1).
-    // Shifting by dp[0] makes equal dp (identical experts, SPEC's pitfall)
+    // Shifting by dp[0] makes equal dp (identical experts, docs/math.md)
     // give dz = 0 exactly instead of rounding noise, and cancels less.
     const Acc shift = dp[0];
     for (int e = 0; e < E; ++e) dp[e] -= shift;
