@@ -1,0 +1,248 @@
+"""Helpers of the distributed tests: a tiny language model with a Lory FFN, seeded data, the
+one-process baseline, and the per-rank bodies run by spawned processes (gloo, loopback only)."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lory_torch
+
+# Tiny shapes (CI on two shared cores): L is not a multiple of T, E = 3 does not divide by two
+# ranks (FSDP2 pads the expert dimension), f = 10 splits evenly, f = 7 would not (TP tests both).
+VOCAB, D, F_DIM, E, T, L = 23, 8, 10, 3, 4, 10
+GLOBAL_BATCH, STEPS, LR, MOMENTUM = 4, 3, 0.2, 0.9
+WORLD = 2
+
+
+class Block(nn.Module):
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.ffn = ffn
+
+    def forward(self, h):
+        return h + self.ffn(self.norm(h))
+
+
+class TinyLM(nn.Module):
+    """embedding -> pre-norm residual block with a causal-routed Lory FFN -> norm -> head."""
+
+    def __init__(self, f: int = F_DIM):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.block = Block(lory_torch.LoryMoEFFN(D, f, E, routing="causal", segment_len=T))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+        with torch.no_grad():  # LayerNorm starts at (1, 0): make its parameters matter as well
+            for n in (self.block.norm, self.norm):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.block(self.emb(tokens))))
+
+
+def make_model(seed: int, f: int = F_DIM) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(f)
+
+
+def make_batches(seed: int, batch: int = GLOBAL_BATCH):
+    """STEPS batches of token ids [batch, L + 1] (inputs are [:, :-1], targets [:, 1:])."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return [torch.randint(0, VOCAB, (batch, L + 1), generator=g) for _ in range(STEPS)]
+
+
+def lm_loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def train_single(seed: int, f: int = F_DIM):
+    """The baseline: one process, the full batch. Returns (losses, initial params, final params)."""
+    model = make_model(seed, f)
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    losses = []
+    for tokens in make_batches(seed):
+        opt.zero_grad()
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, init, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- process launching
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, body_name: str, args: tuple, out_dir: str):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    try:
+        lory_torch.load()  # built by the parent already: this only loads the cached library
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = BODIES[body_name](rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(body_name: str, args: tuple, out_dir: str, world: int = WORLD):
+    """Runs BODIES[body_name](rank, world, *args) on `world` fresh processes; returns their results."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_entry, args=(world, free_port(), body_name, args, out_dir), nprocs=world, join=True)
+    except Exception as e:
+        errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+        raise AssertionError(f"a rank failed: {e}\n" + "\n".join(errs)) from None
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+# --------------------------------------------------------------------------- per-rank bodies
+
+def _global_mean(x: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def ddp_body(rank, world, seed):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model(seed))
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    per = GLOBAL_BATCH // world
+    losses = []
+    for tokens in make_batches(seed):
+        opt.zero_grad()
+        # Equal token counts per rank: DDP's gradient average is the full batch's mean gradient.
+        loss = lm_loss(model, tokens[rank * per:(rank + 1) * per])
+        loss.backward()
+        opt.step()
+        losses.append(_global_mean(loss.item()))
+    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.module.named_parameters()}}
+
+
+def fsdp_body(rank, world, seed):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(seed)
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model.block, mesh=mesh)  # one unit per transformer block: its experts gathered together
+    fully_shard(model, mesh=mesh)  # the root: embedding, final norm, head
+    local_expert_rows = model.block.ffn.W_g.to_local().shape[0]
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    per = GLOBAL_BATCH // world
+    losses = []
+    for tokens in make_batches(seed):
+        opt.zero_grad()
+        loss = lm_loss(model, tokens[rank * per:(rank + 1) * per])
+        loss.backward()
+        opt.step()
+        losses.append(_global_mean(loss.item()))
+    params = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
+    return {"losses": losses, "params": params, "local_expert_rows": local_expert_rows}
+
+
+def tp_layer_body(rank, world, cases):
+    """For each case (dtype, routing, f, seed, B): the TP layer's output and gradients, with the
+    expert gradients gathered back to full [E, f, d] / [E, d, f] tensors."""
+    import torch.distributed as dist
+
+    from lory_torch.parallel import TensorParallelLoryMoEFFN
+
+    out = []
+    for dtype, routing, f, seed, B in cases:
+        torch.manual_seed(seed)
+        full = lory_torch.LoryMoEFFN(D, f, E, routing=routing, segment_len=T, dtype=dtype)
+        tp = TensorParallelLoryMoEFFN.from_module(full, group=None)
+        x, dy, gw = layer_inputs(seed, B, dtype, routing)
+        x.requires_grad_(True)
+        if gw is not None:
+            gw.requires_grad_(True)
+        y = tp(x, gw)
+        y.backward(dy)
+        grads = {"x": x.grad, "W_g": _gather_f(tp.W_g.grad, 1), "W_u": _gather_f(tp.W_u.grad, 1),
+                 "W_d": _gather_f(tp.W_d.grad, 2)}
+        if gw is not None:
+            grads["gw"] = gw.grad
+        else:
+            grads["W_r"] = tp.W_r.grad
+        out.append({"y": y.detach(), "grads": grads, "f_slice": (tp.f_start, tp.f_stop)})
+    dist.barrier()
+    return out
+
+
+def tp_train_body(rank, world, seed):
+    """TinyLM with its Lory FFN split over f; every rank trains on the full batch."""
+    import torch.distributed as dist
+
+    from lory_torch.parallel import TensorParallelLoryMoEFFN
+
+    model = make_model(seed)
+    model.block.ffn = TensorParallelLoryMoEFFN.from_module(model.block.ffn)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    losses = []
+    for tokens in make_batches(seed):
+        opt.zero_grad()
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    params = {}
+    for k, v in model.named_parameters():
+        v = v.detach()
+        if k.endswith((".W_g", ".W_u")):
+            v = _gather_f(v, 1)
+        elif k.endswith(".W_d"):
+            v = _gather_f(v, 2)
+        params[k] = v.clone()
+    dist.barrier()
+    return {"losses": losses, "params": params}
+
+
+def layer_inputs(seed: int, B: int, dtype, routing: str):
+    """x [B, L, d], dy [B, L, d] and, for routing="given", routing weights [B, N, E]."""
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(B, L, D, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(B, L, D, generator=g, dtype=torch.float64).to(dtype)
+    gw = None
+    if routing == "given":
+        N = -(-L // T)
+        gw = torch.softmax(2 * torch.randn(B, N, E, generator=g, dtype=torch.float64), -1)
+        gw = gw.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return x, dy, gw
+
+
+def _gather_f(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenates the ranks' slices of f (sizes may differ by one) along dim."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.detach().clone())  # tiny tensors; gloo's all_gather wants equal sizes
+    return torch.cat(parts, dim)
+
+
+BODIES = {"ddp": ddp_body, "fsdp": fsdp_body, "tp_layer": tp_layer_body, "tp_train": tp_train_body}

@@ -1,0 +1,149 @@
+"""Distributed training with the Lory layer on the CPU (gloo, two processes on 127.0.0.1): DDP,
+FSDP2 (fully_shard) and tensor parallelism over f (lory_torch.parallel) against one process.
+
+Tolerances: every comparison is float32 against float32 (or float64 against float64) computed in
+a different order. Data parallelism regroups sums over the batch (each rank's partial gradient,
+then the all-reduce) and tensor parallelism regroups sums over f (two partial outputs, then the
+all-reduce), so results agree to rounding, not bitwise. The shapes are tiny (sums of at most a
+few dozen terms), so the norm-relative error of one step is ~1e-7 in float32; three SGD steps
+with momentum compound it mildly. We compare parameter updates (final - initial), not the
+parameters themselves, so a small wrong gradient cannot hide under the initial values, and allow
+TOL32 = 1e-5 (~170 float32 ulps): a missing gradient sum or average, a router gradient taken
+from one rank's share only, or a wrong slice gives errors of order 1e-1 to 1.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dist_util as du
+from lory_torch.parallel import f_slice
+from util import assert_close
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with the gloo backend is not available in this torch build"),
+]
+
+TOL32 = 1e-5
+TOL64 = 1e-12
+
+
+def _seed(gen) -> int:
+    return int(torch.randint(0, 1 << 30, (1,), generator=gen))
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def _assert_same_training(got, losses, init, final, tol):
+    assert len(got["losses"]) == len(losses)
+    for i, (a, b) in enumerate(zip(got["losses"], losses)):
+        assert _rel(a, b) <= tol, f"loss of step {i}: {a!r} vs one process {b!r}"
+    assert got["params"].keys() == final.keys()
+    for name, want in final.items():
+        # The update (final - initial): the part that distributed training computed.
+        assert_close(f"update of {name}", got["params"][name] - init[name], want - init[name], tol)
+
+
+def _spawn(tmp_path, body, *args):
+    out = tmp_path / "ranks"
+    out.mkdir()
+    return du.spawn(body, args, str(out))
+
+
+def test_ddp_matches_one_process(ext, gen, tmp_path):
+    seed = _seed(gen)
+    losses, init, final = du.train_single(seed)
+    ranks = _spawn(tmp_path, "ddp", seed)
+    for r in ranks:
+        _assert_same_training(r, losses, init, final, TOL32)
+
+
+def test_fsdp2_matches_one_process(ext, gen, tmp_path):
+    seed = _seed(gen)
+    losses, init, final = du.train_single(seed)
+    ranks = _spawn(tmp_path, "fsdp", seed)
+    # fully_shard splits dim 0: E = 3 experts become 2 + 1 rows (the second rank's shard padded).
+    assert [r["local_expert_rows"] for r in ranks] == [2, 1]
+    for r in ranks:
+        _assert_same_training(r, losses, init, final, TOL32)
+
+
+# (dtype, routing, f, B): every routing mode in float64 (exact up to rounding), float32 with an
+# even and an uneven split of f.
+TP_CASES = [
+    (torch.float64, "causal", 10, 3),
+    (torch.float64, "prompt", 10, 2),
+    (torch.float64, "given", 7, 2),
+    (torch.float32, "causal", 10, 3),
+    (torch.float32, "causal", 7, 2),
+]
+
+
+def test_tensor_parallel_layer_matches_one_process(ext, gen, tmp_path):
+    cases = [(dtype, routing, f, _seed(gen), B) for dtype, routing, f, B in TP_CASES]
+    ranks = _spawn(tmp_path, "tp_layer", cases)
+    for i, (dtype, routing, f, seed, B) in enumerate(cases):
+        torch.manual_seed(seed)
+        full = du.lory_torch.LoryMoEFFN(du.D, f, du.E, routing=routing, segment_len=du.T, dtype=dtype)
+        x, dy, gw = du.layer_inputs(seed, B, dtype, routing)
+        x.requires_grad_(True)
+        if gw is not None:
+            gw.requires_grad_(True)
+        y = full(x, gw)
+        y.backward(dy)
+        want = {"x": x.grad, "W_g": full.W_g.grad, "W_u": full.W_u.grad, "W_d": full.W_d.grad}
+        if gw is not None:
+            want["gw"] = gw.grad
+        else:
+            want["W_r"] = full.W_r.grad
+            assert want["W_r"].norm() > 0  # distinct experts: the router gradient is not zero
+        tol = TOL64 if dtype == torch.float64 else TOL32
+        case = f"{dtype} {routing} f={f}"
+        assert [r[i]["f_slice"] for r in ranks] == [f_slice(f, k, du.WORLD) for k in range(du.WORLD)]
+        for r in ranks:  # every rank holds the full output and the full replicated gradients
+            assert_close(f"{case}: y", r[i]["y"], y.detach(), tol)
+            assert r[i]["grads"].keys() == want.keys()
+            for name, g in want.items():
+                assert_close(f"{case}: d{name}", r[i]["grads"][name], g, tol)
+
+
+def test_tensor_parallel_training_matches_one_process(ext, gen, tmp_path):
+    seed = _seed(gen)
+    losses, init, final = du.train_single(seed)
+    ranks = _spawn(tmp_path, "tp_train", seed)
+    for r in ranks:
+        _assert_same_training(r, losses, init, final, TOL32)
+    # Replicated parameters see identical gradients on every rank (the all-reduce hands every
+    # rank the same sum), so they stay bitwise equal without any further synchronisation.
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between the ranks"
+
+
+def test_f_slice_covers_f():
+    for f in (2, 7, 10, 64):
+        for world in (1, 2, 3):
+            if f < world:
+                continue
+            bounds = [f_slice(f, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == f
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    with pytest.raises(ValueError, match="d_ff"):
+        f_slice(1, 0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        f_slice(8, 2, 2)
+
+
+def test_tensor_parallel_needs_a_process_group(ext):
+    from lory_torch.parallel import TensorParallelLoryMoEFFN
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="process group"):
+        TensorParallelLoryMoEFFN(8, 16, 2)
