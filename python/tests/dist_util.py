@@ -15,7 +15,15 @@ import lory_torch
 # Tiny shapes (CI on two shared cores): L is not a multiple of T, E = 3 does not divide by two
 # ranks (FSDP2 pads the expert dimension), f = 10 splits evenly, f = 7 would not (TP tests both).
 VOCAB, D, F_DIM, E, T, L = 23, 8, 10, 3, 4, 10
-GLOBAL_BATCH, STEPS, LR, MOMENTUM = 4, 3, 0.2, 0.9
+GLOBAL_BATCH, STEPS = 4, 3
+
+
+def make_optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.2, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=0.01)
+    raise ValueError(f"unknown optimizer {name!r}")
 WORLD = 2
 
 
@@ -63,11 +71,11 @@ def lm_loss(model, tokens):
     return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
-def train_single(seed: int, f: int = F_DIM):
+def train_single(seed: int, opt_name: str = "sgd", f: int = F_DIM):
     """The baseline: one process, the full batch. Returns (losses, initial params, final params)."""
     model = make_model(seed, f)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    opt = make_optimizer(opt_name, model.parameters())
     losses = []
     for tokens in make_batches(seed):
         opt.zero_grad()
@@ -127,11 +135,11 @@ def _global_mean(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-def ddp_body(rank, world, seed):
+def ddp_body(rank, world, seed, opt_name):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model(seed))
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    opt = make_optimizer(opt_name, model.parameters())
     per = GLOBAL_BATCH // world
     losses = []
     for tokens in make_batches(seed):
@@ -144,16 +152,21 @@ def ddp_body(rank, world, seed):
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.module.named_parameters()}}
 
 
-def fsdp_body(rank, world, seed):
+def fsdp_body(rank, world, seed, opt_name, expert_dim):
+    """expert_dim: the dimension fully_shard splits the [E, ., .] expert tensors along (0: the
+    default, experts; 1: f for W_g / W_u, d for W_d)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
     model = make_model(seed)
     mesh = init_device_mesh("cpu", (world,))
-    fully_shard(model.block, mesh=mesh)  # one unit per transformer block: its experts gathered together
+    placement = (lambda p: Shard(expert_dim) if p.dim() == 3 else None)
+    # One unit per transformer block: all experts of the block are gathered together.
+    fully_shard(model.block, mesh=mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh)  # the root: embedding, final norm, head
-    local_expert_rows = model.block.ffn.W_g.to_local().shape[0]
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    local_expert_shape = tuple(model.block.ffn.W_g.to_local().shape)
+    opt = make_optimizer(opt_name, model.parameters())
     per = GLOBAL_BATCH // world
     losses = []
     for tokens in make_batches(seed):
@@ -163,7 +176,7 @@ def fsdp_body(rank, world, seed):
         opt.step()
         losses.append(_global_mean(loss.item()))
     params = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
-    return {"losses": losses, "params": params, "local_expert_rows": local_expert_rows}
+    return {"losses": losses, "params": params, "local_expert_shape": local_expert_shape}
 
 
 def tp_layer_body(rank, world, cases):
@@ -195,7 +208,7 @@ def tp_layer_body(rank, world, cases):
     return out
 
 
-def tp_train_body(rank, world, seed):
+def tp_train_body(rank, world, seed, opt_name):
     """TinyLM with its Lory FFN split over f; every rank trains on the full batch."""
     import torch.distributed as dist
 
@@ -203,7 +216,7 @@ def tp_train_body(rank, world, seed):
 
     model = make_model(seed)
     model.block.ffn = TensorParallelLoryMoEFFN.from_module(model.block.ffn)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    opt = make_optimizer(opt_name, model.parameters())
     losses = []
     for tokens in make_batches(seed):
         opt.zero_grad()
