@@ -18,14 +18,12 @@ gradients. Both sums happen in the backward of `copy_to_group` below, applied to
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from . import MERGE_BACKWARD_METHODS, MODES, LoryMoEFFN, moe_ffn
+from . import LoryMoEFFN, moe_ffn
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -82,59 +80,47 @@ def f_slice(d_ff: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-class TensorParallelLoryMoEFFN(nn.Module):
+class TensorParallelLoryMoEFFN(LoryMoEFFN):
     """LoryMoEFFN with the FFN dimension f split over a process group.
 
     Rank r holds rows [f_start, f_stop) of W_g and W_u ([E, f_r, d]) and the same columns of W_d
-    ([E, d, f_r]); the router W_r [E, d] is replicated. The input x (and, with routing="given",
-    the routing weights) must be the same on every rank, and the output is the same on every
-    rank. After backward, x.grad, W_r.grad and the routing weights' gradient are the full
-    (summed) gradients on every rank, and each rank's expert gradients are those of its slice:
-    no further gradient synchronisation is needed within the group.
+    ([E, d, f_r]); the router W_r [E, d] is replicated; d_ff is the full f. The input x (and,
+    with routing="given", the routing weights) must be the same on every rank, and the output is
+    the same on every rank. After backward, x.grad, W_r.grad and the routing weights' gradient
+    are the full (summed) gradients on every rank, and each rank's expert gradients are those of
+    its slice: no further gradient synchronisation is needed within the group.
 
     Communication per call: the forward all-reduces y ([B, L, d]); the backward all-reduces dx
     ([B, L, d]) and dW_r ([E, d]) (routing="given": the routing weights' gradient, [B, N, E]).
 
     Build it from a full layer with from_module() (every rank passes the same module), or
-    directly: each rank then initialises its slice like LoryMoEFFN (fan-in d for W_g / W_u, the
-    full d_ff for W_d) and W_r is broadcast from the group's first rank.
+    directly: each rank then initialises its slice with the full layer's bounds (fan-in d for
+    W_g / W_u, the full d_ff for W_d) and W_r is broadcast from the group's first rank.
+    build_cache() / decode() work as in LoryMoEFFN: each rank caches the merged slices, and
+    decode() sums the partial outputs.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, routing: str = "causal",
                  segment_len: int = 256, group=None, device=None, dtype=None, max_chunk_segments: int = 0,
                  workspace_budget_bytes: int = 0, merge_backward: str = "auto"):
-        super().__init__()
-        if routing not in MODES:
-            raise ValueError(f"routing must be one of {MODES}, got {routing!r}")
-        if merge_backward not in MERGE_BACKWARD_METHODS:
-            raise ValueError(f"merge_backward must be one of {MERGE_BACKWARD_METHODS}, got {merge_backward!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TensorParallelLoryMoEFFN needs an initialised torch.distributed process group")
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.f_start, self.f_stop = f_slice(d_ff, self.rank, self.world_size)
-        f_local = self.f_stop - self.f_start
-        kw = {"device": device, "dtype": dtype}
-        self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
-        self.routing, self.segment_len = routing, segment_len
-        self.max_chunk_segments, self.workspace_budget_bytes = max_chunk_segments, workspace_budget_bytes
-        self.merge_backward = merge_backward
-        self.W_r = None if routing == "given" else nn.Parameter(torch.empty(num_experts, d_model, **kw))
-        self.W_g = nn.Parameter(torch.empty(num_experts, f_local, d_model, **kw))
-        self.W_u = nn.Parameter(torch.empty(num_experts, f_local, d_model, **kw))
-        self.W_d = nn.Parameter(torch.empty(num_experts, d_model, f_local, **kw))
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        f_start, f_stop = f_slice(d_ff, rank, world_size)
+        # LoryMoEFFN sizes the expert tensors by its d_ff: give it this rank's slice, then record
+        # the full d_ff (W_d's init bound, extra_repr) and initialise again with it.
+        super().__init__(d_model, f_stop - f_start, num_experts, routing, segment_len, device=device, dtype=dtype,
+                         max_chunk_segments=max_chunk_segments, workspace_budget_bytes=workspace_budget_bytes,
+                         merge_backward=merge_backward)
+        self.d_ff = d_ff
+        self.group, self.rank, self.world_size = group, rank, world_size
+        self.f_start, self.f_stop = f_start, f_stop
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # The bounds of the full layer (LoryMoEFFN.reset_parameters): fan-in d, and the full d_ff for W_d.
-        for W, fan_in in ((self.W_r, self.d_model), (self.W_g, self.d_model), (self.W_u, self.d_model),
-                          (self.W_d, self.d_ff)):
-            if W is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                W.uniform_(-bound, bound)
-        if self.W_r is not None:
+        super().reset_parameters()
+        if self.W_r is not None and hasattr(self, "group"):  # LoryMoEFFN.__init__ calls this before the group is set
             dist.broadcast(self.W_r.data, src=dist.get_global_rank(self.group or dist.group.WORLD, 0),
                            group=self.group)
 
@@ -142,8 +128,8 @@ class TensorParallelLoryMoEFFN(nn.Module):
     def from_module(cls, module: LoryMoEFFN, group=None) -> "TensorParallelLoryMoEFFN":
         """This rank's share of a full LoryMoEFFN (copies; the module is left as it is). Every rank
         must pass the same weights (for example, the same seed before building the model)."""
-        if not isinstance(module, LoryMoEFFN):
-            raise TypeError(f"module must be a lory_torch.LoryMoEFFN, got {type(module).__name__}")
+        if not isinstance(module, LoryMoEFFN) or isinstance(module, TensorParallelLoryMoEFFN):
+            raise TypeError(f"module must be a (full) lory_torch.LoryMoEFFN, got {type(module).__name__}")
         W = module.W_g
         tp = cls(module.d_model, module.d_ff, module.num_experts, module.routing, module.segment_len, group,
                  device=W.device, dtype=W.dtype, max_chunk_segments=module.max_chunk_segments,
@@ -158,9 +144,7 @@ class TensorParallelLoryMoEFFN(nn.Module):
         return tp
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_ff={self.d_ff} (this rank: [{self.f_start}, {self.f_stop})), "
-                f"num_experts={self.num_experts}, routing={self.routing!r}, segment_len={self.segment_len}, "
-                f"world_size={self.world_size}")
+        return super().extra_repr() + f", f slice [{self.f_start}, {self.f_stop}) of {self.world_size} ranks"
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (routing_weights is not None) != (self.routing == "given"):
@@ -170,3 +154,7 @@ class TensorParallelLoryMoEFFN(nn.Module):
                             self.routing, self.segment_len, copy_to_group(routing_weights, g),
                             self.max_chunk_segments, self.workspace_budget_bytes, self.merge_backward)
         return reduce_from_group(y_partial, g)
+
+    @torch.no_grad()
+    def decode(self, x_t: torch.Tensor, cache) -> torch.Tensor:
+        return reduce_from_group(super().decode(x_t, cache), self.group)

@@ -40,10 +40,10 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """embedding -> pre-norm residual block with a causal-routed Lory FFN -> norm -> head."""
 
-    def __init__(self, f: int = F_DIM):
+    def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, D)
-        self.block = Block(lory_torch.LoryMoEFFN(D, f, E, routing="causal", segment_len=T))
+        self.block = Block(lory_torch.LoryMoEFFN(D, F_DIM, E, routing="causal", segment_len=T))
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, VOCAB, bias=False)
         with torch.no_grad():  # LayerNorm starts at (1, 0): make its parameters matter as well
@@ -55,9 +55,9 @@ class TinyLM(nn.Module):
         return self.head(self.norm(self.block(self.emb(tokens))))
 
 
-def make_model(seed: int, f: int = F_DIM) -> TinyLM:
+def make_model(seed: int) -> TinyLM:
     torch.manual_seed(seed)
-    return TinyLM(f)
+    return TinyLM()
 
 
 def make_batches(seed: int, batch: int = GLOBAL_BATCH):
@@ -71,18 +71,26 @@ def lm_loss(model, tokens):
     return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
-def train_single(seed: int, opt_name: str = "sgd", f: int = F_DIM):
-    """The baseline: one process, the full batch. Returns (losses, initial params, final params)."""
-    model = make_model(seed, f)
-    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+def train(model, seed: int, opt_name: str, rank: int = 0, shards: int = 1):
+    """STEPS optimizer steps on this rank's share (rows rank / shards) of each batch; returns the
+    loss of every step averaged over the shards (the full batch's loss: equal token counts)."""
     opt = make_optimizer(opt_name, model.parameters())
+    per = GLOBAL_BATCH // shards
     losses = []
     for tokens in make_batches(seed):
         opt.zero_grad()
-        loss = lm_loss(model, tokens)
+        loss = lm_loss(model, tokens[rank * per:(rank + 1) * per])
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(_global_mean(loss.item()) if shards > 1 else loss.item())
+    return losses
+
+
+def train_single(seed: int, opt_name: str = "sgd"):
+    """The baseline: one process, the full batch. Returns (losses, initial params, final params)."""
+    model = make_model(seed)
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    losses = train(model, seed, opt_name)
     return losses, init, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
@@ -139,16 +147,8 @@ def ddp_body(rank, world, seed, opt_name):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model(seed))
-    opt = make_optimizer(opt_name, model.parameters())
-    per = GLOBAL_BATCH // world
-    losses = []
-    for tokens in make_batches(seed):
-        opt.zero_grad()
-        # Equal token counts per rank: DDP's gradient average is the full batch's mean gradient.
-        loss = lm_loss(model, tokens[rank * per:(rank + 1) * per])
-        loss.backward()
-        opt.step()
-        losses.append(_global_mean(loss.item()))
+    # Equal token counts per rank: DDP's gradient average is the full batch's mean gradient.
+    losses = train(model, seed, opt_name, rank, world)
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.module.named_parameters()}}
 
 
@@ -166,15 +166,7 @@ def fsdp_body(rank, world, seed, opt_name, expert_dim):
     fully_shard(model.block, mesh=mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh)  # the root: embedding, final norm, head
     local_expert_shape = tuple(model.block.ffn.W_g.to_local().shape)
-    opt = make_optimizer(opt_name, model.parameters())
-    per = GLOBAL_BATCH // world
-    losses = []
-    for tokens in make_batches(seed):
-        opt.zero_grad()
-        loss = lm_loss(model, tokens[rank * per:(rank + 1) * per])
-        loss.backward()
-        opt.step()
-        losses.append(_global_mean(loss.item()))
+    losses = train(model, seed, opt_name, rank, world)
     params = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
     return {"losses": losses, "params": params, "local_expert_shape": local_expert_shape}
 
@@ -203,7 +195,10 @@ def tp_layer_body(rank, world, cases):
             grads["gw"] = gw.grad
         else:
             grads["W_r"] = tp.W_r.grad
-        out.append({"y": y.detach(), "grads": grads, "f_slice": (tp.f_start, tp.f_stop)})
+        res = {"y": y.detach(), "grads": grads, "f_slice": (tp.f_start, tp.f_stop)}
+        if routing != "given":  # inference: each rank caches its merged slices, decode sums them
+            res["decoded"] = tp.decode(x[:, -1].detach(), tp.build_cache(x[:, :-1].detach()))
+        out.append(res)
     dist.barrier()
     return out
 
@@ -216,14 +211,7 @@ def tp_train_body(rank, world, seed, opt_name):
 
     model = make_model(seed)
     model.block.ffn = TensorParallelLoryMoEFFN.from_module(model.block.ffn)
-    opt = make_optimizer(opt_name, model.parameters())
-    losses = []
-    for tokens in make_batches(seed):
-        opt.zero_grad()
-        loss = lm_loss(model, tokens)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, seed, opt_name)  # every rank: the full batch
     params = {}
     for k, v in model.named_parameters():
         v = v.detach()

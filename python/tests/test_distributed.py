@@ -107,8 +107,11 @@ def test_tensor_parallel_layer_matches_one_process(ext, gen, tmp_path):
         tol = TOL64 if dtype == torch.float64 else TOL32
         case = f"{dtype} {routing} f={f}"
         assert [r[i]["f_slice"] for r in ranks] == [f_slice(f, k, du.WORLD) for k in range(du.WORLD)]
+        decoded = None if gw is not None else full.decode(x[:, -1].detach(), full.build_cache(x[:, :-1].detach()))
         for r in ranks:  # every rank holds the full output and the full replicated gradients
             assert_close(f"{case}: y", r[i]["y"], y.detach(), tol)
+            if decoded is not None:
+                assert_close(f"{case}: decode", r[i]["decoded"], decoded, tol)
             assert r[i]["grads"].keys() == want.keys()
             for name, g in want.items():
                 assert_close(f"{case}: d{name}", r[i]["grads"][name], g, tol)
@@ -175,6 +178,8 @@ def test_tensor_parallel_group_of_one_is_the_full_layer(ext, gen):
             assert torch.equal(a, b)
         with pytest.raises(TypeError, match="LoryMoEFFN"):
             TensorParallelLoryMoEFFN.from_module(torch.nn.Linear(4, 4))
+        with pytest.raises(TypeError, match="full"):
+            TensorParallelLoryMoEFFN.from_module(tp)
         with pytest.raises(ValueError, match="routing"):
             TensorParallelLoryMoEFFN(du.D, du.F_DIM, du.E, routing="topk")
         with pytest.raises(ValueError, match="routing_weights"):
