@@ -37,7 +37,7 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()  # the incoming buffer may be shared with other paths
+        grad = grad.clone(memory_format=torch.contiguous_format)  # the incoming buffer may be shared
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
 
@@ -48,7 +48,7 @@ class _ReduceFromGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, group):
-        out = t.contiguous().clone()
+        out = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 

@@ -166,9 +166,18 @@ def fsdp_body(rank, world, seed, opt_name, expert_dim):
     fully_shard(model.block, mesh=mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh)  # the root: embedding, final norm, head
     local_expert_shape = tuple(model.block.ffn.W_g.to_local().shape)
+    # Between the block's forward and its backward the experts are sharded again: the backward
+    # all-gathers them a second time (the op saved the unsharded tensors, whose storage FSDP2
+    # frees and refills). Gradients of this probe step are discarded.
+    loss = lm_loss(model, make_batches(seed)[0][rank:rank + 1])
+    w = model.block.ffn.W_g
+    resharded = hasattr(w, "to_local") and tuple(w.to_local().shape) == local_expert_shape
+    loss.backward()
+    model.zero_grad(set_to_none=True)
     losses = train(model, seed, opt_name, rank, world)
     params = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
-    return {"losses": losses, "params": params, "local_expert_shape": local_expert_shape}
+    return {"losses": losses, "params": params, "local_expert_shape": local_expert_shape,
+            "resharded_after_forward": resharded}
 
 
 def tp_layer_body(rank, world, cases):

@@ -71,6 +71,7 @@ def test_fsdp2_matches_one_process(ext, gen, tmp_path, opt_name, expert_dim):
     # Dim 0: E = 3 experts become 2 + 1 (FSDP2 pads the second rank's shard); dim 1: f = 10 -> 5 + 5.
     want = [(2, du.F_DIM, du.D), (1, du.F_DIM, du.D)] if expert_dim == 0 else [(du.E, 5, du.D)] * 2
     assert [r["local_expert_shape"] for r in ranks] == want
+    assert all(r["resharded_after_forward"] for r in ranks)
     for r in ranks:
         _assert_same_training(r, losses, init, final, TOL32)
 
