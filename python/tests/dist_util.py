@@ -2,6 +2,7 @@
 one-process baseline, and the per-rank bodies run by spawned processes (gloo, loopback only)."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import traceback
@@ -16,6 +17,7 @@ import lory_torch
 # ranks (FSDP2 pads the expert dimension), f = 10 splits evenly, f = 7 would not (TP tests both).
 VOCAB, D, F_DIM, E, T, L = 23, 8, 10, 3, 4, 10
 GLOBAL_BATCH, STEPS = 4, 3
+WORLD = 2
 
 
 def make_optimizer(name: str, params):
@@ -24,7 +26,6 @@ def make_optimizer(name: str, params):
     if name == "adam":
         return torch.optim.Adam(params, lr=0.01)
     raise ValueError(f"unknown optimizer {name!r}")
-WORLD = 2
 
 
 class Block(nn.Module):
@@ -109,7 +110,8 @@ def _entry(rank: int, world: int, port: int, body_name: str, args: tuple, out_di
     torch.set_num_threads(1)
     try:
         lory_torch.load()  # built by the parent already: this only loads the cached library
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # A rank stuck in a collective fails after a minute instead of hanging the test run.
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
         result = BODIES[body_name](rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -255,4 +257,11 @@ def _gather_f(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-BODIES = {"ddp": ddp_body, "fsdp": fsdp_body, "tp_layer": tp_layer_body, "tp_train": tp_train_body}
+def plan_body(rank, world, plan):
+    """Runs several bodies in one pair of processes (starting processes costs more than the
+    tests): plan is a list of (key, body name, args); returns {key: result}."""
+    return {key: BODIES[name](rank, world, *args) for key, name, args in plan}
+
+
+BODIES = {"ddp": ddp_body, "fsdp": fsdp_body, "tp_layer": tp_layer_body, "tp_train": tp_train_body,
+          "plan": plan_body}
