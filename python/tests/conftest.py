@@ -35,6 +35,12 @@ def ext():
     return lory_torch.load()
 
 
+@pytest.fixture(scope="session")
+def session_seed():
+    """The session's seed, for fixtures wider than one test (derive a seed per use from it)."""
+    return _SEED
+
+
 @pytest.fixture
 def gen(request):
     """A CPU generator seeded from the session seed and the test's name (fresh data each run,
