@@ -64,7 +64,7 @@ def _extensions():
         sources=[os.path.relpath(s, ROOT) for s in b.sources(os.path.join(ROOT, CSRC), with_cuda)],
         include_dirs=b.include_dirs(os.path.join(ROOT, "include"), os.path.join(ROOT, CSRC), with_cuda),
         libraries=b.libraries(with_cuda),
-        extra_compile_args={"cxx": b.CFLAGS, "nvcc": b.CUDA_FLAGS} if with_cuda else {"cxx": b.CFLAGS},
+        extra_compile_args={"cxx": b.cxx_flags(with_cuda), "nvcc": b.CUDA_FLAGS} if with_cuda else {"cxx": b.cxx_flags(with_cuda)},
     )
     return [cpp_extension.CUDAExtension(**kw) if with_cuda else cpp_extension.CppExtension(**kw)]
 

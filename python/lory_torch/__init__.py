@@ -114,7 +114,7 @@ def _jit_build(verbose: bool) -> None:
         name="lory_torch_cuda" if with_cuda else "lory_torch_cpu",
         sources=_build.sources(csrc, with_cuda),
         extra_include_paths=_build.include_dirs(os.path.join(_REPO, "include"), csrc, with_cuda),
-        extra_cflags=_build.CFLAGS,
+        extra_cflags=_build.cxx_flags(with_cuda),
         extra_cuda_cflags=_build.CUDA_FLAGS,
         extra_ldflags=["-l" + lib for lib in _build.libraries(with_cuda)],
         with_cuda=with_cuda,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sysconfig
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
 CFLAGS = ["-O2", "-Wno-unused-parameter"]
@@ -37,24 +36,6 @@ def sources(csrc: str, with_cuda: bool) -> list[str]:
     return found
 
 
-def cuda_fp16_include() -> list[str]:
-    """lory/dtype.hpp includes cuda_fp16.h and cuda_bf16.h even on the host: find them in the
-    CUDA toolkit or, failing that, in the nvidia-cuda-runtime wheel PyTorch depends on."""
-    from torch.utils import cpp_extension
-
-    roots = []
-    if cpp_extension.CUDA_HOME:
-        roots.append(os.path.join(cpp_extension.CUDA_HOME, "include"))
-    site = sysconfig.get_paths()["purelib"]
-    roots += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    roots += sorted(glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "include")))
-    for r in roots:
-        if os.path.exists(os.path.join(r, "cuda_bf16.h")):
-            return [r]
-    raise RuntimeError("lory_torch: cuda_fp16.h / cuda_bf16.h not found (install the CUDA toolkit "
-                       "or the nvidia-cuda-runtime wheel)")
-
-
 def default_arch_list() -> None:
     """A compile-only CUDA build (no GPU to ask) targets A100 and H100/H200 unless told otherwise."""
     import torch
@@ -64,7 +45,13 @@ def default_arch_list() -> None:
 
 
 def include_dirs(repo_include: str, csrc: str, with_cuda: bool) -> list[str]:
-    return [repo_include, csrc] + ([] if with_cuda else cuda_fp16_include())
+    return [repo_include, csrc]
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    """A C++-only build compiles lory's host-only headers (LORY_HOST_ONLY: lory's own 16-bit
+    types, bit-compatible with at::Half / at::BFloat16), so it needs no CUDA header at all."""
+    return CFLAGS + ([] if with_cuda else ["-DLORY_HOST_ONLY=1"])
 
 
 def libraries(with_cuda: bool) -> list[str]:

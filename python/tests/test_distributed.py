@@ -5,11 +5,12 @@ Tolerances: every comparison is float32 against float32 (or float64 against floa
 a different order. Data parallelism regroups sums over the batch (each rank's partial gradient,
 then the all-reduce) and tensor parallelism regroups sums over f (two partial outputs, then the
 all-reduce), so results agree to rounding, not bitwise. The shapes are tiny (sums of at most a
-few dozen terms): measured errors are at most ~1e-6 in float32 (~8 float32 epsilons; Adam's
-normalised steps amplify rounding most) after three steps, and ~2e-15 in float64. We compare
-parameter updates (final - initial), not the parameters themselves, so a small wrong gradient
-cannot hide under the initial values, and allow TOL32 = 1e-5 (~80 epsilons, a 10x margin for
-other seeds) and TOL64 = 1e-12: a missing gradient sum or average, a router gradient taken from
+few dozen terms): measured errors are mostly ~1e-6 in float32 after three steps, and ~2e-15 in
+float64. The router's update is the worst case: its gradient sums terms of both signs over the
+experts (it sums to zero over them), so its rounding relative to its own norm is larger; one seed
+in a few dozen gave 1.3e-5 on FSDP2's router update. We compare parameter updates (final - initial),
+not the parameters themselves, so a small wrong gradient cannot hide under the initial values, and
+allow TOL32 = 5e-5 and TOL64 = 1e-12: a missing gradient sum or average, a router gradient taken from
 one rank's share only, or a wrong slice gives errors from 4e-4 (after training) to 1.
 """
 import zlib
@@ -28,7 +29,7 @@ pytestmark = [
                        reason="torch.distributed with the gloo backend is not available in this torch build"),
 ]
 
-TOL32 = 1e-5
+TOL32 = 5e-5
 TOL64 = 1e-12
 
 
