@@ -314,3 +314,338 @@ def test_hf_tokenizer_wrapper(tmp_path):
     assert h2.encode_batch(["def the"])[0].tolist() == ids.tolist() and h2.vocab_size == len(tok)
     with pytest.raises(ValueError, match="separator_id = 999"):
         HFTokenizer(tok, separator_id=999)
+
+
+# --------------------------------------------------------------------------- the ops (binding)
+
+from lory_torch.batching import PackedSequenceDataset, build_packed_dataset, ops  # noqa: E402
+from lory_torch.batching.__main__ import main as cli_main  # noqa: E402
+
+
+def _ref_order(ids, sims, max_chain_len=0):
+    """The greedy walk in plain Python: starts at the unvisited doc of minimum degree (ties: lower
+    id), steps to the unvisited neighbour of highest similarity (ties: lower id), jumps when stuck
+    or when the chain holds max_chain_len docs."""
+    n, k = ids.shape
+    deg = np.zeros(n, dtype=np.int64)
+    for r in range(n):
+        for t in ids[r]:
+            if t < 0:
+                break
+            deg[r] += 1
+            deg[t] += 1
+    starts = sorted(range(n), key=lambda d: (deg[d], d))
+    seen = np.zeros(n, dtype=bool)
+    order, chains = [], [0]
+    for s in starts:
+        if seen[s]:
+            continue
+        c, length = s, 1
+        seen[c] = True
+        order.append(c)
+        while not max_chain_len or length < max_chain_len:
+            best, bs = -1, None
+            for t, v in zip(ids[c], sims[c]):
+                if t < 0:
+                    break
+                if not seen[t] and (best < 0 or v > bs or (v == bs and t < best)):
+                    best, bs = t, v
+            if best < 0:
+                break
+            c = best
+            seen[c] = True
+            order.append(c)
+            length += 1
+        chains.append(len(order))
+    return np.array(order), np.array(chains)
+
+
+@pytest.fixture(scope="session")
+def graph(tfidf_emb):
+    return knn_torch(tfidf_emb, 10)
+
+
+@pytest.mark.parametrize("max_chain_len", [0, 5])
+def test_similarity_order_matches_python_walk(ext, graph, max_chain_len):
+    ids, sims = graph
+    order, dropped, chains = ops.similarity_order(ids, sims, max_chain_len=max_chain_len)
+    ref, ref_chains = _ref_order(ids, sims, max_chain_len)
+    assert np.array_equal(order, ref) and np.array_equal(chains, ref_chains)
+    assert dropped.size == 0 and np.array_equal(np.sort(order), np.arange(len(ids)))
+
+
+def test_similarity_order_reads_strided_int32_and_memmapped_graphs(ext, graph, tmp_path):
+    ids, sims = graph
+    want = ops.similarity_order(ids, sims)[0]
+    # a FAISS-style search that returns each doc as its own first neighbour: a view one column in
+    with_self_ids = np.concatenate([np.arange(len(ids))[:, None], ids], 1)
+    with_self_sims = np.concatenate([np.ones((len(ids), 1), np.float32), sims], 1)
+    t_ids, t_sims = torch.from_numpy(with_self_ids)[:, 1:], torch.from_numpy(with_self_sims)[:, 1:]
+    assert not t_ids.is_contiguous()
+    assert np.array_equal(ops.similarity_order(t_ids, t_sims)[0], want)
+    assert np.array_equal(ops.similarity_order(ids.astype(np.int32), sims)[0], want)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "sims.npy", sims)
+    m_ids, m_sims = np.load(tmp_path / "ids.npy", mmap_mode="r"), np.load(tmp_path / "sims.npy", mmap_mode="r")
+    assert isinstance(m_ids, np.memmap)
+    assert np.array_equal(ops.similarity_order(m_ids, m_sims)[0], want)
+
+
+def test_similarity_order_dedup_drops_near_duplicates(ext, texts):
+    docs = texts[:60] + texts[:10]  # ten exact duplicates
+    e = HashedTfidfEmbedder().embed(docs)
+    ids, sims = knn_torch(e, 5)
+    order, dropped, _ = ops.similarity_order(ids, sims, dedup_threshold=0.999)
+    assert dropped.size == 10 and order.size == 60
+    kept = sorted(order.tolist())
+    for i in range(10):  # exactly one copy of each duplicated text survives
+        assert (i in kept) != (60 + i in kept)
+
+
+def test_ops_bad_arguments_name_the_argument(ext, graph):
+    ids, sims = graph
+    bad = ids.copy()
+    bad[4, 0] = 4
+    with pytest.raises(ValueError, match="graph.ids: self loop"):
+        ops.similarity_order(bad, sims)
+    with pytest.raises(ValueError, match="sims must be float32"):
+        ops.similarity_order(ids, sims.astype(np.float64))
+    with pytest.raises(ValueError, match="ids must be int64 or int32"):
+        ops.similarity_order(ids.astype(np.float32), sims)
+    s = sims.copy()
+    s[7, 2] = np.nan
+    with pytest.raises(ValueError, match="graph.sims: NaN"):
+        ops.similarity_order(ids, s)
+    with pytest.raises(ValueError, match="sims has shape"):
+        ops.similarity_order(ids, sims[:, :3])
+    with pytest.raises(ValueError, match="neighbours_used"):
+        ops.similarity_order(ids, sims, neighbours_used=11)
+    with pytest.raises(ValueError, match="start must be"):
+        ops.similarity_order(ids, sims, start="random")
+    with pytest.raises(ValueError, match="options.seq_len"):
+        ops.pack_documents(np.arange(3), np.ones(3, np.int64), 0)
+    with pytest.raises(ValueError, match="a doc appears twice"):
+        ops.pack_documents(np.array([0, 0]), np.ones(3, np.int64), 4)
+    with pytest.raises(ValueError, match="doc_token_counts must be int64"):
+        ops.pack_documents(np.arange(3), np.ones(3, np.int32), 4)
+    p = ops.pack_documents(np.arange(3), np.full(3, 5, np.int64), 4, separator=9)
+    toks = np.arange(15, dtype=np.uint16)
+    offs = np.arange(0, 16, 5, dtype=np.int64)
+    with pytest.raises(ValueError, match="out has dtype"):
+        ops.write_token_sequences(p.ranges, p.seq_offsets, toks, offs, 4, 9, "split", "pad", 0,
+                                  np.zeros(p.output_tokens, np.uint32))
+    with pytest.raises(ValueError, match="out_capacity"):
+        ops.write_token_sequences(p.ranges, p.seq_offsets, toks, offs, 4, 9, "split", "pad", 0,
+                                  np.zeros(p.output_tokens - 1, np.uint16))
+    with pytest.raises(ValueError, match="doc_offsets ends at 15 but tokens holds 14"):
+        ops.write_token_sequences(p.ranges, p.seq_offsets, toks[:14], offs, 4, 9, "split", "pad", 0,
+                                  np.zeros(p.output_tokens, np.uint16))
+    out = np.full(p.output_tokens, 7, np.uint16)
+    with pytest.raises(ValueError, match="separator"):
+        ops.write_token_sequences(p.ranges, p.seq_offsets, toks, offs, 4, 70000, "split", "pad", 0, out)
+    assert (out == 7).all()  # nothing written on failure
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _check_packed(path, texts, seq_len, leftover="pad"):
+    """Every kept token exactly once, in its document's order, one separator after each document,
+    rows of seq_len tokens, the Dataset's items equal to the token files."""
+    ds = PackedSequenceDataset(str(path), return_docs=True)
+    idx = ds.index
+    sep, pad = idx["separator_id"], idx["pad_id"]
+    p = ds.pieces()
+    toks = ByteTokenizer().encode_batch(texts)
+    rows = [np.asarray(ds.tokens(i)) for i in range(len(ds))]
+    assert all(r.size == seq_len for r in rows[:-1]) and (leftover == "keep" or rows[-1].size == seq_len)
+    seen = {}
+    for s, row in enumerate(rows):
+        item = ds[s]
+        assert item["tokens"].dtype == torch.int64 and np.array_equal(item["tokens"].numpy(), row)
+        pos = 0
+        for d, st, ln, has_sep in zip(item["doc_ids"].tolist(), item["starts"].tolist(), item["lengths"].tolist(),
+                                      item["separators"].tolist()):
+            assert st == pos
+            nt = ln - has_sep
+            begin = seen.get(d, 0)
+            assert np.array_equal(row[pos: pos + nt], toks[d][begin: begin + nt])  # the doc's next tokens
+            seen[d] = begin + nt
+            if has_sep:
+                assert row[pos + nt] == sep and seen[d] == len(toks[d])  # separator right after the doc's end
+                seen[d] = -1 - seen[d]  # closed
+            pos += ln
+        assert (row[pos:] == pad).all()
+        assert not (row[:pos] == pad).any()
+    # Every placed document complete (its tokens, then one separator), except with leftover "drop":
+    # there the documents cut short are the last ones of the order and their missing tokens are
+    # exactly the dropped leftover.
+    placed = p["order"].tolist()
+    assert set(seen) <= set(placed)
+    incomplete, missing = [], 0
+    for i, d in enumerate(placed):
+        if seen.get(d) == -1 - len(toks[d]):
+            continue
+        incomplete.append(i)
+        missing += len(toks[d]) + 1 - seen.get(d, 0)
+    if leftover == "drop":
+        assert incomplete == list(range(len(placed) - len(incomplete), len(placed)))
+        assert missing == idx["tokens"]["dropped_leftover"]
+    else:
+        assert not incomplete and idx["tokens"]["dropped_leftover"] == 0
+    assert sum(len(toks[d]) for d in placed) + len(placed) == idx["tokens"]["packed"] + idx["tokens"]["dropped_leftover"]
+    return ds
+
+
+@pytest.mark.parametrize("knn_backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_end_to_end_invariants(ext, texts, tmp_path, knn_backend):
+    L = 512
+    r = build_packed_dataset(texts, str(tmp_path / "p"), seq_len=L, k=8, knn=knn_backend, show_progress=False)
+    assert r.index["knn"]["backend"] == knn_backend and r.index["count"] == len(PackedSequenceDataset(str(tmp_path / "p")))
+    assert set(r.timings) == {"read", "embed", "knn", "order", "tokenize", "pack", "write"}
+    _check_packed(tmp_path / "p", texts, L)
+    assert r.index["num_placed"] == len(texts) and r.index["dtype"] == "uint16"
+
+
+@pytest.mark.parametrize("boundary,leftover", [("move", "keep"), ("split", "drop"), ("move", "pad")])
+def test_end_to_end_packing_options_and_shards(ext, texts, tmp_path, boundary, leftover):
+    sub = texts[:120]
+    r = build_packed_dataset(sub, str(tmp_path / "p"), seq_len=700, k=5, knn="torch", boundary=boundary,
+                             leftover=leftover, shard_seqs=17, max_chain_len=6, merge_short_chains=True,
+                             show_progress=False)
+    assert len(r.index["shards"]) == -(-r.index["count"] // 17) > 1
+    _check_packed(tmp_path / "p", sub, 700, leftover)
+
+
+def test_dataset_in_a_dataloader(ext, texts, tmp_path):
+    import pickle
+
+    build_packed_dataset(texts[:50], str(tmp_path / "p"), seq_len=256, k=4, order="random", show_progress=False)
+    ds = PackedSequenceDataset(str(tmp_path / "p"))
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))  # memmaps are reopened, not pickled
+    batch = next(iter(torch.utils.data.DataLoader(clone, batch_size=4)))
+    assert batch.shape == (4, 256) and batch.dtype == torch.int64
+    assert torch.equal(batch[1], ds[1]) and torch.equal(ds[-1], ds[len(ds) - 1])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def _same_domain_adjacent(index_path, domains):
+    """Fraction of consecutive documents (in packing order) that share a domain."""
+    with np.load(os.path.join(index_path, "pieces.npz")) as z:
+        order = z["order"]
+    d = np.asarray(domains)[order]
+    return float((d[1:] == d[:-1]).mean())
+
+
+def test_similarity_batching_groups_domains_more_than_random(ext, docs, texts, tmp_path):
+    domains = [x["domain"] for x in docs]
+    build_packed_dataset(texts, str(tmp_path / "sim"), seq_len=1024, k=10, knn="torch", show_progress=False)
+    build_packed_dataset(texts, str(tmp_path / "rnd"), seq_len=1024, order="random", seed=3, show_progress=False)
+    sim = _same_domain_adjacent(str(tmp_path / "sim"), domains)
+    rnd = _same_domain_adjacent(str(tmp_path / "rnd"), domains)
+    chance = sum((np.asarray(domains) == d).mean() ** 2 for d in set(domains))
+    assert abs(rnd - chance) < 0.12, (rnd, chance)
+    assert sim > 0.8 and sim > rnd + 0.4, (sim, rnd)
+    # ... and inside training sequences: the documents sharing a sequence share a domain far more often.
+    def within(path):
+        ds = PackedSequenceDataset(str(path), return_docs=True)
+        pairs = same = 0
+        for i in range(len(ds)):
+            ids = ds[i]["doc_ids"].tolist()
+            for a, b in zip(ids[:-1], ids[1:]):
+                pairs += 1
+                same += domains[a] == domains[b]
+        return same / max(pairs, 1)
+    assert within(tmp_path / "sim") > within(tmp_path / "rnd") + 0.4
+
+
+def _files(path):
+    return {f: (path / f).read_bytes() for f in sorted(os.listdir(path))}
+
+
+def test_builds_are_deterministic(ext, texts, tmp_path):
+    for name in ("a", "b"):
+        build_packed_dataset(texts[:200], str(tmp_path / name), seq_len=300, k=6, show_progress=False,
+                             dedup_threshold=0.98)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert list(a) == ["index.json", "pieces.npz", "tokens-00000.bin"] and a == b
+    build_packed_dataset(texts[:200], str(tmp_path / "r1"), seq_len=300, order="random", seed=5, show_progress=False)
+    build_packed_dataset(texts[:200], str(tmp_path / "r2"), seq_len=300, order="random", seed=5, show_progress=False)
+    build_packed_dataset(texts[:200], str(tmp_path / "r3"), seq_len=300, order="random", seed=6, show_progress=False)
+    assert _files(tmp_path / "r1") == _files(tmp_path / "r2") != _files(tmp_path / "r3")
+
+
+def test_pipeline_bad_inputs(ext, texts, tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match="seq_len must be a positive integer"):
+        build_packed_dataset(texts[:5], out, seq_len=0)
+    with pytest.raises(ValueError, match="seq_len"):
+        build_packed_dataset(texts[:5], out, seq_len=-4)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        build_packed_dataset(texts[:5], out, k=0)
+    with pytest.raises(ValueError, match="corpus is empty"):
+        build_packed_dataset([], out)
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="has no field 'text'"):
+        build_packed_dataset(str(p), out)
+    p.write_text("")
+    with pytest.raises(ValueError, match="holds no document"):
+        build_packed_dataset(str(p), out)
+    nan = np.ones((5, 4), np.float32)
+    nan[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf in 1 row"):
+        build_packed_dataset(texts[:5], out, embeddings=nan)
+    with pytest.raises(ValueError, match="floating point"):
+        build_packed_dataset(texts[:5], out, embeddings=np.ones((5, 4), np.int64))
+    with pytest.raises(ValueError, match="5 documents"):
+        build_packed_dataset(texts[:5], out, embeddings=np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match="strings only"):
+        build_packed_dataset([b"bytes"], out)
+    with pytest.raises(ValueError, match="order must be"):
+        build_packed_dataset(texts[:5], out, order="sorted")
+    with pytest.raises(ValueError, match="merge_short_chains needs max_chain_len"):
+        build_packed_dataset(texts[:5], out, merge_short_chains=True)
+    with pytest.raises(ValueError, match="dedup_threshold"):
+        build_packed_dataset(texts[:5], out, dedup_threshold=float("nan"))
+    assert not os.path.exists(out)  # nothing was written by any of these
+    build_packed_dataset(texts[:5], out, seq_len=64, k=2, show_progress=False)
+    with pytest.raises(ValueError, match="already holds a packed dataset"):
+        build_packed_dataset(texts[:5], out, seq_len=64, k=2, show_progress=False)
+    with pytest.raises(ValueError, match="no index.json"):
+        PackedSequenceDataset(str(tmp_path))
+
+
+def test_single_document_and_empty_documents(ext, tmp_path):
+    r = build_packed_dataset(["only one document"], str(tmp_path / "one"), seq_len=8, k=3, show_progress=False)
+    assert r.index["count"] == 3  # 17 bytes + separator = 18 tokens -> 3 rows of 8 (last padded)
+    _check_packed(tmp_path / "one", ["only one document"], 8)
+    t = ["", "abc", "", "defgh"]
+    build_packed_dataset(t, str(tmp_path / "e"), seq_len=4, k=2, knn="torch", show_progress=False)
+    _check_packed(tmp_path / "e", t, 4)
+
+
+def test_cli(ext, docs, tmp_path, capsys):
+    p = tmp_path / "c.jsonl"
+    corpus_mod.write_jsonl([{"content": x["text"]} for x in docs[:80]], str(p))
+    rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o"), "--seq-len", "600",
+                   "--k", "5", "--knn", "torch", "--max-chain-len", "8", "--dedup-threshold", "0.99", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "80 documents" in out and "total" in out and "embed" in out
+    ds = PackedSequenceDataset(str(tmp_path / "o"))
+    assert ds.index["options"]["max_chain_len"] == 8 and ds.index["options"]["dedup_threshold"] == 0.99
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, x in enumerate(docs[:10]):
+        (folder / f"{i:02d}.txt").write_text(x["text"])
+    rc = cli_main(["--input", str(folder), "--out", str(tmp_path / "o2"), "--seq-len", "128", "--order", "random",
+                   "--no-progress"])
+    assert rc == 0
+    _check_packed(tmp_path / "o2", [docs[i]["text"] for i in range(10)], 128)
+    rc = cli_main(["--input", str(p), "--out", str(tmp_path / "o3"), "--no-progress"])  # no "text" field
+    assert rc == 2 and "has no field 'text'" in capsys.readouterr().err
+    rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o3"), "--k", "0",
+                   "--no-progress"])
+    assert rc == 2 and "k must be a positive integer" in capsys.readouterr().err
