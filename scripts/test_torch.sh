@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Tests lory's PyTorch integration (python/lory_torch): installs PyTorch and pytest from PyPI when
-# `import torch` fails, builds the extension (JIT, torch.utils.cpp_extension) and runs pytest.
+# `import torch` fails, the test dependencies of python/requirements-test.txt (numpy, tqdm,
+# faiss-cpu, transformers) when one of them is missing, builds the extension (JIT,
+# torch.utils.cpp_extension) and runs pytest.
 # Without a GPU (or with LORY_TORCH_CPU_ONLY=1) the extension is built C++-only and the GPU
 # tests are reported as skipped. Prints pytest's summary line last.
 #   usage: scripts/test_torch.sh [extra pytest arguments]
@@ -20,6 +22,10 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   "$py" -m pip install --quiet -r python/requirements.txt
 elif ! "$py" -c "import pytest" >/dev/null 2>&1; then
   "$py" -m pip install --quiet pytest
+fi
+if ! "$py" -c "import numpy, tqdm, faiss, transformers" >/dev/null 2>&1; then
+  echo "== installing the test dependencies (python/requirements-test.txt)"
+  "$py" -m pip install --quiet -r python/requirements-test.txt
 fi
 "$py" -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
 

@@ -510,11 +510,11 @@ def test_end_to_end_invariants(ext, texts, tmp_path, knn_backend):
 @pytest.mark.parametrize("boundary,leftover", [("move", "keep"), ("split", "drop"), ("move", "pad")])
 def test_end_to_end_packing_options_and_shards(ext, texts, tmp_path, boundary, leftover):
     sub = texts[:120]
-    r = build_packed_dataset(sub, str(tmp_path / "p"), seq_len=700, k=5, knn="torch", boundary=boundary,
+    r = build_packed_dataset(sub, str(tmp_path / "p"), seq_len=2000, k=5, knn="torch", boundary=boundary,
                              leftover=leftover, shard_seqs=17, max_chain_len=6, merge_short_chains=True,
                              show_progress=False)
     assert len(r.index["shards"]) == -(-r.index["count"] // 17) > 1
-    _check_packed(tmp_path / "p", sub, 700, leftover)
+    _check_packed(tmp_path / "p", sub, 2000, leftover)
 
 
 def test_dataset_in_a_dataloader(ext, texts, tmp_path):
