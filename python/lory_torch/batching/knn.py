@@ -7,8 +7,9 @@ similarity, with id -1 (and similarity -inf) where a document has fewer than k o
   FLAT_MAX_DOCS documents; above, IVF{nlist},PQ{m} by inner product as In-Context Pretraining did
   (IVF32768,PQ256, nprobe 64 for 50M-vector shards of 768 dims), scaled to the corpus: nlist the
   power of two nearest 4 sqrt(N), m the largest divisor of dim with at least 3 dims per
-  sub-quantiser (256 for 768 dims), nprobe 64 (at most nlist); the k+1 candidates are then re-scored
-  exactly from the embeddings, so the returned similarities are exact inner products.
+  sub-quantiser (256 for 768 dims), nprobe 64 (at most nlist); refine * (k + 1) candidates (refine 4)
+  are then re-scored exactly from the embeddings and the best k kept, so the returned similarities
+  are exact inner products and the PQ error costs little recall.
 * "torch": exact, block-wise matmul + topk in PyTorch with memory bounded by `memory_budget_bytes`
   (query and database blocks; the running top-k is merged block by block).
 * "auto": faiss when importable, else torch.
@@ -111,14 +112,14 @@ def ivfpq_params(n: int, dim: int) -> dict:
     nlist = 1 << max(4, round(math.log2(4 * math.sqrt(n))))
     nlist = min(nlist, 65536, max(16, n // 39))  # k-means wants >= 39 training points per list
     m = max(d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= 3) if dim >= 3 else dim
-    return {"nlist": int(nlist), "m": int(m), "nbits": 8, "nprobe": int(min(64, nlist))}
+    return {"nlist": int(nlist), "m": int(m), "nbits": 8, "nprobe": int(min(64, nlist)), "refine": 4}
 
 
 def knn_faiss(emb, k: int, index: str = "auto", flat_max_docs: int = FLAT_MAX_DOCS,
               ivfpq: Optional[dict] = None, batch_size: int = 16384, use_gpu: bool = True, seed: int = 0,
               show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """kNN with FAISS. index: "flat" (exact), "ivfpq", or "auto" (flat up to flat_max_docs).
-    ivfpq: overrides of ivfpq_params(N, dim) (nlist, m, nbits, nprobe)."""
+    ivfpq: overrides of ivfpq_params(N, dim) (nlist, m, nbits, nprobe, refine)."""
     import faiss
 
     emb = check_embeddings(emb)
@@ -131,6 +132,8 @@ def knn_faiss(emb, k: int, index: str = "auto", flat_max_docs: int = FLAT_MAX_DO
         idx = faiss.IndexFlatIP(dim)
     else:
         p = {**ivfpq_params(n, dim), **(ivfpq or {})}
+        if p["refine"] < 1:
+            raise ValueError(f"ivfpq: refine must be >= 1, got {p['refine']}")
         if dim % p["m"]:
             raise ValueError(f"ivfpq: m = {p['m']} must divide the embedding dim {dim}")
         # "np": no polysemous training (it only serves Hamming pre-filtering, unused here, and
@@ -153,7 +156,7 @@ def knn_faiss(emb, k: int, index: str = "auto", flat_max_docs: int = FLAT_MAX_DO
     steps = range(0, n, batch_size)
     for q0 in progress(steps, total=len(steps), desc=f"knn (faiss {kind})", enabled=show_progress, unit="batch"):
         q = emb[q0: q0 + batch_size]
-        s, i = idx.search(q, kk + 1)
+        s, i = idx.search(q, min(n, (kk + 1) * (p["refine"] if kind == "ivfpq" else 1)))
         rows = np.arange(q0, q0 + q.shape[0])[:, None]
         if kind == "ivfpq":
             # PQ scores are approximate: re-score the candidates exactly and re-sort.
