@@ -28,6 +28,7 @@
 
 #include "lory/batching.hpp"
 #include "lory/status.hpp"
+#include "lory_torch_common.h"
 
 namespace lory_torch {
 namespace {
@@ -40,6 +41,14 @@ using at::Tensor;
 void check_ok(lory::Status s, const char* const* what, const char* op) {
   TORCH_CHECK_VALUE(s == lory::Status::kSuccess, "lory::", op, ": ", *what ? *what : "(no argument named)", ": ",
                     lory::status_string(s));
+}
+
+// int64 output; under LORY_TORCH_POISON=1 (the tests) filled with a value no valid output holds,
+// so an element the library never wrote shows up.
+Tensor new_index_output(at::IntArrayRef sizes) {
+  Tensor t = at::empty(sizes, at::TensorOptions().dtype(at::kLong));
+  if (poison_outputs() && t.numel() > 0) t.fill_(std::numeric_limits<int64_t>::min());
+  return t;
 }
 
 void check_cpu(const Tensor& t, const char* name, const char* op) {
@@ -112,8 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> similarity_order_cpu(const Tensor& ids_in, co
     TORCH_CHECK_VALUE(!std::isnan(*dedup_threshold), "lory::", op, ": dedup_threshold is NaN (pass None to disable)");
     a.options.dedup_threshold = static_cast<float>(*dedup_threshold);
   }
-  const auto i64 = at::TensorOptions().dtype(at::kLong);
-  Tensor order = at::empty({N}, i64), dropped = at::empty({N}, i64), chains = at::empty({N + 1}, i64);
+  Tensor order = new_index_output({N}), dropped = new_index_output({N}), chains = new_index_output({N + 1});
   int64_t num = 0, num_dropped = 0, num_chains = 0;
   a.order_out = order.data_ptr<int64_t>();
   a.num_out = &num;
@@ -147,16 +155,15 @@ std::tuple<Tensor, Tensor, Tensor> pack_documents_cpu(const Tensor& order_in, co
   const char* what = nullptr;
   size_t bytes = 0;
   check_ok(lb::pack_documents(a, nullptr, bytes, &what), &what, op);  // sizes only
-  const auto i64 = at::TensorOptions().dtype(at::kLong);
-  Tensor ranges = at::empty({sizes.num_ranges, 4}, i64);
-  Tensor seq_offsets = at::empty({sizes.num_seqs + 1}, i64);
+  Tensor ranges = new_index_output({sizes.num_ranges, 4});
+  Tensor seq_offsets = new_index_output({sizes.num_seqs + 1});
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
   a.ranges_out = reinterpret_cast<lb::PackedRange*>(ranges.data_ptr<int64_t>());
   a.ranges_capacity = sizes.num_ranges;
   a.seq_offsets_out = seq_offsets.data_ptr<int64_t>();
   a.seq_offsets_capacity = sizes.num_seqs + 1;
   check_ok(lb::pack_documents(a, ws.data_ptr(), bytes, &what), &what, op);
-  Tensor s = at::empty({5}, i64);
+  Tensor s = at::empty({5}, at::TensorOptions().dtype(at::kLong));
   int64_t* p = s.data_ptr<int64_t>();
   p[0] = sizes.num_seqs;
   p[1] = sizes.num_ranges;
