@@ -51,7 +51,7 @@
 // restricted to long chains so the result does not depend on the order chains are visited in.
 //
 // Cost: O(N m) time after the O(N k) validation; the workspace is order_workspace_size(N) bytes
-// (25 bytes per doc plus alignment), independent of k.
+// (about 25 bytes per doc), independent of k.
 //
 // ---- packing (pack_documents, write_token_sequences) -----------------------------------------------
 // Each doc d of the order contributes its counts[d] tokens followed by a separator token when
@@ -267,12 +267,12 @@ inline Status order_can_implement(const OrderArgs& a, const char** what = nullpt
   return validate_graph(a.graph, what);
 }
 
-// Workspace of similarity_order for N docs: a state byte and three int64 per doc.
+// Workspace of similarity_order for N docs: a state byte, a visited bit and three int64 per doc.
 inline size_t order_workspace_size(int64_t num_docs) {
   if (num_docs <= 0) return 0;
   const size_t n = static_cast<size_t>(num_docs);
   using LORY_NS_QUALIFIER::detail::align_up;
-  return align_up(n) + align_up(n * 8) + align_up((n + 2) * 8) + align_up(n * 8);
+  return align_up(n) + align_up((n + 63) / 64 * 8) + align_up(n * 8) + align_up((n + 2) * 8) + align_up(n * 8);
 }
 
 // ================================================================================================
@@ -299,6 +299,7 @@ class OrderWalk {
         thr_(o_.dedup_threshold) {
     LORY_NS_QUALIFIER::detail::WorkspaceCarver c{workspace};
     state_ = c.take<uint8_t>(static_cast<size_t>(N_));
+    visited_ = c.take<uint64_t>(static_cast<size_t>((N_ + 63) / 64));
     deg_ = c.take<int64_t>(static_cast<size_t>(N_));
     count_ = c.take<int64_t>(static_cast<size_t>(N_) + 2);
     by_degree_ = c.take<int64_t>(static_cast<size_t>(N_));
@@ -306,6 +307,7 @@ class OrderWalk {
 
   void run() {
     std::memset(state_, 0, static_cast<size_t>(N_));
+    std::memset(visited_, 0, static_cast<size_t>((N_ + 63) / 64) * 8);
     if (o_.start == OrderOptions::Start::kMinDegree) sort_by_degree();
     walk();
     if (o_.merge_short_chains) merge();
@@ -318,19 +320,31 @@ class OrderWalk {
   const Id* row_ids(int64_t r) const { return ids_ + r * stride_; }
   const float* row_sims(int64_t r) const { return g_.sims + r * stride_; }
   uint8_t status(int64_t d) const { return state_[d] & kStateMask; }
+  // Placed or dropped: the hot test of the walk, on a bitset (N / 8 bytes) that stays in cache
+  // far longer than the state bytes.
+  bool visited(int64_t d) const { return (visited_[d >> 6] >> (d & 63)) & 1u; }
+  void set_visited(int64_t d) { visited_[d >> 6] |= uint64_t{1} << (d & 63); }
 
   // Counting sort of the docs by (min(degree, N), id); degrees >= N only arise from repeated ids
   // and are few (at most m docs), so that last bucket is sorted by (degree, id) directly.
   void sort_by_degree() {
     std::fill(deg_, deg_ + N_, int64_t{0});
+    constexpr int64_t kAhead = 8;  // rows: the increments are random, their cache lines fetched early
     for (int64_t r = 0; r < N_; ++r) {
+#if defined(__GNUC__) || defined(__clang__)
+      if (r + kAhead < N_) {
+        const Id* ahead = row_ids(r + kAhead);
+        for (int64_t j = 0; j < m_ && ahead[j] >= 0; ++j) __builtin_prefetch(deg_ + ahead[j], 1);
+      }
+#endif
       const Id* row = row_ids(r);
-      for (int64_t j = 0; j < m_; ++j) {
-        const int64_t t = static_cast<int64_t>(row[j]);
+      int64_t out = 0;
+      for (; out < m_; ++out) {
+        const int64_t t = static_cast<int64_t>(row[out]);
         if (t < 0) break;
-        ++deg_[r];
         ++deg_[t];
       }
+      deg_[r] += out;
     }
     std::fill(count_, count_ + N_ + 2, int64_t{0});
     for (int64_t d = 0; d < N_; ++d) ++count_[std::min(deg_[d], N_) + 1];
@@ -345,10 +359,10 @@ class OrderWalk {
   // The next start doc (not yet placed or dropped), or -1. The cursor only moves forward: O(N) in all.
   int64_t next_start_candidate() {
     if (o_.start == OrderOptions::Start::kMinDegree) {
-      while (cursor_ < N_ && status(by_degree_[cursor_]) != kUnvisited) ++cursor_;
+      while (cursor_ < N_ && visited(by_degree_[cursor_])) ++cursor_;
       return cursor_ < N_ ? by_degree_[cursor_] : -1;
     }
-    while (cursor_ < N_ && status(cursor_) != kUnvisited) ++cursor_;
+    while (cursor_ < N_ && visited(cursor_)) ++cursor_;
     return cursor_ < N_ ? cursor_ : -1;
   }
 
@@ -363,7 +377,7 @@ class OrderWalk {
       const int64_t t = static_cast<int64_t>(row[j]);
       if (t < 0) break;
       if (best >= 0 && srow[j] < best_sim) break;
-      if (status(t) != kUnvisited) continue;
+      if (visited(t)) continue;
       if (best < 0 || t < best) {
         best = t;
         best_sim = srow[j];
@@ -374,6 +388,7 @@ class OrderWalk {
 
   void drop(int64_t d) {
     state_[d] = (state_[d] & ~kStateMask) | kDropped;
+    set_visited(d);
     if (a_.dropped_out) a_.dropped_out[dropped_] = d;
     ++dropped_;
   }
@@ -396,6 +411,7 @@ class OrderWalk {
 
   void place(int64_t d) {
     state_[d] = (state_[d] & ~kStateMask) | kPlaced;
+    set_visited(d);
     a_.order_out[placed_++] = d;
     if (!dedup_) return;
     const Id* row = row_ids(d);
@@ -403,7 +419,7 @@ class OrderWalk {
     for (int64_t j = 0; j < m_; ++j) {
       const int64_t t = static_cast<int64_t>(row[j]);
       if (t < 0 || !(srow[j] >= thr_)) break;
-      if (status(t) == kUnvisited) drop(t);
+      if (!visited(t)) drop(t);
     }
   }
 
@@ -508,6 +524,7 @@ class OrderWalk {
   const bool dedup_;
   const float thr_;
   uint8_t* state_ = nullptr;
+  uint64_t* visited_ = nullptr;
   int64_t* deg_ = nullptr;
   int64_t* count_ = nullptr;
   int64_t* by_degree_ = nullptr;
