@@ -195,6 +195,13 @@ inline bool bytes_fit(int64_t rows, int64_t cols, int64_t elem) {
          LORY_NS_QUALIFIER::detail::mul_fits(rows * cols, elem);
 }
 
+// Byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte (null or empty ranges never do).
+inline bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  if (!a || !b || a_bytes == 0 || b_bytes == 0) return false;
+  const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + b_bytes && y < x + a_bytes;
+}
+
 template <class Id>
 Status validate_rows(const KnnGraphView& g, const Id* ids, const char** what) {
   const int64_t N = g.num_docs, k = g.k, stride = g.stride();
@@ -257,6 +264,24 @@ inline Status validate_order_options(const OrderArgs& a, const char** what = nul
   if (!a.num_out) return fail(Status::kErrorNullPointer, "num_out", what);
   if (a.chain_offsets_out && !a.num_chains)
     return fail(Status::kErrorNullPointer, "num_chains (required with chain_offsets_out)", what);
+  // The outputs may not overlap one another or the graph.
+  const KnnGraphView& g = a.graph;
+  const size_t n = static_cast<size_t>(g.num_docs) * 8;
+  const size_t entries = static_cast<size_t>(g.num_docs) * static_cast<size_t>(g.stride());
+  const void* ids = g.ids64 ? static_cast<const void*>(g.ids64) : static_cast<const void*>(g.ids32);
+  const size_t id_bytes = entries * (g.ids64 ? 8 : 4);
+  struct Out { const void* p; size_t bytes; const char* name; };
+  const Out outs[] = {{a.order_out, n, "order_out overlaps another output or the graph"},
+                      {a.dropped_out, n, "dropped_out overlaps another output or the graph"},
+                      {a.chain_offsets_out, n + 8, "chain_offsets_out overlaps another output or the graph"}};
+  for (size_t i = 0; i < 3; ++i) {
+    if (detail::overlap(outs[i].p, outs[i].bytes, ids, id_bytes) ||
+        detail::overlap(outs[i].p, outs[i].bytes, g.sims, entries * 4))
+      return fail(Status::kErrorInvalidArgument, outs[i].name, what);
+    for (size_t j = 0; j < i; ++j)
+      if (detail::overlap(outs[i].p, outs[i].bytes, outs[j].p, outs[j].bytes))
+        return fail(Status::kErrorInvalidArgument, outs[i].name, what);
+  }
   return Status::kSuccess;
 }
 
@@ -549,6 +574,11 @@ inline Status similarity_order(const OrderArgs& a, void* workspace, size_t& work
       LORY_NS_QUALIFIER::detail::kCarvedWorkspaceAlign);
   if (ws != Status::kSuccess) return detail::fail(ws, "workspace", what);
   if (size_query) return Status::kSuccess;
+  const size_t n = static_cast<size_t>(a.graph.num_docs) * 8;
+  if (detail::overlap(workspace, workspace_bytes, a.order_out, n) ||
+      detail::overlap(workspace, workspace_bytes, a.dropped_out, n) ||
+      detail::overlap(workspace, workspace_bytes, a.chain_offsets_out, n + 8))
+    return detail::fail(Status::kErrorInvalidArgument, "workspace overlaps an output", what);
   LORY_RETURN_IF_ERROR(validate_graph(a.graph, what));
   auto* base = static_cast<unsigned char*>(workspace);
   if (a.graph.ids64) {
@@ -693,6 +723,19 @@ inline Status pack_documents(const PackArgs& a, void* workspace, size_t& workspa
   if (!a.seq_offsets_out) return fail(Status::kErrorNullPointer, "seq_offsets_out", what);
   if (a.seq_offsets_capacity < sizes.num_seqs + 1)
     return fail(Status::kErrorInvalidSize, "seq_offsets_capacity (smaller than sizes.num_seqs + 1)", what);
+  const size_t range_bytes = static_cast<size_t>(sizes.num_ranges) * sizeof(PackedRange);
+  const size_t offset_bytes = static_cast<size_t>(sizes.num_seqs + 1) * 8;
+  if (detail::overlap(a.ranges_out, range_bytes, a.seq_offsets_out, offset_bytes))
+    return fail(Status::kErrorInvalidArgument, "ranges_out overlaps seq_offsets_out", what);
+  const size_t order_bytes = static_cast<size_t>(a.num_ordered) * 8, count_bytes = static_cast<size_t>(a.num_docs) * 8;
+  if (detail::overlap(a.ranges_out, range_bytes, a.order, order_bytes) ||
+      detail::overlap(a.ranges_out, range_bytes, a.doc_token_counts, count_bytes) ||
+      detail::overlap(a.ranges_out, range_bytes, workspace, workspace_bytes))
+    return fail(Status::kErrorInvalidArgument, "ranges_out overlaps an input or the workspace", what);
+  if (detail::overlap(a.seq_offsets_out, offset_bytes, a.order, order_bytes) ||
+      detail::overlap(a.seq_offsets_out, offset_bytes, a.doc_token_counts, count_bytes) ||
+      detail::overlap(a.seq_offsets_out, offset_bytes, workspace, workspace_bytes))
+    return fail(Status::kErrorInvalidArgument, "seq_offsets_out overlaps an input or the workspace", what);
 
   int64_t n = 0, seqs = 0;
   a.seq_offsets_out[0] = 0;
@@ -764,6 +807,15 @@ Status write_token_sequences(const WriteArgs<Token>& a, const char** what = null
   }
   if (needed > 0 && !a.out) return fail(Status::kErrorNullPointer, "out", what);
   if (a.out_capacity < needed) return fail(Status::kErrorInvalidSize, "out_capacity (smaller than the rows)", what);
+  const size_t out_bytes = static_cast<size_t>(needed) * sizeof(Token);
+  if (a.num_docs > 0 && a.tokens &&
+      detail::overlap(a.out, out_bytes, a.tokens + a.doc_offsets[0],
+                      static_cast<size_t>(a.doc_offsets[a.num_docs] - a.doc_offsets[0]) * sizeof(Token)))
+    return fail(Status::kErrorInvalidArgument, "out overlaps tokens", what);
+  if (detail::overlap(a.out, out_bytes, a.ranges, static_cast<size_t>(a.seq_offsets[a.num_seqs]) * sizeof(PackedRange)) ||
+      detail::overlap(a.out, out_bytes, a.seq_offsets, static_cast<size_t>(a.num_seqs + 1) * 8) ||
+      detail::overlap(a.out, out_bytes, a.doc_offsets, static_cast<size_t>(a.num_docs + 1) * 8))
+    return fail(Status::kErrorInvalidArgument, "out overlaps ranges, seq_offsets or doc_offsets", what);
 
   for (int64_t s = 0; s < a.num_seqs; ++s) {
     Token* row = a.out + s * L;
