@@ -79,6 +79,40 @@ void BM_SimilarityOrder(benchmark::State& st) {
   st.counters["placed"] = static_cast<double>(n);
 }
 
+// Baseline: the least a walk can do -- a visited bitset, the first unvisited neighbour of each row,
+// a forward cursor for jumps; no validation, degrees, tie rule or options. Its time is the memory
+// latency of one dependent row read per step, which bounds similarity_order from below.
+void BM_MinimalWalkBaseline(benchmark::State& st) {
+  const int64_t N = st.range(0), k = 10;
+  const auto& g = graph(N, k);
+  std::vector<uint64_t> visited(static_cast<size_t>((N + 63) / 64));
+  std::vector<int64_t> order(static_cast<size_t>(N));
+  for (auto _ : st) {
+    std::fill(visited.begin(), visited.end(), uint64_t{0});
+    int64_t cur = -1, cursor = 0, n = 0;
+    for (;;) {
+      int64_t next = -1;
+      if (cur >= 0) {
+        const int64_t* row = g.ids.data() + cur * k;
+        for (int64_t j = 0; j < k && row[j] >= 0; ++j)
+          if (!((visited[row[j] >> 6] >> (row[j] & 63)) & 1)) {
+            next = row[j];
+            break;
+          }
+      }
+      if (next < 0) {
+        while (cursor < N && ((visited[cursor >> 6] >> (cursor & 63)) & 1)) ++cursor;
+        if (cursor == N) break;
+        next = cursor;
+      }
+      visited[next >> 6] |= uint64_t{1} << (next & 63);
+      order[n++] = cur = next;
+    }
+    benchmark::DoNotOptimize(order.data());
+  }
+  set_counters(st, N, k, 0);
+}
+
 void BM_ValidateGraph(benchmark::State& st) {
   const int64_t N = st.range(0), k = 10;
   const auto& g = graph(N, k);
@@ -138,6 +172,7 @@ BENCHMARK(BM_SimilarityOrder)
     ->Args({10000000, 0, 0, 0, 0, 0})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+BENCHMARK(BM_MinimalWalkBaseline)->ArgNames({"N"})->Arg(1000000)->Arg(10000000)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_ValidateGraph)->ArgNames({"N"})->Arg(1000000)->Arg(10000000)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_PackDocuments)->ArgNames({"N", "move"})->Args({10000000, 0})->Args({10000000, 1})->Unit(benchmark::kMillisecond)->UseRealTime();
 
