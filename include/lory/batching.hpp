@@ -391,24 +391,32 @@ class OrderWalk {
     return cursor_ < N_ ? cursor_ : -1;
   }
 
-  // Best unvisited doc among c's edges: highest similarity, ties to the lower id. Rows are sorted,
-  // so the scan stops at the first similarity below the best one found.
-  int64_t best_unvisited_neighbour(int64_t c) const {
-    const Id* row = row_ids(c);
-    const float* srow = row_sims(c);
+  // Best doc among d's edges that `eligible` accepts: highest similarity, ties to the lower id.
+  // Rows are sorted, so the scan stops at the first similarity below the best one found.
+  template <class Eligible>
+  int64_t best_neighbour(int64_t d, Eligible&& eligible) const {
+    const Id* row = row_ids(d);
+    const float* srow = row_sims(d);
     int64_t best = -1;
     float best_sim = 0.f;
     for (int64_t j = 0; j < m_; ++j) {
       const int64_t t = static_cast<int64_t>(row[j]);
       if (t < 0) break;
       if (best >= 0 && srow[j] < best_sim) break;
-      if (visited(t)) continue;
+      if (!eligible(t)) continue;
       if (best < 0 || t < best) {
         best = t;
         best_sim = srow[j];
       }
     }
     return best;
+  }
+  int64_t best_unvisited_neighbour(int64_t c) const {
+    return best_neighbour(c, [this](int64_t t) { return !visited(t); });
+  }
+  // Merging: the best neighbour of d placed in a long chain.
+  int64_t best_long_neighbour(int64_t d) const {
+    return best_neighbour(d, [this](int64_t t) { return (state_[t] & kLong) != 0; });
   }
 
   void drop(int64_t d) {
@@ -479,25 +487,6 @@ class OrderWalk {
     }
     close_chain(chain_begin);
     if (a_.chain_offsets_out && !o_.merge_short_chains) a_.chain_offsets_out[chains_] = placed_;
-  }
-
-  // Best placed neighbour of d that lies in a long chain (highest similarity, lower id), or -1.
-  int64_t best_long_neighbour(int64_t d) const {
-    const Id* row = row_ids(d);
-    const float* srow = row_sims(d);
-    int64_t best = -1;
-    float best_sim = 0.f;
-    for (int64_t j = 0; j < m_; ++j) {
-      const int64_t t = static_cast<int64_t>(row[j]);
-      if (t < 0) break;
-      if (best >= 0 && srow[j] < best_sim) break;
-      if (!(state_[t] & kLong)) continue;
-      if (best < 0 || t < best) {
-        best = t;
-        best_sim = srow[j];
-      }
-    }
-    return best;
   }
 
   void merge() {

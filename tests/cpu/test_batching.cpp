@@ -227,19 +227,39 @@ struct Run {
   OrderResult res;
 };
 
+// Every output of the order, poisoned, one element past its capacity (to see nothing is written there).
+struct OrderOutputs {
+  std::vector<int64_t> order, dropped, offsets;
+  int64_t n = kPoison, nd = kPoison, nc = kPoison;
+  explicit OrderOutputs(int64_t N) : order(N + 1, kPoison), dropped(N + 1, kPoison), offsets(N + 2, kPoison) {}
+  lb::OrderArgs args(const lb::KnnGraphView& view, const lb::OrderOptions& o = {}) {
+    lb::OrderArgs a;
+    a.graph = view;
+    a.options = o;
+    a.order_out = order.data();
+    a.num_out = &n;
+    a.dropped_out = dropped.data();
+    a.num_dropped = &nd;
+    a.chain_offsets_out = offsets.data();
+    a.num_chains = &nc;
+    return a;
+  }
+  bool untouched() const {
+    for (const auto* v : {&order, &dropped, &offsets})
+      for (int64_t x : *v)
+        if (x != kPoison) return false;
+    return n == kPoison && nd == kPoison && nc == kPoison;
+  }
+};
+
 Run run_order(const lb::KnnGraphView& view, lb::OrderOptions o) {
   const int64_t N = view.num_docs;
-  std::vector<int64_t> order(N + 1, kPoison), dropped(N + 1, kPoison), offsets(N + 2, kPoison);
-  int64_t n = kPoison, nd = kPoison, nc = kPoison;
-  lb::OrderArgs a;
-  a.graph = view;
-  a.options = o;
-  a.order_out = order.data();
-  a.num_out = &n;
-  a.dropped_out = dropped.data();
-  a.num_dropped = &nd;
-  a.chain_offsets_out = offsets.data();
-  a.num_chains = &nc;
+  OrderOutputs out(N);
+  std::vector<int64_t>& order = out.order;
+  std::vector<int64_t>& dropped = out.dropped;
+  std::vector<int64_t>& offsets = out.offsets;
+  const int64_t &n = out.n, &nd = out.nd, &nc = out.nc;
+  const lb::OrderArgs a = out.args(view, o);
   Run run;
   size_t bytes = 0;
   run.status = lb::similarity_order(a, nullptr, bytes, &run.what);
@@ -581,16 +601,8 @@ TEST_CASE("batching: bad order input is refused and nothing is written", "[batch
     const Case& c = cases[valid ? 0 : ci];
     INFO((valid ? "unmutated" : c.name));
     Graph g = base;
-    std::vector<int64_t> order(g.N + 1, kPoison), dropped(g.N + 1, kPoison), offsets(g.N + 2, kPoison);
-    int64_t n = kPoison, nd = kPoison, nc = kPoison;
-    lb::OrderArgs args;
-    args.graph = g.view();
-    args.order_out = order.data();
-    args.num_out = &n;
-    args.dropped_out = dropped.data();
-    args.num_dropped = &nd;
-    args.chain_offsets_out = offsets.data();
-    args.num_chains = &nc;
+    OrderOutputs out(g.N);
+    lb::OrderArgs args = out.args(g.view());
     if (!valid) c.mutate(g, args);
     const char* what = nullptr;
     std::vector<unsigned char> ws(lb::order_workspace_size(std::max<int64_t>(base.N, 1)), 0x11);
@@ -598,19 +610,14 @@ TEST_CASE("batching: bad order input is refused and nothing is written", "[batch
     const Status s = lb::similarity_order(args, ws.data(), bytes, &what);
     if (valid) {
       CHECK(s == Status::kSuccess);
-      CHECK(n == base.N);
+      CHECK(out.n == base.N);
       continue;
     }
     CHECK(s == c.expected);
     REQUIRE(what != nullptr);
     CHECK(std::string(what).find(c.what) != std::string::npos);
     CHECK(lb::order_can_implement(args) == c.expected);
-    for (int64_t x : order) CHECK(x == kPoison);
-    for (int64_t x : dropped) CHECK(x == kPoison);
-    for (int64_t x : offsets) CHECK(x == kPoison);
-    CHECK(n == kPoison);
-    CHECK(nd == kPoison);
-    CHECK(nc == kPoison);
+    CHECK(out.untouched());
     for (unsigned char b : ws) CHECK(b == 0x11);
   }
 }
