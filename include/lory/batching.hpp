@@ -253,6 +253,8 @@ inline Status validate_graph(const KnnGraphView& g, const char** what = nullptr)
 inline Status validate_order_options(const OrderArgs& a, const char** what = nullptr) {
   using detail::fail;
   const OrderOptions& o = a.options;
+  if (a.graph.num_docs > INT64_MAX / 32)
+    return fail(Status::kErrorInvalidSize, "graph.num_docs (the workspace size overflows)", what);
   if (o.neighbours_used < 0 || o.neighbours_used > a.graph.k)
     return fail(Status::kErrorInvalidArgument, "options.neighbours_used (must be in [0, k])", what);
   if (o.max_chain_len < 0) return fail(Status::kErrorInvalidArgument, "options.max_chain_len (negative)", what);

@@ -4,17 +4,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <iterator>
 #include <limits>
 #include <map>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/catch.hpp"
 #include "common/test_util.hpp"
 #include "lory/batching.hpp"
+#include "lory/batching_mapped_file.hpp"
 
 namespace {
 
@@ -25,6 +28,9 @@ using Boundary = lb::PackOptions::Boundary;
 using Leftover = lb::PackOptions::Leftover;
 
 constexpr int64_t kPoison = -0x5A5A5A5A5A5A5A5ALL;
+struct SevenBytes {
+  unsigned char bytes[7];
+};
 
 // ---- random graphs -------------------------------------------------------------------------------
 
@@ -579,6 +585,8 @@ TEST_CASE("batching: bad order input is refused and nothing is written", "[batch
       {"k < 0", Status::kErrorInvalidSize, "graph.k", [](Graph&, A& a) { a.graph.k = -2; }},
       {"N = 0", Status::kErrorInvalidSize, "graph.num_docs", [](Graph&, A& a) { a.graph.num_docs = 0; }},
       {"N * k overflows", Status::kErrorInvalidSize, "overflows", [](Graph&, A& a) { a.graph.num_docs = int64_t{1} << 61; }},
+      {"workspace size overflows", Status::kErrorInvalidSize, "workspace size overflows", [](Graph&, A& a) {
+         a.graph.num_docs = int64_t{1} << 59; a.graph.k = 1; }},
       {"row_stride < k", Status::kErrorInvalidShape, "row_stride", [](Graph&, A& a) { a.graph.row_stride = 2; }},
       {"both id arrays", Status::kErrorInvalidArgument, "both", [](Graph&, A& a) {
          static const int32_t ids32[48] = {}; a.graph.ids32 = ids32; }},
@@ -1014,4 +1022,37 @@ TEST_CASE("batching: bad writer input is refused and nothing is written", "[batc
     CHECK(std::string(what).find(c.what) != std::string::npos);
     for (int16_t x : out) CHECK(x == -7);
   }
+}
+
+TEST_CASE("batching: a graph read through MappedFile", "[batching]") {
+  auto rng = lory_test::make_rng("batching mapped file");
+  const Graph g = random_graph(rng, 300, 5);
+  const std::string prefix = "lory_test_batching_" + std::to_string(lory_test::test_seed());
+  for (const auto& [suffix, data, bytes] :
+       {std::tuple<const char*, const void*, size_t>{".ids", g.ids.data(), g.ids.size() * 8},
+        std::tuple<const char*, const void*, size_t>{".sims", g.sims.data(), g.sims.size() * 4}}) {
+    FILE* f = std::fopen((prefix + suffix).c_str(), "wb");
+    REQUIRE(f != nullptr);
+    REQUIRE(std::fwrite(data, 1, bytes, f) == bytes);
+    REQUIRE(std::fclose(f) == 0);
+  }
+  lb::MappedFile ids, sims;
+  REQUIRE(ids.open((prefix + ".ids").c_str()) == Status::kSuccess);
+  REQUIRE(sims.open((prefix + ".sims").c_str()) == Status::kSuccess);
+  std::remove((prefix + ".ids").c_str());  // the mappings stay valid
+  std::remove((prefix + ".sims").c_str());
+  REQUIRE(ids.count<int64_t>() == 300 * 5);
+  REQUIRE(sims.count<float>() == 300 * 5);
+  CHECK(ids.as<int64_t>()[7] == g.ids[7]);
+  CHECK(ids.as<SevenBytes>() == nullptr);  // 12000 bytes is not a whole number of 7-byte records
+  const Run mapped = run_order(lb::KnnGraphView{300, 5, 0, ids.as<int64_t>(), nullptr, sims.as<float>()}, {});
+  const Run in_memory = run_order(g, {});
+  REQUIRE(mapped.status == Status::kSuccess);
+  CHECK(mapped.res.order == in_memory.res.order);
+  lb::MappedFile moved = std::move(ids);
+  CHECK(ids.as<int64_t>() == nullptr);
+  CHECK(moved.count<int64_t>() == 300 * 5);
+  lb::MappedFile missing;
+  CHECK(missing.open((prefix + ".none").c_str()) == Status::kErrorInvalidArgument);
+  CHECK(missing.open(nullptr) == Status::kErrorNullPointer);
 }
