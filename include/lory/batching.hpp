@@ -28,7 +28,7 @@
 //                kFirstUnvisited: the unvisited doc of lowest id (the released code starts
 //                anywhere; this is its deterministic form).
 //   step       = from the current doc c, go to the unvisited doc t among c's edges with the
-//                highest similarity sim(c, t), ties to the lower id.
+//                highest similarity sim(c, t) (as c's row lists it), ties to the lower id.
 // The walk places a start doc, steps while it can, and when c has no unvisited neighbour (or the
 // current chain already holds max_chain_len docs) it jumps to the next start doc. The docs between
 // two jumps form a *chain*; the order is the concatenation of the chains. Every rule is a strict
