@@ -585,8 +585,9 @@ inline Status similarity_order(const OrderArgs& a, void* workspace, size_t& work
 // ================================================================================================
 
 // Bytes of pack_documents' workspace (a bit per doc, for the check that order has no repeats).
+// Never 0: an empty allocation may come back as a null pointer, which would ask for the size again.
 inline size_t pack_workspace_size(int64_t num_docs) {
-  return num_docs <= 0 ? 0 : static_cast<size_t>((num_docs + 63) / 64) * 8;
+  return num_docs <= 0 ? 8 : static_cast<size_t>((num_docs + 63) / 64) * 8;
 }
 
 namespace detail {

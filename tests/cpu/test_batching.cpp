@@ -883,6 +883,12 @@ TEST_CASE("batching: packing by hand (boundaries, separators, leftovers)", "[bat
   CHECK(p.seq_offsets == std::vector<int64_t>{0, 2, 3, 5, 6});
   CHECK(p.sizes.packed_tokens == 14);
   CHECK(p.sizes.output_tokens == 16);
+  // Nothing to pack: zero sequences, and the one offset is still written.
+  p = pack({}, {}, o);
+  REQUIRE(p.status == Status::kSuccess);
+  CHECK(p.sizes.num_seqs == 0);
+  CHECK(p.seq_offsets == std::vector<int64_t>{0});
+  CHECK(lb::pack_workspace_size(0) > 0);
   // No separator, L = 1: one token per sequence, empty docs vanish.
   o = lb::PackOptions{};
   o.seq_len = 1;
