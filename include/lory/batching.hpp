@@ -28,7 +28,7 @@
 //                kFirstUnvisited: the unvisited doc of lowest id (the released code starts
 //                anywhere; this is its deterministic form).
 //   step       = from the current doc c, go to the unvisited doc t among c's edges with the
-//                highest similarity sim(c, t), ties to the lower id.
+//                highest similarity sim(c, t) (as c's row lists it), ties to the lower id.
 // The walk places a start doc, steps while it can, and when c has no unvisited neighbour (or the
 // current chain already holds max_chain_len docs) it jumps to the next start doc. The docs between
 // two jumps form a *chain*; the order is the concatenation of the chains. Every rule is a strict
@@ -51,7 +51,7 @@
 // restricted to long chains so the result does not depend on the order chains are visited in.
 //
 // Cost: O(N m) time after the O(N k) validation; the workspace is order_workspace_size(N) bytes
-// (25 bytes per doc plus alignment), independent of k.
+// (about 25 bytes per doc), independent of k.
 //
 // ---- packing (pack_documents, write_token_sequences) -----------------------------------------------
 // Each doc d of the order contributes its counts[d] tokens followed by a separator token when
@@ -195,6 +195,13 @@ inline bool bytes_fit(int64_t rows, int64_t cols, int64_t elem) {
          LORY_NS_QUALIFIER::detail::mul_fits(rows * cols, elem);
 }
 
+// Byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte (null or empty ranges never do).
+inline bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  if (!a || !b || a_bytes == 0 || b_bytes == 0) return false;
+  const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + b_bytes && y < x + a_bytes;
+}
+
 template <class Id>
 Status validate_rows(const KnnGraphView& g, const Id* ids, const char** what) {
   const int64_t N = g.num_docs, k = g.k, stride = g.stride();
@@ -246,6 +253,8 @@ inline Status validate_graph(const KnnGraphView& g, const char** what = nullptr)
 inline Status validate_order_options(const OrderArgs& a, const char** what = nullptr) {
   using detail::fail;
   const OrderOptions& o = a.options;
+  if (a.graph.num_docs > INT64_MAX / 32)
+    return fail(Status::kErrorInvalidSize, "graph.num_docs (the workspace size overflows)", what);
   if (o.neighbours_used < 0 || o.neighbours_used > a.graph.k)
     return fail(Status::kErrorInvalidArgument, "options.neighbours_used (must be in [0, k])", what);
   if (o.max_chain_len < 0) return fail(Status::kErrorInvalidArgument, "options.max_chain_len (negative)", what);
@@ -257,6 +266,24 @@ inline Status validate_order_options(const OrderArgs& a, const char** what = nul
   if (!a.num_out) return fail(Status::kErrorNullPointer, "num_out", what);
   if (a.chain_offsets_out && !a.num_chains)
     return fail(Status::kErrorNullPointer, "num_chains (required with chain_offsets_out)", what);
+  // The outputs may not overlap one another or the graph.
+  const KnnGraphView& g = a.graph;
+  const size_t n = static_cast<size_t>(g.num_docs) * 8;
+  const size_t entries = static_cast<size_t>(g.num_docs) * static_cast<size_t>(g.stride());
+  const void* ids = g.ids64 ? static_cast<const void*>(g.ids64) : static_cast<const void*>(g.ids32);
+  const size_t id_bytes = entries * (g.ids64 ? 8 : 4);
+  struct Out { const void* p; size_t bytes; const char* name; };
+  const Out outs[] = {{a.order_out, n, "order_out overlaps another output or the graph"},
+                      {a.dropped_out, n, "dropped_out overlaps another output or the graph"},
+                      {a.chain_offsets_out, n + 8, "chain_offsets_out overlaps another output or the graph"}};
+  for (size_t i = 0; i < 3; ++i) {
+    if (detail::overlap(outs[i].p, outs[i].bytes, ids, id_bytes) ||
+        detail::overlap(outs[i].p, outs[i].bytes, g.sims, entries * 4))
+      return fail(Status::kErrorInvalidArgument, outs[i].name, what);
+    for (size_t j = 0; j < i; ++j)
+      if (detail::overlap(outs[i].p, outs[i].bytes, outs[j].p, outs[j].bytes))
+        return fail(Status::kErrorInvalidArgument, outs[i].name, what);
+  }
   return Status::kSuccess;
 }
 
@@ -267,12 +294,12 @@ inline Status order_can_implement(const OrderArgs& a, const char** what = nullpt
   return validate_graph(a.graph, what);
 }
 
-// Workspace of similarity_order for N docs: a state byte and three int64 per doc.
+// Workspace of similarity_order for N docs: a state byte, a visited bit and three int64 per doc.
 inline size_t order_workspace_size(int64_t num_docs) {
   if (num_docs <= 0) return 0;
   const size_t n = static_cast<size_t>(num_docs);
   using LORY_NS_QUALIFIER::detail::align_up;
-  return align_up(n) + align_up(n * 8) + align_up((n + 2) * 8) + align_up(n * 8);
+  return align_up(n) + align_up((n + 63) / 64 * 8) + align_up(n * 8) + align_up((n + 2) * 8) + align_up(n * 8);
 }
 
 // ================================================================================================
@@ -299,6 +326,7 @@ class OrderWalk {
         thr_(o_.dedup_threshold) {
     LORY_NS_QUALIFIER::detail::WorkspaceCarver c{workspace};
     state_ = c.take<uint8_t>(static_cast<size_t>(N_));
+    visited_ = c.take<uint64_t>(static_cast<size_t>((N_ + 63) / 64));
     deg_ = c.take<int64_t>(static_cast<size_t>(N_));
     count_ = c.take<int64_t>(static_cast<size_t>(N_) + 2);
     by_degree_ = c.take<int64_t>(static_cast<size_t>(N_));
@@ -306,6 +334,7 @@ class OrderWalk {
 
   void run() {
     std::memset(state_, 0, static_cast<size_t>(N_));
+    std::memset(visited_, 0, static_cast<size_t>((N_ + 63) / 64) * 8);
     if (o_.start == OrderOptions::Start::kMinDegree) sort_by_degree();
     walk();
     if (o_.merge_short_chains) merge();
@@ -318,19 +347,31 @@ class OrderWalk {
   const Id* row_ids(int64_t r) const { return ids_ + r * stride_; }
   const float* row_sims(int64_t r) const { return g_.sims + r * stride_; }
   uint8_t status(int64_t d) const { return state_[d] & kStateMask; }
+  // Placed or dropped: the hot test of the walk, on a bitset (N / 8 bytes) that stays in cache
+  // far longer than the state bytes.
+  bool visited(int64_t d) const { return (visited_[d >> 6] >> (d & 63)) & 1u; }
+  void set_visited(int64_t d) { visited_[d >> 6] |= uint64_t{1} << (d & 63); }
 
   // Counting sort of the docs by (min(degree, N), id); degrees >= N only arise from repeated ids
   // and are few (at most m docs), so that last bucket is sorted by (degree, id) directly.
   void sort_by_degree() {
     std::fill(deg_, deg_ + N_, int64_t{0});
+    constexpr int64_t kAhead = 8;  // rows: the increments are random, their cache lines fetched early
     for (int64_t r = 0; r < N_; ++r) {
+#if defined(__GNUC__) || defined(__clang__)
+      if (r + kAhead < N_) {
+        const Id* ahead = row_ids(r + kAhead);
+        for (int64_t j = 0; j < m_ && ahead[j] >= 0; ++j) __builtin_prefetch(deg_ + ahead[j], 1);
+      }
+#endif
       const Id* row = row_ids(r);
-      for (int64_t j = 0; j < m_; ++j) {
-        const int64_t t = static_cast<int64_t>(row[j]);
+      int64_t out = 0;
+      for (; out < m_; ++out) {
+        const int64_t t = static_cast<int64_t>(row[out]);
         if (t < 0) break;
-        ++deg_[r];
         ++deg_[t];
       }
+      deg_[r] += out;
     }
     std::fill(count_, count_ + N_ + 2, int64_t{0});
     for (int64_t d = 0; d < N_; ++d) ++count_[std::min(deg_[d], N_) + 1];
@@ -345,25 +386,26 @@ class OrderWalk {
   // The next start doc (not yet placed or dropped), or -1. The cursor only moves forward: O(N) in all.
   int64_t next_start_candidate() {
     if (o_.start == OrderOptions::Start::kMinDegree) {
-      while (cursor_ < N_ && status(by_degree_[cursor_]) != kUnvisited) ++cursor_;
+      while (cursor_ < N_ && visited(by_degree_[cursor_])) ++cursor_;
       return cursor_ < N_ ? by_degree_[cursor_] : -1;
     }
-    while (cursor_ < N_ && status(cursor_) != kUnvisited) ++cursor_;
+    while (cursor_ < N_ && visited(cursor_)) ++cursor_;
     return cursor_ < N_ ? cursor_ : -1;
   }
 
-  // Best unvisited doc among c's edges: highest similarity, ties to the lower id. Rows are sorted,
-  // so the scan stops at the first similarity below the best one found.
-  int64_t best_unvisited_neighbour(int64_t c) const {
-    const Id* row = row_ids(c);
-    const float* srow = row_sims(c);
+  // Best doc among d's edges that `eligible` accepts: highest similarity, ties to the lower id.
+  // Rows are sorted, so the scan stops at the first similarity below the best one found.
+  template <class Eligible>
+  int64_t best_neighbour(int64_t d, Eligible&& eligible) const {
+    const Id* row = row_ids(d);
+    const float* srow = row_sims(d);
     int64_t best = -1;
     float best_sim = 0.f;
     for (int64_t j = 0; j < m_; ++j) {
       const int64_t t = static_cast<int64_t>(row[j]);
       if (t < 0) break;
       if (best >= 0 && srow[j] < best_sim) break;
-      if (status(t) != kUnvisited) continue;
+      if (!eligible(t)) continue;
       if (best < 0 || t < best) {
         best = t;
         best_sim = srow[j];
@@ -371,9 +413,17 @@ class OrderWalk {
     }
     return best;
   }
+  int64_t best_unvisited_neighbour(int64_t c) const {
+    return best_neighbour(c, [this](int64_t t) { return !visited(t); });
+  }
+  // Merging: the best neighbour of d placed in a long chain.
+  int64_t best_long_neighbour(int64_t d) const {
+    return best_neighbour(d, [this](int64_t t) { return (state_[t] & kLong) != 0; });
+  }
 
   void drop(int64_t d) {
     state_[d] = (state_[d] & ~kStateMask) | kDropped;
+    set_visited(d);
     if (a_.dropped_out) a_.dropped_out[dropped_] = d;
     ++dropped_;
   }
@@ -396,6 +446,7 @@ class OrderWalk {
 
   void place(int64_t d) {
     state_[d] = (state_[d] & ~kStateMask) | kPlaced;
+    set_visited(d);
     a_.order_out[placed_++] = d;
     if (!dedup_) return;
     const Id* row = row_ids(d);
@@ -403,7 +454,7 @@ class OrderWalk {
     for (int64_t j = 0; j < m_; ++j) {
       const int64_t t = static_cast<int64_t>(row[j]);
       if (t < 0 || !(srow[j] >= thr_)) break;
-      if (status(t) == kUnvisited) drop(t);
+      if (!visited(t)) drop(t);
     }
   }
 
@@ -438,25 +489,6 @@ class OrderWalk {
     }
     close_chain(chain_begin);
     if (a_.chain_offsets_out && !o_.merge_short_chains) a_.chain_offsets_out[chains_] = placed_;
-  }
-
-  // Best placed neighbour of d that lies in a long chain (highest similarity, lower id), or -1.
-  int64_t best_long_neighbour(int64_t d) const {
-    const Id* row = row_ids(d);
-    const float* srow = row_sims(d);
-    int64_t best = -1;
-    float best_sim = 0.f;
-    for (int64_t j = 0; j < m_; ++j) {
-      const int64_t t = static_cast<int64_t>(row[j]);
-      if (t < 0) break;
-      if (best >= 0 && srow[j] < best_sim) break;
-      if (!(state_[t] & kLong)) continue;
-      if (best < 0 || t < best) {
-        best = t;
-        best_sim = srow[j];
-      }
-    }
-    return best;
   }
 
   void merge() {
@@ -508,6 +540,7 @@ class OrderWalk {
   const bool dedup_;
   const float thr_;
   uint8_t* state_ = nullptr;
+  uint64_t* visited_ = nullptr;
   int64_t* deg_ = nullptr;
   int64_t* count_ = nullptr;
   int64_t* by_degree_ = nullptr;
@@ -532,6 +565,11 @@ inline Status similarity_order(const OrderArgs& a, void* workspace, size_t& work
       LORY_NS_QUALIFIER::detail::kCarvedWorkspaceAlign);
   if (ws != Status::kSuccess) return detail::fail(ws, "workspace", what);
   if (size_query) return Status::kSuccess;
+  const size_t n = static_cast<size_t>(a.graph.num_docs) * 8;
+  if (detail::overlap(workspace, workspace_bytes, a.order_out, n) ||
+      detail::overlap(workspace, workspace_bytes, a.dropped_out, n) ||
+      detail::overlap(workspace, workspace_bytes, a.chain_offsets_out, n + 8))
+    return detail::fail(Status::kErrorInvalidArgument, "workspace overlaps an output", what);
   LORY_RETURN_IF_ERROR(validate_graph(a.graph, what));
   auto* base = static_cast<unsigned char*>(workspace);
   if (a.graph.ids64) {
@@ -547,8 +585,9 @@ inline Status similarity_order(const OrderArgs& a, void* workspace, size_t& work
 // ================================================================================================
 
 // Bytes of pack_documents' workspace (a bit per doc, for the check that order has no repeats).
+// Never 0: an empty allocation may come back as a null pointer, which would ask for the size again.
 inline size_t pack_workspace_size(int64_t num_docs) {
-  return num_docs <= 0 ? 0 : static_cast<size_t>((num_docs + 63) / 64) * 8;
+  return num_docs <= 0 ? 8 : static_cast<size_t>((num_docs + 63) / 64) * 8;
 }
 
 namespace detail {
@@ -676,6 +715,19 @@ inline Status pack_documents(const PackArgs& a, void* workspace, size_t& workspa
   if (!a.seq_offsets_out) return fail(Status::kErrorNullPointer, "seq_offsets_out", what);
   if (a.seq_offsets_capacity < sizes.num_seqs + 1)
     return fail(Status::kErrorInvalidSize, "seq_offsets_capacity (smaller than sizes.num_seqs + 1)", what);
+  const size_t range_bytes = static_cast<size_t>(sizes.num_ranges) * sizeof(PackedRange);
+  const size_t offset_bytes = static_cast<size_t>(sizes.num_seqs + 1) * 8;
+  if (detail::overlap(a.ranges_out, range_bytes, a.seq_offsets_out, offset_bytes))
+    return fail(Status::kErrorInvalidArgument, "ranges_out overlaps seq_offsets_out", what);
+  const size_t order_bytes = static_cast<size_t>(a.num_ordered) * 8, count_bytes = static_cast<size_t>(a.num_docs) * 8;
+  if (detail::overlap(a.ranges_out, range_bytes, a.order, order_bytes) ||
+      detail::overlap(a.ranges_out, range_bytes, a.doc_token_counts, count_bytes) ||
+      detail::overlap(a.ranges_out, range_bytes, workspace, workspace_bytes))
+    return fail(Status::kErrorInvalidArgument, "ranges_out overlaps an input or the workspace", what);
+  if (detail::overlap(a.seq_offsets_out, offset_bytes, a.order, order_bytes) ||
+      detail::overlap(a.seq_offsets_out, offset_bytes, a.doc_token_counts, count_bytes) ||
+      detail::overlap(a.seq_offsets_out, offset_bytes, workspace, workspace_bytes))
+    return fail(Status::kErrorInvalidArgument, "seq_offsets_out overlaps an input or the workspace", what);
 
   int64_t n = 0, seqs = 0;
   a.seq_offsets_out[0] = 0;
@@ -747,6 +799,15 @@ Status write_token_sequences(const WriteArgs<Token>& a, const char** what = null
   }
   if (needed > 0 && !a.out) return fail(Status::kErrorNullPointer, "out", what);
   if (a.out_capacity < needed) return fail(Status::kErrorInvalidSize, "out_capacity (smaller than the rows)", what);
+  const size_t out_bytes = static_cast<size_t>(needed) * sizeof(Token);
+  if (a.num_docs > 0 && a.tokens &&
+      detail::overlap(a.out, out_bytes, a.tokens + a.doc_offsets[0],
+                      static_cast<size_t>(a.doc_offsets[a.num_docs] - a.doc_offsets[0]) * sizeof(Token)))
+    return fail(Status::kErrorInvalidArgument, "out overlaps tokens", what);
+  if (detail::overlap(a.out, out_bytes, a.ranges, static_cast<size_t>(a.seq_offsets[a.num_seqs]) * sizeof(PackedRange)) ||
+      detail::overlap(a.out, out_bytes, a.seq_offsets, static_cast<size_t>(a.num_seqs + 1) * 8) ||
+      detail::overlap(a.out, out_bytes, a.doc_offsets, static_cast<size_t>(a.num_docs + 1) * 8))
+    return fail(Status::kErrorInvalidArgument, "out overlaps ranges, seq_offsets or doc_offsets", what);
 
   for (int64_t s = 0; s < a.num_seqs; ++s) {
     Token* row = a.out + s * L;
