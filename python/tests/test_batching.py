@@ -148,7 +148,7 @@ def test_tfidf_matches_dense_reference():
         ref = np.zeros(64)
         for key, v in w.items():
             for j in range(4):
-                ref[emb._proj_dim[key, j]] += v / nrm * emb._proj_sign[key, j]
+                ref[emb._proj_dim[j, key]] += v / nrm * emb._proj_sign[j, key]
         ref /= np.linalg.norm(ref)
         np.testing.assert_allclose(got[t], ref, rtol=0, atol=1e-6)
 
