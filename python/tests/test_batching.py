@@ -545,10 +545,14 @@ def _files(path):
     return {f: (path / f).read_bytes() for f in sorted(os.listdir(path))}
 
 
-def test_builds_are_deterministic(ext, texts, tmp_path):
+def test_builds_are_deterministic(ext, texts, tmp_path, monkeypatch):
+    import time
+
     for name in ("a", "b"):
         build_packed_dataset(texts[:200], str(tmp_path / name), seq_len=300, k=6, show_progress=False,
                              dedup_threshold=0.98)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the second build an hour later
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert list(a) == ["index.json", "pieces.npz", "tokens-00000.bin"] and a == b
     build_packed_dataset(texts[:200], str(tmp_path / "r1"), seq_len=300, order="random", seed=5, show_progress=False)
