@@ -429,14 +429,14 @@ def test_ops_bad_arguments_name_the_argument(ext, graph):
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _check_packed(path, texts, seq_len, leftover="pad"):
+def _check_packed(path, texts, seq_len, leftover="pad", tokenizer=None):
     """Every kept token exactly once, in its document's order, one separator after each document,
     rows of seq_len tokens, the Dataset's items equal to the token files."""
     ds = PackedSequenceDataset(str(path), return_docs=True)
     idx = ds.index
     sep, pad = idx["separator_id"], idx["pad_id"]
     p = ds.pieces()
-    toks = ByteTokenizer().encode_batch(texts)
+    toks = (tokenizer or ByteTokenizer()).encode_batch(texts)
     rows = [np.asarray(ds.tokens(i)) for i in range(len(ds))]
     assert all(r.size == seq_len for r in rows[:-1]) and (leftover == "keep" or rows[-1].size == seq_len)
     seen = {}
@@ -456,7 +456,7 @@ def _check_packed(path, texts, seq_len, leftover="pad"):
                 seen[d] = -1 - seen[d]  # closed
             pos += ln
         assert (row[pos:] == pad).all()
-        assert not (row[:pos] == pad).any()
+        assert pad == sep or not (row[:pos] == pad).any()
     # Every placed document complete (its tokens, then one separator), except with leftover "drop":
     # there the documents cut short are the last ones of the order and their missing tokens are
     # exactly the dropped leftover.
@@ -633,3 +633,45 @@ def test_cli(ext, docs, tmp_path, capsys):
     rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o3"), "--k", "0",
                    "--no-progress"])
     assert rc == 2 and "k must be a positive integer" in capsys.readouterr().err
+
+
+class _WideTokenizer(ByteTokenizer):
+    """Bytes shifted past 65536: a vocabulary that needs uint32 storage."""
+    vocab_size = 70_000
+    separator_id = 69_998
+    pad_id = 69_999
+
+    def encode_batch(self, texts):
+        return [a + 69_000 for a in super().encode_batch(texts)]
+
+
+def test_wide_vocabulary_is_stored_as_uint32(ext, texts, tmp_path):
+    t = _WideTokenizer()
+    r = build_packed_dataset(texts[:30], str(tmp_path / "w"), seq_len=333, tokenizer=t, order="random",
+                             show_progress=False)
+    assert r.index["dtype"] == "uint32" and r.index["separator_id"] == 69_998
+    ds = _check_packed(tmp_path / "w", texts[:30], 333, tokenizer=t)
+    assert int(ds[0]["tokens"].min()) >= 69_000
+
+    class Bad(_WideTokenizer):
+        def encode_batch(self, texts):
+            out = super().encode_batch(texts)
+            out[3][5] = 70_000
+            return out
+
+    with pytest.raises(ValueError, match=r"tokenizer: document 3 has token ids outside \[0, 70000\)"):
+        build_packed_dataset(texts[:30], str(tmp_path / "b"), tokenizer=Bad(), order="random", show_progress=False)
+
+
+def test_contriever_and_hf_tokenizer_through_the_pipeline(ext, docs, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = tmp_path / "bert"
+    model_dir.mkdir()
+    _, tok = _tiny_bert(model_dir)
+    sub = [x["text"] for x in docs[:40]]
+    r = build_packed_dataset(sub, str(tmp_path / "o"), seq_len=256, k=5, knn="torch",
+                             embedder=f"contriever:{model_dir}", tokenizer=f"hf:{model_dir}", show_progress=False)
+    assert r.index["embedder"]["name"] == "contriever" and r.index["embedder"]["dim"] == 32
+    assert r.index["separator_id"] == tok.sep_token_id and r.index["vocab_size"] == len(tok)
+    _check_packed(tmp_path / "o", sub, 256, tokenizer=HFTokenizer(tok))
