@@ -633,6 +633,9 @@ def test_cli(ext, docs, tmp_path, capsys):
     rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o3"), "--k", "0",
                    "--no-progress"])
     assert rc == 2 and "k must be a positive integer" in capsys.readouterr().err
+    rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o3"), "--knn", "torch",
+                   "--faiss-index", "flat", "--no-progress"])
+    assert rc == 2 and "--faiss-index needs the FAISS engine" in capsys.readouterr().err
 
 
 class _WideTokenizer(ByteTokenizer):
