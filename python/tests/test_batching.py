@@ -1,10 +1,7 @@
 """Tests of the similarity-batching pipeline (lory_torch.batching): embedders, kNN engines,
 tokenizers, the traversal / packing ops, the packed-shard format and the CLI, on a small real
 corpus made of text installed on this machine (Python sources, C headers, licences, Perl modules)."""
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

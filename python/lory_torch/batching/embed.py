@@ -15,7 +15,7 @@ in the output's index).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
