@@ -524,7 +524,7 @@ def test_similarity_batching_groups_domains_more_than_random(ext, docs, texts, t
     rnd = _same_domain_adjacent(str(tmp_path / "rnd"), domains)
     chance = sum((np.asarray(domains) == d).mean() ** 2 for d in set(domains))
     assert abs(rnd - chance) < 0.12, (rnd, chance)
-    assert sim > 0.8 and sim > rnd + 0.4, (sim, rnd)
+    assert sim > 0.75 and sim > rnd + 0.4, (sim, rnd)  # here: ~0.87 vs ~0.25
     # ... and inside training sequences: the documents sharing a sequence share a domain far more often.
     def within(path):
         ds = PackedSequenceDataset(str(path), return_docs=True)
