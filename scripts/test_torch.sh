@@ -4,6 +4,8 @@
 # this clone with `pip install --no-build-isolation .` (the extension compiled ahead of time against
 # the installed torch) and runs pytest against the INSTALLED package, from a folder where python/
 # is not on sys.path. Prints pytest's summary line last.
+# The batching tests also need python/requirements-test.txt (numpy, tqdm, faiss-cpu, transformers),
+# installed when one of them is missing.
 #   usage: scripts/test_torch.sh [extra pytest arguments]
 # Environment: LORY_TORCH_BUILD_DIR (build folder and pytest.log, default build-torch/ in the repo),
 #              LORY_TEST_SEED (reproduce a run), LORY_TORCH_FORCE_CUDA_BUILD=1 (build the CUDA ops).
@@ -22,6 +24,10 @@ start=$(date +%s)
 if ! "$py" -c "import torch, pytest" >/dev/null 2>&1; then
   echo "== installing torch and pytest from PyPI (versions pinned in python/requirements.txt)"
   "$py" -m pip install --quiet -r python/requirements.txt
+fi
+if ! "$py" -c "import numpy, tqdm, faiss, transformers" >/dev/null 2>&1; then
+  echo "== installing the test dependencies (python/requirements-test.txt)"
+  "$py" -m pip install --quiet -r python/requirements-test.txt
 fi
 "$py" -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
 
