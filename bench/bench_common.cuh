@@ -202,7 +202,7 @@ inline float* random_routing_weights(int64_t rows, int E, uint64_t seed) {
   return d;
 }
 
-// The paper's FFN shapes (SPEC.md): d, f.
+// The paper's FFN shapes (docs/math.md, "Cost"): d, f.
 struct PaperShape { int64_t d, f; const char* name; };
 inline const std::vector<PaperShape>& paper_shapes() {
   static const std::vector<PaperShape> s = {{1024, 2816, "0.3B"}, {1536, 4096, "1.5B"}};

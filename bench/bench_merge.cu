@@ -1,4 +1,4 @@
-// Merge forward / backward at the paper's shapes (SPEC.md), bf16 storage, and
+// Merge forward / backward at the paper's shapes (docs/math.md), bf16 storage, and
 // the same merges done by cuBLAS in the same run as the baseline:
 //   merge_forward/...          lory::merge_forward
 //   merge_forward_cublas/...   [S x E] x [E x P] with cublasGemmEx (bf16, fp32 compute)

@@ -3,7 +3,7 @@
 // forward and backward, next to a dense FFN of the same active size trained
 // the same way. The point: the experts specialise by domain with no auxiliary
 // (load-balancing) loss at all -- the router learns only from the regression
-// loss through the merge (dL/de = <W_i, G>, SPEC.md "Backward").
+// loss through the merge (dL/de = <W_i, G>, docs/math.md, "Merge backward").
 //
 // Data: K domains, each with its own input distribution x ~ N(mu_k, I) (so a
 // segment's mean tells the domain) and its own target function, a random

@@ -37,11 +37,19 @@ obj="$work/obj-sm$arch"
 mkdir -p "$obj" "$(dirname "$out")"
 src="$root/python/lory_torch/csrc"
 # The flags lory_torch.load() passes to torch.utils.cpp_extension, spelled out.
-g++ -std=c++17 -O2 -fPIC -Wno-unused-parameter "${defs[@]}" "${tinc[@]}" "${inc[@]}" -isystem /usr/local/cuda/include \
-  -c "$src/lory_torch_ops.cpp" -o "$obj/ops.o" &
-nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC "${defs[@]}" "${tinc[@]}" "${inc[@]}" \
-  -gencode "arch=compute_$arch,code=sm_$arch" -c "$src/lory_torch_cuda.cu" -o "$obj/cuda.o"
-wait $!
-g++ -shared "$obj/ops.o" "$obj/cuda.o" -o "$out" -L"$work/torch/lib" -lc10 -lc10_cuda -ltorch_cpu -ltorch_cuda -ltorch \
+# Every C++ source in csrc/ (ops register themselves), as the package build does, then the CUDA ones.
+objs=(); pids=()
+for cpp in "$src"/*.cpp; do
+  o="$obj/$(basename "$cpp" .cpp).o"; objs+=("$o")
+  g++ -std=c++17 -O2 -fPIC -Wno-unused-parameter "${defs[@]}" "${tinc[@]}" "${inc[@]}" -isystem /usr/local/cuda/include \
+    -c "$cpp" -o "$o" & pids+=($!)
+done
+for cu in "$src"/*.cu; do
+  o="$obj/$(basename "$cu" .cu).cu.o"; objs+=("$o")
+  nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC "${defs[@]}" "${tinc[@]}" "${inc[@]}" \
+    -gencode "arch=compute_$arch,code=sm_$arch" -c "$cu" -o "$o"
+done
+for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed compile stops the script
+g++ -shared "${objs[@]}" -o "$out" -L"$work/torch/lib" -lc10 -lc10_cuda -ltorch_cpu -ltorch_cuda -ltorch \
   -L/usr/local/cuda/lib64 -lcudart -lcublas -Wl,--no-as-needed
 echo "built $out ($(du -h "$out" | cut -f1))"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds and runs three tiny consumer projects, one per way into lory:
-# add_subdirectory, FetchContent (from this source tree) and find_package (from an install prefix).
-# Also checks that a consumer sees none of lory's tests or options leak in.
+# Builds and runs tiny consumer projects, one per way into lory: add_subdirectory, FetchContent
+# (from this source tree) and find_package (from an install prefix); then a CPU-only consumer
+# (lory::lory_cpu) through add_subdirectory and through find_package(COMPONENTS cpu), configured
+# with the CUDA toolkit out of CMake's reach, whose compile commands and header dependencies must
+# name nothing of CUDA's. Also checks that a consumer sees none of lory's tests or options leak in.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d)}
@@ -31,4 +33,32 @@ cmake -S "$root/tests/consumers/find_package" -B "$work/find_package" "${gen[@]}
   -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
 cmake --build "$work/find_package" >/dev/null
 "$work/find_package/consumer"
-echo "consumers: 3 passed, 0 failed"
+
+# No CUDA include folder on the command line, and no CUDA header among the ones the compiler read.
+check_no_cuda() {
+  local dir=$1
+  if grep -E -- "-I[^ ]*cuda|-isystem [^ ]*cuda|targets/[^ ]*-linux" "$dir/compile_commands.json"; then
+    echo "FAIL: a CUDA include folder reached the CPU-only consumer's compile command ($dir)"; exit 1
+  fi
+  local deps
+  deps=$(cd "$dir" && ninja -t deps)
+  echo "$deps" | grep -q "lory/dtype.hpp" || { echo "FAIL: no header dependencies recorded in $dir"; exit 1; }
+  if echo "$deps" | grep -E "cuda_(fp16|bf16|runtime)|/cuda[-/]|crt/host_defines"; then
+    echo "FAIL: the CPU-only consumer read a CUDA header ($dir)"; exit 1
+  fi
+}
+no_cuda=(-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=TRUE)
+
+echo "== consumer: CPU only, add_subdirectory, no CUDA toolkit"
+cmake -S "$root/tests/consumers/cpu_only" -B "$work/cpu_only" "${gen[@]}" "${no_cuda[@]}" -DLORY_SOURCE_DIR="$root" >/dev/null
+cmake --build "$work/cpu_only" >/dev/null
+check_no_cuda "$work/cpu_only"
+"$work/cpu_only/consumer_cpu"
+
+echo "== consumer: CPU only, find_package(lory COMPONENTS cpu), no CUDA toolkit"
+cmake -S "$root/tests/consumers/cpu_only" -B "$work/cpu_only_find_package" "${gen[@]}" "${no_cuda[@]}" --no-warn-unused-cli \
+  -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
+cmake --build "$work/cpu_only_find_package" >/dev/null
+check_no_cuda "$work/cpu_only_find_package"
+"$work/cpu_only_find_package/consumer_cpu"
+echo "consumers: 5 passed, 0 failed"

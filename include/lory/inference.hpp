@@ -1,5 +1,5 @@
-// lory: inference with prompt-level routing (SPEC.md "Inference: prompt-level
-// routing") -- arguments, validation, the decode-method choice rule, and the
+// lory: inference with prompt-level routing (docs/math.md, "Inference:
+// prompt-level routing") -- arguments, validation, the decode-method choice rule, and the
 // host-side orchestration shared by the CUDA path (inference.cuh) and the CPU
 // backend (reference/inference.hpp), so the CPU tests run the very GEMM
 // layouts and workspace carving the GPU runs.

@@ -1,6 +1,7 @@
 // lory: umbrella header for the host-side API (math, shapes, arguments, CPU twins).
 // The CUDA kernels and launchers are in lory/lory.cuh (needs nvcc).
 #pragma once
+#include "lory/batching.hpp"
 #include "lory/config.hpp"
 #include "lory/dtype.hpp"
 #include "lory/inference.hpp"

@@ -1,4 +1,4 @@
-// lory: the whole segment-level SwiGLU MoE FFN layer (SPEC.md) -- arguments and
+// lory: the whole segment-level SwiGLU MoE FFN layer (docs/math.md) -- arguments and
 // validation, the contract shared by the CPU twin (reference/moe_ffn.hpp) and
 // the GPU plan.
 //

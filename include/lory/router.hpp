@@ -1,7 +1,7 @@
 // lory: the segment router -- arguments and validation shared by the CUDA
 // launchers (router.cuh) and the CPU twin (reference/router.hpp).
 //
-// Forward (SPEC.md steps 1-3), per sequence b and segment k (0-based here):
+// Forward (docs/math.md, "Routing"), per sequence b and segment k (0-based):
 //   hbar_k = mean of the tokens of segment k (the last may be short)
 //   p_k    = softmax(W_r hbar_k (+ bias))
 //   kCausalSegment: weights(k) = p_{k-1} for k >= 1, weights(0) = stopgrad(p_0)

@@ -2,7 +2,7 @@
 //
 // Tokens are laid out [B, L, d] row-major. Each sequence of L tokens is cut
 // into N = ceil(L / T) segments; the last one may be shorter. Segments are
-// numbered s = b * N + k (k 0-based here; SPEC.md counts from 1).
+// numbered s = b * N + k (k 0-based, as in docs/math.md; the paper counts from 1).
 #pragma once
 #include <cstdint>
 

@@ -1,4 +1,4 @@
-"""The Lory segment-level MoE FFN written plainly in PyTorch, straight from SPEC.md
+"""The Lory segment-level MoE FFN written plainly in PyTorch, straight from the math in docs/math.md
 (Zhong et al., arXiv 2405.03133, Sec. 3.1). It is the yardstick for the extension's tests and
 the baseline of bench/compare_torch.py: autograd provides every gradient.
 

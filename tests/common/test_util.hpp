@@ -112,8 +112,8 @@ double max_abs_error(const T* out, const U* ref, int64_t n) {
 template <class T> constexpr double tolerance();
 template <> constexpr double tolerance<double>() { return 1e-12; }
 template <> constexpr double tolerance<float>() { return 1e-5; }
-template <> constexpr double tolerance<__half>() { return 3e-3; }
-template <> constexpr double tolerance<__nv_bfloat16>() { return 1e-2; }
+template <> constexpr double tolerance<lory::half_t>() { return 3e-3; }
+template <> constexpr double tolerance<lory::bfloat16_t>() { return 1e-2; }
 
 template <class T> std::vector<double> to_double_vector(const std::vector<T>& v) {
   std::vector<double> out(v.size());

@@ -271,7 +271,7 @@ TEST_CASE("accumulate adds into the weight gradients; dx is overwritten", "[cpu]
   }
 }
 
-TEST_CASE("identical experts give exactly zero router gradients (SPEC pitfall)", "[cpu][moe_ffn]") {
+TEST_CASE("identical experts give exactly zero router gradients (docs/math.md, Router backward)", "[cpu][moe_ffn]") {
   auto rng = lory_test::make_rng("moe_ffn_identical");
   for (RoutingMode mode : {RoutingMode::kCausalSegment, RoutingMode::kPromptLevel}) {
     const LayerCase c{2, 11, 4, 5, 7, 4, true};

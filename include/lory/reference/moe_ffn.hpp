@@ -1,5 +1,5 @@
 // lory CPU twin: the whole segment-level SwiGLU MoE FFN layer, forward and
-// backward (contract in lory/moe_ffn.hpp, math in SPEC.md), composed from the
+// backward (contract in lory/moe_ffn.hpp, math in docs/math.md), composed from the
 // router and merge twins and the host-and-device math the kernels use.
 // Intermediates (merged weights, activations, gradients) stay in Acc; outputs
 // are rounded to T once. The twin allocates its scratch; GPU code never does.

@@ -96,7 +96,8 @@ Status router_backward(const RouterBackwardArgs<T, R>& a) {
       // segment 0's own use is stop-gradient.
       for (int e = 0; e < E; ++e) dp[e] = static_cast<Acc>(a.d_weights[(r + 1) * E + e]);
     }
-    // The cancellation-free form (shifted by the most probable expert's dp), as the GPU's.
+    // The cancellation-free form (dp shifted by the most probable expert's), as the GPU's; equal
+    // dp (identical experts, docs/math.md) give dz = 0 exactly.
     LORY_NS_QUALIFIER::softmax_backward(p.data(), dp.data(), dz.data() + r * E, E);
   }
 

@@ -1,0 +1,58 @@
+"""How the extension is compiled, in one place for both builds: the ahead-of-time build of
+`pip install` (setup.py at the repository root loads this file by path) and the development
+JIT build of lory_torch.load() in a source tree. Needs only the standard library and torch.
+
+Environment:
+  LORY_TORCH_CPU_ONLY=1          C++ only (the CPU ops), even where CUDA is there;
+  LORY_TORCH_FORCE_CUDA_BUILD=1  compile the CUDA sources even without a GPU;
+  TORCH_CUDA_ARCH_LIST           GPU targets of a CUDA build; default "8.0;9.0a" (A100, H100/H200)
+                                 when no GPU is visible to pick from.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
+CFLAGS = ["-O2", "-Wno-unused-parameter"]
+CUDA_FLAGS = [
+    "-O3", "--expt-relaxed-constexpr",
+    # PyTorch's default nvcc flags hide the half / bfloat16 operators the library's kernels use.
+    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+]
+
+
+def env_on(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def sources(csrc: str, with_cuda: bool) -> list[str]:
+    """Every C++ source in csrc/ (ops register themselves with TORCH_LIBRARY / _FRAGMENT), plus
+    the CUDA ones in a CUDA build; sorted, so builds are reproducible."""
+    found = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
+    if with_cuda:
+        found += sorted(glob.glob(os.path.join(csrc, "*.cu")))
+    return found
+
+
+def default_arch_list() -> None:
+    """A compile-only CUDA build (no GPU to ask) targets A100 and H100/H200 unless told otherwise."""
+    import torch
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+
+
+def include_dirs(repo_include: str, csrc: str, with_cuda: bool) -> list[str]:
+    return [repo_include, csrc]
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    """A C++-only build compiles lory's host-only headers (LORY_HOST_ONLY: lory's own 16-bit
+    types, bit-compatible with at::Half / at::BFloat16), so it needs no CUDA header at all."""
+    return CFLAGS + ([] if with_cuda else ["-DLORY_HOST_ONLY=1"])
+
+
+def libraries(with_cuda: bool) -> list[str]:
+    return ["cublas"] if with_cuda else []
