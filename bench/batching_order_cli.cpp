@@ -78,16 +78,16 @@ int main(int argc, char** argv) {
   a.order_out = order.data();
   a.num_out = &n;
   size_t bytes = 0;
-  const char* what = "";
-  lory::Status s = lb::similarity_order(a, nullptr, bytes, &what);
+  lory::Status s = lb::similarity_order(a, nullptr, bytes);
   std::vector<unsigned char> ws(bytes);
   const auto t0 = std::chrono::steady_clock::now();
   const std::clock_t c0 = std::clock();
-  if (s == lory::Status::kSuccess) s = lb::similarity_order(a, ws.data(), bytes, &what);
+  if (s == lory::Status::kSuccess) s = lb::similarity_order(a, ws.data(), bytes);
   const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (s != lory::Status::kSuccess) {
-    std::fprintf(stderr, "similarity_order: %s (%s)\n", lory::status_string(s), what);
+    const lory::ErrorDetail e = lory::last_error_detail();
+    std::fprintf(stderr, "similarity_order: %s (%s: %s)\n", lory::status_string(s), e.argument, e.reason);
     return 1;
   }
   order.resize(static_cast<size_t>(n));

@@ -3,8 +3,9 @@
 // packing of ordered documents into fixed-length sequences.
 //
 // Host C++17 only: standard headers and lory's own host headers, no CUDA. Every entry point takes
-// an arguments struct, validates everything before it writes anything, returns a Status and, when
-// `what` is not null, points *what at a static string naming the argument at fault. Memory is the
+// an arguments struct, validates everything before it writes anything, returns a Status and, on
+// failure, records the argument at fault and why in lory::last_error_detail() (lory/status.hpp),
+// like every lory entry point. Memory is the
 // caller's: outputs and the workspace are caller-allocated, with a size query where a size is not
 // known up front (a null workspace asks for its size, as everywhere in lory).
 //
@@ -184,10 +185,8 @@ struct WriteArgs {
 // ================================================================================================
 namespace detail {
 
-inline Status fail(Status s, const char* message, const char** what) {
-  if (what) *what = message;
-  return s;
-}
+// Failures are recorded in the library's per-thread error detail (lory::last_error_detail()).
+using LORY_NS_QUALIFIER::detail::fail;
 
 // Overflow-free: rows * cols elements of `elem` bytes are addressable.
 inline bool bytes_fit(int64_t rows, int64_t cols, int64_t elem) {
@@ -203,7 +202,7 @@ inline bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes
 }
 
 template <class Id>
-Status validate_rows(const KnnGraphView& g, const Id* ids, const char** what) {
+Status validate_rows(const KnnGraphView& g, const Id* ids) {
   const int64_t N = g.num_docs, k = g.k, stride = g.stride();
   for (int64_t r = 0; r < N; ++r) {
     const Id* row = ids + r * stride;
@@ -215,12 +214,12 @@ Status validate_rows(const KnnGraphView& g, const Id* ids, const char** what) {
         missing = true;
         continue;
       }
-      if (missing) return fail(Status::kErrorInvalidArgument, "graph.ids: a neighbour after a missing one", what);
-      if (id >= N) return fail(Status::kErrorInvalidArgument, "graph.ids: neighbour id >= num_docs", what);
-      if (id == r) return fail(Status::kErrorInvalidArgument, "graph.ids: self loop", what);
-      if (std::isnan(srow[j])) return fail(Status::kErrorInvalidArgument, "graph.sims: NaN", what);
+      if (missing) return fail(Status::kErrorInvalidArgument, "graph.ids", "a neighbour after a missing one");
+      if (id >= N) return fail(Status::kErrorInvalidArgument, "graph.ids", "neighbour id >= num_docs");
+      if (id == r) return fail(Status::kErrorInvalidArgument, "graph.ids", "self loop");
+      if (std::isnan(srow[j])) return fail(Status::kErrorInvalidArgument, "graph.sims", "NaN");
       if (j > 0 && srow[j] > srow[j - 1])
-        return fail(Status::kErrorInvalidArgument, "graph.sims: row not sorted in descending order", what);
+        return fail(Status::kErrorInvalidArgument, "graph.sims", "row not sorted in descending order");
     }
   }
   return Status::kSuccess;
@@ -229,43 +228,44 @@ Status validate_rows(const KnnGraphView& g, const Id* ids, const char** what) {
 }  // namespace detail
 
 // The graph's sizes and pointers only (O(1)).
-inline Status validate_graph_shape(const KnnGraphView& g, const char** what = nullptr) {
+inline Status validate_graph_shape(const KnnGraphView& g) {
+  LORY_NS_QUALIFIER::detail::clear_error_detail();
   using detail::fail;
-  if (g.num_docs <= 0) return fail(Status::kErrorInvalidSize, "graph.num_docs", what);
-  if (g.k <= 0) return fail(Status::kErrorInvalidSize, "graph.k", what);
+  if (g.num_docs <= 0) return fail(Status::kErrorInvalidSize, "graph.num_docs", "must be > 0");
+  if (g.k <= 0) return fail(Status::kErrorInvalidSize, "graph.k", "must be > 0");
   if (g.row_stride < 0 || (g.row_stride != 0 && g.row_stride < g.k))
-    return fail(Status::kErrorInvalidShape, "graph.row_stride (must be 0 or >= k)", what);
+    return fail(Status::kErrorInvalidShape, "graph.row_stride", "must be 0 or >= k");
   if (!detail::bytes_fit(g.num_docs, g.stride(), 8))
-    return fail(Status::kErrorInvalidSize, "graph: num_docs * row_stride overflows", what);
-  if (g.ids64 && g.ids32) return fail(Status::kErrorInvalidArgument, "graph.ids64/ids32: both given", what);
-  if (!g.ids64 && !g.ids32) return fail(Status::kErrorNullPointer, "graph.ids64/ids32: neither given", what);
-  if (!g.sims) return fail(Status::kErrorNullPointer, "graph.sims", what);
+    return fail(Status::kErrorInvalidSize, "graph.num_docs", "num_docs * row_stride overflows");
+  if (g.ids64 && g.ids32) return fail(Status::kErrorInvalidArgument, "graph.ids64", "both graph.ids64 and graph.ids32 given");
+  if (!g.ids64 && !g.ids32) return fail(Status::kErrorNullPointer, "graph.ids64", "neither graph.ids64 nor graph.ids32 given");
+  if (!g.sims) return fail(Status::kErrorNullPointer, "graph.sims", "is null");
   return Status::kSuccess;
 }
 
 // The whole graph: shape, then every row (O(N k), one pass).
-inline Status validate_graph(const KnnGraphView& g, const char** what = nullptr) {
-  LORY_RETURN_IF_ERROR(validate_graph_shape(g, what));
-  return g.ids64 ? detail::validate_rows(g, g.ids64, what) : detail::validate_rows(g, g.ids32, what);
+inline Status validate_graph(const KnnGraphView& g) {
+  LORY_RETURN_IF_ERROR(validate_graph_shape(g));
+  return g.ids64 ? detail::validate_rows(g, g.ids64) : detail::validate_rows(g, g.ids32);
 }
 
 // Options and output pointers (O(1)), for a graph of valid shape.
-inline Status validate_order_options(const OrderArgs& a, const char** what = nullptr) {
+inline Status validate_order_options(const OrderArgs& a) {
   using detail::fail;
   const OrderOptions& o = a.options;
   if (a.graph.num_docs > INT64_MAX / 32)
-    return fail(Status::kErrorInvalidSize, "graph.num_docs (the workspace size overflows)", what);
+    return fail(Status::kErrorInvalidSize, "graph.num_docs", "the workspace size overflows");
   if (o.neighbours_used < 0 || o.neighbours_used > a.graph.k)
-    return fail(Status::kErrorInvalidArgument, "options.neighbours_used (must be in [0, k])", what);
-  if (o.max_chain_len < 0) return fail(Status::kErrorInvalidArgument, "options.max_chain_len (negative)", what);
+    return fail(Status::kErrorInvalidArgument, "options.neighbours_used", "must be in [0, k]");
+  if (o.max_chain_len < 0) return fail(Status::kErrorInvalidArgument, "options.max_chain_len", "negative");
   if (o.merge_short_chains && o.max_chain_len == 0)
-    return fail(Status::kErrorInvalidArgument, "options.merge_short_chains needs options.max_chain_len > 0", what);
+    return fail(Status::kErrorInvalidArgument, "options.merge_short_chains", "needs options.max_chain_len > 0");
   if (o.start != OrderOptions::Start::kMinDegree && o.start != OrderOptions::Start::kFirstUnvisited)
-    return fail(Status::kErrorInvalidArgument, "options.start", what);
-  if (!a.order_out) return fail(Status::kErrorNullPointer, "order_out", what);
-  if (!a.num_out) return fail(Status::kErrorNullPointer, "num_out", what);
+    return fail(Status::kErrorInvalidArgument, "options.start", "not one of the enum's values");
+  if (!a.order_out) return fail(Status::kErrorNullPointer, "order_out", "is null");
+  if (!a.num_out) return fail(Status::kErrorNullPointer, "num_out", "is null");
   if (a.chain_offsets_out && !a.num_chains)
-    return fail(Status::kErrorNullPointer, "num_chains (required with chain_offsets_out)", what);
+    return fail(Status::kErrorNullPointer, "num_chains", "required with chain_offsets_out");
   // The outputs may not overlap one another or the graph.
   const KnnGraphView& g = a.graph;
   const size_t n = static_cast<size_t>(g.num_docs) * 8;
@@ -273,25 +273,25 @@ inline Status validate_order_options(const OrderArgs& a, const char** what = nul
   const void* ids = g.ids64 ? static_cast<const void*>(g.ids64) : static_cast<const void*>(g.ids32);
   const size_t id_bytes = entries * (g.ids64 ? 8 : 4);
   struct Out { const void* p; size_t bytes; const char* name; };
-  const Out outs[] = {{a.order_out, n, "order_out overlaps another output or the graph"},
-                      {a.dropped_out, n, "dropped_out overlaps another output or the graph"},
-                      {a.chain_offsets_out, n + 8, "chain_offsets_out overlaps another output or the graph"}};
+  const Out outs[] = {{a.order_out, n, "order_out"}, {a.dropped_out, n, "dropped_out"},
+                      {a.chain_offsets_out, n + 8, "chain_offsets_out"}};
   for (size_t i = 0; i < 3; ++i) {
     if (detail::overlap(outs[i].p, outs[i].bytes, ids, id_bytes) ||
         detail::overlap(outs[i].p, outs[i].bytes, g.sims, entries * 4))
-      return fail(Status::kErrorInvalidArgument, outs[i].name, what);
+      return fail(Status::kErrorInvalidArgument, outs[i].name, "overlaps another output or the graph");
     for (size_t j = 0; j < i; ++j)
       if (detail::overlap(outs[i].p, outs[i].bytes, outs[j].p, outs[j].bytes))
-        return fail(Status::kErrorInvalidArgument, outs[i].name, what);
+        return fail(Status::kErrorInvalidArgument, outs[i].name, "overlaps another output or the graph");
   }
   return Status::kSuccess;
 }
 
 // Everything similarity_order checks: shapes, options, outputs, then every row of the graph.
-inline Status order_can_implement(const OrderArgs& a, const char** what = nullptr) {
-  LORY_RETURN_IF_ERROR(validate_graph_shape(a.graph, what));
-  LORY_RETURN_IF_ERROR(validate_order_options(a, what));
-  return validate_graph(a.graph, what);
+inline Status order_can_implement(const OrderArgs& a) {
+  LORY_NS_QUALIFIER::detail::clear_error_detail();
+  LORY_RETURN_IF_ERROR(validate_graph_shape(a.graph));
+  LORY_RETURN_IF_ERROR(validate_order_options(a));
+  return validate_graph(a.graph);
 }
 
 // Workspace of similarity_order for N docs: a state byte, a visited bit and three int64 per doc.
@@ -555,22 +555,22 @@ class OrderWalk {
 // The similarity order of the graph's documents (see the top of this file). A null workspace asks
 // for its size (workspace_bytes = order_workspace_size(N)) after the O(1) checks; otherwise the
 // graph is validated once (O(N k)) and nothing is written unless everything is valid.
-inline Status similarity_order(const OrderArgs& a, void* workspace, size_t& workspace_bytes,
-                               const char** what = nullptr) {
-  LORY_RETURN_IF_ERROR(validate_graph_shape(a.graph, what));
-  LORY_RETURN_IF_ERROR(validate_order_options(a, what));
+inline Status similarity_order(const OrderArgs& a, void* workspace, size_t& workspace_bytes) {
+  LORY_NS_QUALIFIER::detail::clear_error_detail();
+  LORY_RETURN_IF_ERROR(validate_graph_shape(a.graph));
+  LORY_RETURN_IF_ERROR(validate_order_options(a));
   bool size_query = false;
   const Status ws = LORY_NS_QUALIFIER::detail::workspace_protocol(
       workspace, workspace_bytes, order_workspace_size(a.graph.num_docs), size_query,
       LORY_NS_QUALIFIER::detail::kCarvedWorkspaceAlign);
-  if (ws != Status::kSuccess) return detail::fail(ws, "workspace", what);
+  if (ws != Status::kSuccess) return ws;  // the protocol named the workspace argument
   if (size_query) return Status::kSuccess;
   const size_t n = static_cast<size_t>(a.graph.num_docs) * 8;
   if (detail::overlap(workspace, workspace_bytes, a.order_out, n) ||
       detail::overlap(workspace, workspace_bytes, a.dropped_out, n) ||
       detail::overlap(workspace, workspace_bytes, a.chain_offsets_out, n + 8))
-    return detail::fail(Status::kErrorInvalidArgument, "workspace overlaps an output", what);
-  LORY_RETURN_IF_ERROR(validate_graph(a.graph, what));
+    return detail::fail(Status::kErrorInvalidArgument, "workspace", "overlaps an output");
+  LORY_RETURN_IF_ERROR(validate_graph(a.graph));
   auto* base = static_cast<unsigned char*>(workspace);
   if (a.graph.ids64) {
     detail::OrderWalk<int64_t>(a, a.graph.ids64, base).run();
@@ -592,15 +592,15 @@ inline size_t pack_workspace_size(int64_t num_docs) {
 
 namespace detail {
 
-inline Status validate_pack_options(const PackOptions& o, const char** what) {
-  if (o.seq_len <= 0) return fail(Status::kErrorInvalidSize, "options.seq_len (must be > 0)", what);
-  if (o.separator < -1) return fail(Status::kErrorInvalidArgument, "options.separator (a token id or -1)", what);
-  if (o.pad_token < 0) return fail(Status::kErrorInvalidArgument, "options.pad_token (negative)", what);
+inline Status validate_pack_options(const PackOptions& o) {
+  if (o.seq_len <= 0) return fail(Status::kErrorInvalidSize, "options.seq_len", "must be > 0");
+  if (o.separator < -1) return fail(Status::kErrorInvalidArgument, "options.separator", "a token id or -1");
+  if (o.pad_token < 0) return fail(Status::kErrorInvalidArgument, "options.pad_token", "negative");
   if (o.boundary != PackOptions::Boundary::kSplit && o.boundary != PackOptions::Boundary::kMove)
-    return fail(Status::kErrorInvalidArgument, "options.boundary", what);
+    return fail(Status::kErrorInvalidArgument, "options.boundary", "not one of the enum's values");
   if (o.leftover != PackOptions::Leftover::kDrop && o.leftover != PackOptions::Leftover::kPad &&
       o.leftover != PackOptions::Leftover::kKeepShort)
-    return fail(Status::kErrorInvalidArgument, "options.leftover", what);
+    return fail(Status::kErrorInvalidArgument, "options.leftover", "not one of the enum's values");
   return Status::kSuccess;
 }
 
@@ -670,32 +670,32 @@ inline PackSizes pack_sizes(const PackArgs& a) {
 // totals that fit); a call with the workspace also checks that order repeats no doc and that the
 // outputs are large enough, then writes ranges_out[0 .. num_ranges), seq_offsets_out[0 .. num_seqs]
 // and *sizes. Nothing is written (not even *sizes) when a check fails.
-inline Status pack_documents(const PackArgs& a, void* workspace, size_t& workspace_bytes,
-                             const char** what = nullptr) {
+inline Status pack_documents(const PackArgs& a, void* workspace, size_t& workspace_bytes) {
+  LORY_NS_QUALIFIER::detail::clear_error_detail();
   using detail::fail;
-  LORY_RETURN_IF_ERROR(detail::validate_pack_options(a.options, what));
-  if (a.num_docs < 0) return fail(Status::kErrorInvalidSize, "num_docs (negative)", what);
-  if (a.num_ordered < 0) return fail(Status::kErrorInvalidSize, "num_ordered (negative)", what);
+  LORY_RETURN_IF_ERROR(detail::validate_pack_options(a.options));
+  if (a.num_docs < 0) return fail(Status::kErrorInvalidSize, "num_docs", "negative");
+  if (a.num_ordered < 0) return fail(Status::kErrorInvalidSize, "num_ordered", "negative");
   if (a.num_ordered > a.num_docs)
-    return fail(Status::kErrorInvalidShape, "num_ordered > num_docs (order cannot be a permutation)", what);
-  if (!a.sizes) return fail(Status::kErrorNullPointer, "sizes", what);
-  if (a.num_ordered > 0 && !a.order) return fail(Status::kErrorNullPointer, "order", what);
-  if (a.num_docs > 0 && !a.doc_token_counts) return fail(Status::kErrorNullPointer, "doc_token_counts", what);
+    return fail(Status::kErrorInvalidShape, "num_ordered", "exceeds num_docs (order cannot be a permutation)");
+  if (!a.sizes) return fail(Status::kErrorNullPointer, "sizes", "is null");
+  if (a.num_ordered > 0 && !a.order) return fail(Status::kErrorNullPointer, "order", "is null");
+  if (a.num_docs > 0 && !a.doc_token_counts) return fail(Status::kErrorNullPointer, "doc_token_counts", "is null");
   // Token totals: each count and the running total (separators included) stay below 2^62.
   const int64_t limit = int64_t{1} << 62;
   int64_t total = 0;
   for (int64_t i = 0; i < a.num_ordered; ++i) {
     const int64_t d = a.order[i];
-    if (d < 0 || d >= a.num_docs) return fail(Status::kErrorInvalidArgument, "order: doc id out of range", what);
+    if (d < 0 || d >= a.num_docs) return fail(Status::kErrorInvalidArgument, "order", "doc id out of range");
     const int64_t c = a.doc_token_counts[d];
-    if (c < 0) return fail(Status::kErrorInvalidArgument, "doc_token_counts: negative count", what);
-    if (c >= limit - total - 1) return fail(Status::kErrorInvalidSize, "doc_token_counts: total overflows", what);
+    if (c < 0) return fail(Status::kErrorInvalidArgument, "doc_token_counts", "negative count");
+    if (c >= limit - total - 1) return fail(Status::kErrorInvalidSize, "doc_token_counts", "total overflows");
     total += c + 1;
   }
   bool size_query = false;
   const Status ws = LORY_NS_QUALIFIER::detail::workspace_protocol(
       workspace, workspace_bytes, pack_workspace_size(a.num_docs), size_query, alignof(uint64_t));
-  if (ws != Status::kSuccess) return fail(ws, "workspace", what);
+  if (ws != Status::kSuccess) return ws;  // the protocol named the workspace argument
   const PackSizes sizes = detail::pack_sizes(a);
   if (size_query) {
     *a.sizes = sizes;
@@ -706,28 +706,28 @@ inline Status pack_documents(const PackArgs& a, void* workspace, size_t& workspa
   for (int64_t i = 0; i < a.num_ordered; ++i) {
     const uint64_t d = static_cast<uint64_t>(a.order[i]);
     const uint64_t bit = uint64_t{1} << (d % 64);
-    if (seen[d / 64] & bit) return fail(Status::kErrorInvalidArgument, "order: a doc appears twice", what);
+    if (seen[d / 64] & bit) return fail(Status::kErrorInvalidArgument, "order", "a doc appears twice");
     seen[d / 64] |= bit;
   }
-  if (sizes.num_ranges > 0 && !a.ranges_out) return fail(Status::kErrorNullPointer, "ranges_out", what);
+  if (sizes.num_ranges > 0 && !a.ranges_out) return fail(Status::kErrorNullPointer, "ranges_out", "is null");
   if (a.ranges_capacity < sizes.num_ranges)
-    return fail(Status::kErrorInvalidSize, "ranges_capacity (smaller than sizes.num_ranges)", what);
-  if (!a.seq_offsets_out) return fail(Status::kErrorNullPointer, "seq_offsets_out", what);
+    return fail(Status::kErrorInvalidSize, "ranges_capacity", "smaller than sizes.num_ranges");
+  if (!a.seq_offsets_out) return fail(Status::kErrorNullPointer, "seq_offsets_out", "is null");
   if (a.seq_offsets_capacity < sizes.num_seqs + 1)
-    return fail(Status::kErrorInvalidSize, "seq_offsets_capacity (smaller than sizes.num_seqs + 1)", what);
+    return fail(Status::kErrorInvalidSize, "seq_offsets_capacity", "smaller than sizes.num_seqs + 1");
   const size_t range_bytes = static_cast<size_t>(sizes.num_ranges) * sizeof(PackedRange);
   const size_t offset_bytes = static_cast<size_t>(sizes.num_seqs + 1) * 8;
   if (detail::overlap(a.ranges_out, range_bytes, a.seq_offsets_out, offset_bytes))
-    return fail(Status::kErrorInvalidArgument, "ranges_out overlaps seq_offsets_out", what);
+    return fail(Status::kErrorInvalidArgument, "ranges_out", "overlaps seq_offsets_out");
   const size_t order_bytes = static_cast<size_t>(a.num_ordered) * 8, count_bytes = static_cast<size_t>(a.num_docs) * 8;
   if (detail::overlap(a.ranges_out, range_bytes, a.order, order_bytes) ||
       detail::overlap(a.ranges_out, range_bytes, a.doc_token_counts, count_bytes) ||
       detail::overlap(a.ranges_out, range_bytes, workspace, workspace_bytes))
-    return fail(Status::kErrorInvalidArgument, "ranges_out overlaps an input or the workspace", what);
+    return fail(Status::kErrorInvalidArgument, "ranges_out", "overlaps an input or the workspace");
   if (detail::overlap(a.seq_offsets_out, offset_bytes, a.order, order_bytes) ||
       detail::overlap(a.seq_offsets_out, offset_bytes, a.doc_token_counts, count_bytes) ||
       detail::overlap(a.seq_offsets_out, offset_bytes, workspace, workspace_bytes))
-    return fail(Status::kErrorInvalidArgument, "seq_offsets_out overlaps an input or the workspace", what);
+    return fail(Status::kErrorInvalidArgument, "seq_offsets_out", "overlaps an input or the workspace");
 
   int64_t n = 0, seqs = 0;
   a.seq_offsets_out[0] = 0;
@@ -753,61 +753,62 @@ inline Status pack_documents(const PackArgs& a, void* workspace, size_t& workspa
 // at its real tokens with kKeepShort). Validated first, in O(num_docs + num_ranges): ranges within
 // their docs, sequences of at most L tokens, offsets, capacity, separator and pad representable.
 template <class Token>
-Status write_token_sequences(const WriteArgs<Token>& a, const char** what = nullptr) {
+Status write_token_sequences(const WriteArgs<Token>& a) {
+  LORY_NS_QUALIFIER::detail::clear_error_detail();
   static_assert(std::is_integral<Token>::value, "tokens are integers");
   using detail::fail;
-  LORY_RETURN_IF_ERROR(detail::validate_pack_options(a.options, what));
+  LORY_RETURN_IF_ERROR(detail::validate_pack_options(a.options));
   const PackOptions& o = a.options;
   const int64_t L = o.seq_len;
-  if (a.num_seqs < 0) return fail(Status::kErrorInvalidSize, "num_seqs (negative)", what);
-  if (a.num_docs < 0) return fail(Status::kErrorInvalidSize, "num_docs (negative)", what);
+  if (a.num_seqs < 0) return fail(Status::kErrorInvalidSize, "num_seqs", "negative");
+  if (a.num_docs < 0) return fail(Status::kErrorInvalidSize, "num_docs", "negative");
   if (!LORY_NS_QUALIFIER::detail::mul_fits(a.num_seqs, L))
-    return fail(Status::kErrorInvalidSize, "num_seqs * seq_len overflows", what);
-  if (!a.seq_offsets) return fail(Status::kErrorNullPointer, "seq_offsets", what);
-  if (!a.doc_offsets) return fail(Status::kErrorNullPointer, "doc_offsets", what);
+    return fail(Status::kErrorInvalidSize, "num_seqs", "num_seqs * seq_len overflows");
+  if (!a.seq_offsets) return fail(Status::kErrorNullPointer, "seq_offsets", "is null");
+  if (!a.doc_offsets) return fail(Status::kErrorNullPointer, "doc_offsets", "is null");
   const int64_t token_max = static_cast<int64_t>(std::min<uint64_t>(
       static_cast<uint64_t>(std::numeric_limits<Token>::max()), static_cast<uint64_t>(INT64_MAX)));
-  if (o.separator > token_max) return fail(Status::kErrorInvalidArgument, "options.separator (does not fit Token)", what);
-  if (o.pad_token > token_max) return fail(Status::kErrorInvalidArgument, "options.pad_token (does not fit Token)", what);
-  if (a.doc_offsets[0] < 0) return fail(Status::kErrorInvalidArgument, "doc_offsets[0] (negative)", what);
+  if (o.separator > token_max) return fail(Status::kErrorInvalidArgument, "options.separator", "does not fit Token");
+  if (o.pad_token > token_max) return fail(Status::kErrorInvalidArgument, "options.pad_token", "does not fit Token");
+  if (a.doc_offsets[0] < 0) return fail(Status::kErrorInvalidArgument, "doc_offsets[0]", "negative");
   for (int64_t d = 0; d < a.num_docs; ++d)
     if (a.doc_offsets[d + 1] < a.doc_offsets[d])
-      return fail(Status::kErrorInvalidArgument, "doc_offsets (decreasing)", what);
+      return fail(Status::kErrorInvalidArgument, "doc_offsets", "decreasing");
   if (a.num_docs > 0 && a.doc_offsets[a.num_docs] > a.doc_offsets[0] && !a.tokens)
-    return fail(Status::kErrorNullPointer, "tokens", what);
-  if (a.seq_offsets[0] != 0) return fail(Status::kErrorInvalidArgument, "seq_offsets[0] (must be 0)", what);
+    return fail(Status::kErrorNullPointer, "tokens", "is null");
+  if (a.seq_offsets[0] != 0) return fail(Status::kErrorInvalidArgument, "seq_offsets[0]", "must be 0");
   int64_t needed = 0;
   for (int64_t s = 0; s < a.num_seqs; ++s) {
     const int64_t r0 = a.seq_offsets[s], r1 = a.seq_offsets[s + 1];
-    if (r1 < r0) return fail(Status::kErrorInvalidArgument, "seq_offsets (decreasing)", what);
-    if (r1 > r0 && !a.ranges) return fail(Status::kErrorNullPointer, "ranges", what);
+    if (r1 < r0) return fail(Status::kErrorInvalidArgument, "seq_offsets", "decreasing");
+    if (r1 > r0 && !a.ranges) return fail(Status::kErrorNullPointer, "ranges", "is null");
     int64_t length = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const PackedRange& p = a.ranges[r];
-      if (p.doc < 0 || p.doc >= a.num_docs) return fail(Status::kErrorInvalidArgument, "ranges: doc out of range", what);
+      if (p.doc < 0 || p.doc >= a.num_docs) return fail(Status::kErrorInvalidArgument, "ranges", "doc out of range");
       const int64_t doc_len = a.doc_offsets[p.doc + 1] - a.doc_offsets[p.doc];
       if (p.begin < 0 || p.begin > p.end || p.end > doc_len)
-        return fail(Status::kErrorInvalidArgument, "ranges: token range outside its doc", what);
-      if (p.separator != 0 && p.separator != 1) return fail(Status::kErrorInvalidArgument, "ranges: separator not 0 or 1", what);
+        return fail(Status::kErrorInvalidArgument, "ranges", "token range outside its doc");
+      if (p.separator != 0 && p.separator != 1) return fail(Status::kErrorInvalidArgument, "ranges", "separator not 0 or 1");
       if (p.separator && o.separator < 0)
-        return fail(Status::kErrorInvalidArgument, "ranges: a separator but options.separator is -1", what);
+        return fail(Status::kErrorInvalidArgument, "ranges", "a separator but options.separator is -1");
       length += p.end - p.begin + p.separator;
-      if (length > L) return fail(Status::kErrorInvalidShape, "ranges: a sequence longer than seq_len", what);
+      if (length > L) return fail(Status::kErrorInvalidShape, "ranges", "a sequence longer than seq_len");
     }
     const bool last_short = s == a.num_seqs - 1 && o.leftover == PackOptions::Leftover::kKeepShort;
     needed += last_short ? length : L;
   }
-  if (needed > 0 && !a.out) return fail(Status::kErrorNullPointer, "out", what);
-  if (a.out_capacity < needed) return fail(Status::kErrorInvalidSize, "out_capacity (smaller than the rows)", what);
+  if (needed > 0 && !a.out) return fail(Status::kErrorNullPointer, "out", "is null");
+  if (a.out_capacity < needed) return fail(Status::kErrorInvalidSize, "out_capacity", "smaller than the rows");
   const size_t out_bytes = static_cast<size_t>(needed) * sizeof(Token);
   if (a.num_docs > 0 && a.tokens &&
       detail::overlap(a.out, out_bytes, a.tokens + a.doc_offsets[0],
                       static_cast<size_t>(a.doc_offsets[a.num_docs] - a.doc_offsets[0]) * sizeof(Token)))
-    return fail(Status::kErrorInvalidArgument, "out overlaps tokens", what);
+    return fail(Status::kErrorInvalidArgument, "out", "overlaps tokens");
   if (detail::overlap(a.out, out_bytes, a.ranges, static_cast<size_t>(a.seq_offsets[a.num_seqs]) * sizeof(PackedRange)) ||
       detail::overlap(a.out, out_bytes, a.seq_offsets, static_cast<size_t>(a.num_seqs + 1) * 8) ||
       detail::overlap(a.out, out_bytes, a.doc_offsets, static_cast<size_t>(a.num_docs + 1) * 8))
-    return fail(Status::kErrorInvalidArgument, "out overlaps ranges, seq_offsets or doc_offsets", what);
+    return fail(Status::kErrorInvalidArgument, "out", "overlaps ranges, seq_offsets or doc_offsets");
 
   for (int64_t s = 0; s < a.num_seqs; ++s) {
     Token* row = a.out + s * L;

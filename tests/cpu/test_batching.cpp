@@ -230,9 +230,14 @@ struct Reference {
 
 struct Run {
   Status status;
-  const char* what = nullptr;
   OrderResult res;
 };
+
+// The argument the library blamed for the last failure on this thread, then why.
+std::string blamed() {
+  const lory::ErrorDetail e = lory::last_error_detail();
+  return std::string(e.argument) + " " + e.reason;
+}
 
 // Every output of the order, poisoned, one element past its capacity (to see nothing is written there).
 struct OrderOutputs {
@@ -269,11 +274,11 @@ Run run_order(const lb::KnnGraphView& view, lb::OrderOptions o) {
   const lb::OrderArgs a = out.args(view, o);
   Run run;
   size_t bytes = 0;
-  run.status = lb::similarity_order(a, nullptr, bytes, &run.what);
+  run.status = lb::similarity_order(a, nullptr, bytes);
   if (run.status != Status::kSuccess) return run;
   REQUIRE(bytes == lb::order_workspace_size(N));
   std::vector<unsigned char> ws(bytes + 16, 0xAB);  // garbage: the walk must initialise it
-  run.status = lb::similarity_order(a, ws.data(), bytes, &run.what);
+  run.status = lb::similarity_order(a, ws.data(), bytes);
   if (run.status != Status::kSuccess) return run;
   REQUIRE(n >= 0);
   REQUIRE(nd >= 0);
@@ -613,18 +618,18 @@ TEST_CASE("batching: bad order input is refused and nothing is written", "[batch
     OrderOutputs out(g.N);
     lb::OrderArgs args = out.args(g.view());
     if (!valid) c.mutate(g, args);
-    const char* what = nullptr;
     std::vector<unsigned char> ws(lb::order_workspace_size(std::max<int64_t>(base.N, 1)), 0x11);
     size_t bytes = ws.size();
-    const Status s = lb::similarity_order(args, ws.data(), bytes, &what);
+    const Status s = lb::similarity_order(args, ws.data(), bytes);
+    const std::string what = blamed();
     if (valid) {
       CHECK(s == Status::kSuccess);
       CHECK(out.n == base.N);
       continue;
     }
     CHECK(s == c.expected);
-    REQUIRE(what != nullptr);
-    CHECK(std::string(what).find(c.what) != std::string::npos);
+    CHECK(lory::last_error_detail().status == s);
+    CHECK(what.find(c.what) != std::string::npos);
     CHECK(lb::order_can_implement(args) == c.expected);
     CHECK(out.untouched());
     for (unsigned char b : ws) CHECK(b == 0x11);
@@ -646,9 +651,8 @@ TEST_CASE("batching: the order's workspace protocol", "[batching]") {
   CHECK(n == kPoison);  // a size query writes no output
   std::vector<unsigned char> ws(bytes + 64);
   size_t small = bytes - 1;
-  const char* what = nullptr;
-  CHECK(lb::similarity_order(a, ws.data(), small, &what) == Status::kErrorWorkspaceTooSmall);
-  CHECK(std::string(what) == "workspace");
+  CHECK(lb::similarity_order(a, ws.data(), small) == Status::kErrorWorkspaceTooSmall);
+  CHECK(std::string(lory::last_error_detail().argument) == "workspace_bytes");
   size_t enough = bytes;
   unsigned char* base = ws.data();
   while (reinterpret_cast<uintptr_t>(base) % 16 != 1) ++base;
@@ -656,8 +660,8 @@ TEST_CASE("batching: the order's workspace protocol", "[batching]") {
   std::vector<int64_t> shared((bytes + 7) / 8 + 30, kPoison);
   a.order_out = shared.data() + 4;  // the workspace starts at shared.data() and covers order_out
   size_t covered = bytes;
-  CHECK(lb::similarity_order(a, shared.data(), covered, &what) == Status::kErrorInvalidArgument);
-  CHECK(std::string(what) == "workspace overlaps an output");
+  CHECK(lb::similarity_order(a, shared.data(), covered) == Status::kErrorInvalidArgument);
+  CHECK(blamed() == "workspace overlaps an output");
   for (int64_t x : shared) CHECK(x == kPoison);
   a.order_out = order.data();
   for (int64_t x : order) CHECK(x == kPoison);
@@ -671,7 +675,6 @@ namespace {
 
 struct Packed {
   Status status;
-  const char* what = nullptr;
   lb::PackSizes sizes;
   std::vector<lb::PackedRange> ranges;
   std::vector<int64_t> seq_offsets;
@@ -687,7 +690,7 @@ Packed pack(const std::vector<int64_t>& order, const std::vector<int64_t>& count
   a.options = o;
   a.sizes = &p.sizes;
   size_t bytes = 0;
-  p.status = lb::pack_documents(a, nullptr, bytes, &p.what);
+  p.status = lb::pack_documents(a, nullptr, bytes);
   if (p.status != Status::kSuccess) return p;
   const lb::PackSizes queried = p.sizes;
   p.ranges.assign(queried.num_ranges + 1, lb::PackedRange{kPoison, kPoison, kPoison, kPoison});
@@ -698,7 +701,7 @@ Packed pack(const std::vector<int64_t>& order, const std::vector<int64_t>& count
   a.seq_offsets_capacity = queried.num_seqs + 1;
   std::vector<uint64_t> ws(bytes / 8 + 1, ~uint64_t{0});
   p.sizes = lb::PackSizes{};
-  p.status = lb::pack_documents(a, ws.data(), bytes, &p.what);
+  p.status = lb::pack_documents(a, ws.data(), bytes);
   if (p.status != Status::kSuccess) return p;
   REQUIRE(p.sizes.num_seqs == queried.num_seqs);
   REQUIRE(p.sizes.num_ranges == queried.num_ranges);
@@ -950,10 +953,10 @@ TEST_CASE("batching: bad packing input is refused and nothing is written", "[bat
     a.order = order.data();
     a.doc_token_counts = counts.data();
     if (!valid) c.mutate(a, order, counts);
-    const char* what = nullptr;
     std::vector<uint64_t> ws(4, 0x1234);
     size_t bytes = 32;
-    const Status s = lb::pack_documents(a, ws.data(), bytes, &what);
+    const Status s = lb::pack_documents(a, ws.data(), bytes);
+    const std::string what = blamed();
     if (valid) {
       CHECK(s == Status::kSuccess);
       CHECK(sizes.num_seqs == 4);
@@ -961,8 +964,8 @@ TEST_CASE("batching: bad packing input is refused and nothing is written", "[bat
       continue;
     }
     CHECK(s == c.expected);
-    REQUIRE(what != nullptr);
-    CHECK(std::string(what).find(c.what) != std::string::npos);
+    CHECK(lory::last_error_detail().status == s);
+    CHECK(what.find(c.what) != std::string::npos);
     for (auto& r : ranges) CHECK(r.doc == kPoison);
     for (int64_t x : offsets) CHECK(x == kPoison);
     CHECK(sizes.num_seqs == kPoison);
@@ -1017,16 +1020,16 @@ TEST_CASE("batching: bad writer input is refused and nothing is written", "[batc
     w.out = out.data();
     w.out_capacity = p.sizes.output_tokens;
     if (!valid) c.mutate(w, ranges, offs);
-    const char* what = nullptr;
-    const Status s = lb::write_token_sequences(w, &what);
+    const Status s = lb::write_token_sequences(w);
+    const std::string what = blamed();
     if (valid) {
       CHECK(s == Status::kSuccess);
       CHECK(out[0] == 1);
       continue;
     }
     CHECK(s == c.expected);
-    REQUIRE(what != nullptr);
-    CHECK(std::string(what).find(c.what) != std::string::npos);
+    CHECK(lory::last_error_detail().status == s);
+    CHECK(what.find(c.what) != std::string::npos);
     for (int16_t x : out) CHECK(x == -7);
   }
 }

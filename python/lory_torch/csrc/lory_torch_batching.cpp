@@ -36,11 +36,13 @@ namespace {
 namespace lb = lory::batching;
 using at::Tensor;
 
-// Raises ValueError naming the argument the library reported. Takes `what` by pointer: it is set
-// by the call that produced `s`, so it must be read after that call returns.
-void check_ok(lory::Status s, const char* const* what, const char* op) {
-  TORCH_CHECK_VALUE(s == lory::Status::kSuccess, "lory::", op, ": ", *what ? *what : "(no argument named)", ": ",
-                    lory::status_string(s));
+// Raises ValueError naming the argument the library blamed (lory::last_error_detail(), set by the
+// failed call on this thread): "lory::<op>: <argument>: <reason>: <status>".
+void check_ok(lory::Status s, const char* op) {
+  if (s == lory::Status::kSuccess) return;
+  const lory::ErrorDetail e = lory::last_error_detail();
+  TORCH_CHECK_VALUE(false, "lory::", op, ": ", e.argument[0] ? e.argument : "(no argument named)",
+                    e.reason[0] ? ": " : "", e.reason, ": ", lory::status_string(s));
 }
 
 // int64 output; under LORY_TORCH_POISON=1 (the tests) filled with a value no valid output holds,
@@ -129,11 +131,10 @@ std::tuple<Tensor, Tensor, Tensor> similarity_order_cpu(const Tensor& ids_in, co
   a.num_dropped = &num_dropped;
   a.chain_offsets_out = chains.data_ptr<int64_t>();
   a.num_chains = &num_chains;
-  const char* what = nullptr;
   size_t bytes = 0;
-  check_ok(lb::similarity_order(a, nullptr, bytes, &what), &what, op);
+  check_ok(lb::similarity_order(a, nullptr, bytes), op);
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
-  check_ok(lb::similarity_order(a, ws.data_ptr(), bytes, &what), &what, op);
+  check_ok(lb::similarity_order(a, ws.data_ptr(), bytes), op);
   return {order.narrow(0, 0, num), dropped.narrow(0, 0, num_dropped), chains.narrow(0, 0, num_chains + 1)};
 }
 
@@ -152,9 +153,8 @@ std::tuple<Tensor, Tensor, Tensor> pack_documents_cpu(const Tensor& order_in, co
   a.options = pack_options(seq_len, separator, boundary, leftover, pad_token, op);
   lb::PackSizes sizes;
   a.sizes = &sizes;
-  const char* what = nullptr;
   size_t bytes = 0;
-  check_ok(lb::pack_documents(a, nullptr, bytes, &what), &what, op);  // sizes only
+  check_ok(lb::pack_documents(a, nullptr, bytes), op);  // sizes only
   Tensor ranges = new_index_output({sizes.num_ranges, 4});
   Tensor seq_offsets = new_index_output({sizes.num_seqs + 1});
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
@@ -162,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> pack_documents_cpu(const Tensor& order_in, co
   a.ranges_capacity = sizes.num_ranges;
   a.seq_offsets_out = seq_offsets.data_ptr<int64_t>();
   a.seq_offsets_capacity = sizes.num_seqs + 1;
-  check_ok(lb::pack_documents(a, ws.data_ptr(), bytes, &what), &what, op);
+  check_ok(lb::pack_documents(a, ws.data_ptr(), bytes), op);
   Tensor s = at::empty({5}, at::TensorOptions().dtype(at::kLong));
   int64_t* p = s.data_ptr<int64_t>();
   p[0] = sizes.num_seqs;
@@ -177,8 +177,7 @@ template <class Token>
 void write_rows(lb::WriteArgs<Token>& a, const Tensor& tokens, Tensor& out) {
   a.tokens = tokens.const_data_ptr<Token>();
   a.out = out.mutable_data_ptr<Token>();
-  const char* what = nullptr;
-  check_ok(lb::write_token_sequences(a, &what), &what, "write_token_sequences");
+  check_ok(lb::write_token_sequences(a), "write_token_sequences");
 }
 
 void write_token_sequences_cpu(const Tensor& ranges_in, const Tensor& seq_offsets_in, const Tensor& tokens_in,

@@ -36,7 +36,13 @@ inline lory::RoutingMode parse_mode(const std::string& mode) {
 
 template <class... What>
 void check_status(lory::Status s, const What&... what) {
-  TORCH_CHECK(s == lory::Status::kSuccess, "lory: ", what..., " failed: ", lory::status_string(s));
+  if (s == lory::Status::kSuccess) return;
+  // The library names the argument at fault (its field name) and why, for this thread's last call.
+  const lory::ErrorDetail e = lory::last_error_detail();
+  const bool named = e.status == s && e.argument[0] != '\0';
+  TORCH_CHECK(false, "lory: ", what..., " failed: ", lory::status_string(s), named ? ": " : "",
+              named ? e.argument : "", named && e.reason[0] ? " (" : "", named ? e.reason : "",
+              named && e.reason[0] ? ")" : "");
 }
 
 inline at::ScalarType routing_dtype(at::ScalarType storage) {

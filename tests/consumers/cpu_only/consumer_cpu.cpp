@@ -101,9 +101,24 @@ int main() {
   ok = ok && lory::reference::merge_forward(m) == lory::Status::kSuccess && lory::to_float(Wbar16[0]) == 2.5f &&
        lory::to_float(lory::bfloat16_t(1.f + 1.f / 256)) == 1.f;
 
+  // Similarity batching: a 4-document kNN graph, one neighbour each: 0->1, 1->0, 2->1, 3->2.
+  // Degrees (in + out) 2, 3, 2, 1: the walk starts at doc 3, then follows 2, 1, 0.
+  const int64_t knn_ids[4] = {1, 0, 1, 2};
+  const float knn_sims[4] = {0.9f, 0.9f, 0.8f, 0.7f};
+  int64_t order[4] = {-1, -1, -1, -1}, placed = 0;
+  lory::batching::OrderArgs oa;
+  oa.graph.num_docs = 4; oa.graph.k = 1; oa.graph.ids64 = knn_ids; oa.graph.sims = knn_sims;
+  oa.order_out = order; oa.num_out = &placed;
+  size_t order_bytes = 0;
+  ok = ok && lory::batching::similarity_order(oa, nullptr, order_bytes) == lory::Status::kSuccess;
+  std::vector<unsigned char> order_ws(order_bytes);
+  ok = ok && lory::batching::similarity_order(oa, order_ws.data(), order_bytes) == lory::Status::kSuccess &&
+       placed == 4 && order[0] == 3 && order[1] == 2 && order[2] == 1 && order[3] == 0;
+
   std::printf("lory %d.%d.%d cpu-only consumer (LORY_HOST_ONLY=%d): %s (plan vs twin: y %.1e, dx %.1e, "
-              "dW_r %.1e, dW_d %.1e; bf16 merge %g)\n",
+              "dW_r %.1e, dW_d %.1e; bf16 merge %g; batching order %lld %lld %lld %lld)\n",
               LORY_VERSION_MAJOR, LORY_VERSION_MINOR, LORY_VERSION_PATCH, LORY_HOST_ONLY, ok ? "ok" : "FAILED",
-              err_y, err_dx, err_dW_r, err_dW_d, lory::to_float(Wbar16[0]));
+              err_y, err_dx, err_dW_r, err_dW_d, lory::to_float(Wbar16[0]), static_cast<long long>(order[0]),
+              static_cast<long long>(order[1]), static_cast<long long>(order[2]), static_cast<long long>(order[3]));
   return ok ? 0 : 1;
 }
