@@ -2,6 +2,8 @@
 """lory's PyTorch extension vs the plain PyTorch Lory layer (python/lory_torch/reference.py), bf16
 on CUDA, in one run: forward and forward+backward times (CUDA events, median) and peak memory
 (torch.cuda.max_memory_allocated above the inputs and parameters), printed as a markdown table.
+With --device cpu: float32 on the CPU, forward and forward+backward wall times (median of
+interleaved runs) of both layers and their ratio, at the shapes of --cpu-shapes.
 
     python3 bench/compare_torch.py                       # paper shapes, B=8, L=4096
     python3 bench/compare_torch.py --batch 2 --seq-len 1024 --iters 5   # a quick look
@@ -10,19 +12,28 @@ on CUDA, in one run: forward and forward+backward times (CUDA events, median) an
 lory's workspace budget trades memory for time: a smaller budget processes the segments in more
 chunks, and every chunk reads all experts' weights again (merge, recomputed merge, merge backward).
 
-Exits 0 with "skipped: no CUDA" on a machine without a GPU.
+    python3 bench/compare_torch.py --device cpu --threads 2               # CPU, two shapes
+
+Uses the installed lory_torch (pip install --no-build-isolation .), else the source tree's.
+Exits 0 with "skipped: no CUDA" on a machine without a GPU (CUDA mode).
 """
 import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
+try:
+    import lory_torch  # noqa: F401  the installed package
+except ImportError:
+    sys.path.insert(0, os.path.join(HERE, "..", "python"))  # a source tree: JIT build
 
 SHAPES = [(1536, 4096, 32), (1024, 2816, 32)]  # (d, f, E): the paper's 1.5B / 0.3B models, 32 experts
+# (d, f, E, B, L, T): a small layer, and a small LM's.
+CPU_SHAPES = [(256, 688, 8, 4, 1024, 128), (128, 344, 4, 8, 512, 64)]
 
 
 def time_ms(fn, warmup, iters):
@@ -60,7 +71,13 @@ def main():
     ap.add_argument("--lory-budget-mb", default="1024,2048,0",
                     help="comma-separated workspace budgets of lory's layer in MiB (0: one chunk of all "
                          "segments), default %(default)s")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--cpu-shapes", default=",".join("x".join(map(str, s)) for s in CPU_SHAPES),
+                    help="CPU: comma-separated dxfxExBxLxT, default %(default)s")
     args = ap.parse_args()
+    if args.device == "cpu":
+        return main_cpu(args)
     if not torch.cuda.is_available():
         print("skipped: no CUDA")
         return 0
@@ -123,6 +140,60 @@ def main():
             if name == "torch":
                 continue
             print(f"| {d} | {f} | {E} | {name} | {tf / lf:.2f}x | {tb / lb:.2f}x | {tm / max(lm, 1e-9):.2f}x | {err:.1e} |")
+    return 0
+
+
+def main_cpu(args):
+    import platform
+
+    import lory_torch
+    from lory_torch import reference as ref
+
+    lory_torch.load()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"# lory vs plain PyTorch on the CPU, float32, causal routing, {cpu}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| d | f | E | B | L | T | lory fwd ms | torch fwd ms | lory fwd+bwd ms | torch fwd+bwd ms "
+          "| fwd+bwd ratio (lory/torch) | y rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for spec in args.cpu_shapes.split(","):
+        d, f, E, B, L, T = map(int, spec.split("x"))
+        torch.manual_seed(0)
+        layer = lory_torch.LoryMoEFFN(d, f, E, routing="causal", segment_len=T)
+        x = torch.randn(B, L, d, requires_grad=True)
+        dy = torch.randn(B, L, d)
+        impls = {"lory": lambda: layer(x),
+                 "torch": lambda: ref.lory_ffn(x, layer.W_r, layer.W_g, layer.W_u, layer.W_d, "causal", T)}
+        with torch.no_grad():
+            y_l, y_t = impls["lory"](), impls["torch"]()
+            err = ((y_l - y_t).norm() / y_t.norm()).item()
+        times = {(name, kind): [] for name in impls for kind in ("fwd", "fwd+bwd")}
+        for it in range(args.warmup + args.iters):
+            for name, fwd in impls.items():  # interleaved: both see the same machine state
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    fwd()
+                    t1 = time.perf_counter()
+                for p in (x, *layer.parameters()):
+                    p.grad = None
+                t2 = time.perf_counter()
+                torch.autograd.backward(fwd(), dy)
+                t3 = time.perf_counter()
+                if it >= args.warmup:
+                    times[name, "fwd"].append((t1 - t0) * 1e3)
+                    times[name, "fwd+bwd"].append((t3 - t2) * 1e3)
+            print(f"  [{spec}] run {it + 1}/{args.warmup + args.iters}", file=sys.stderr, flush=True)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"| {d} | {f} | {E} | {B} | {L} | {T} | {med['lory', 'fwd']:.1f} | {med['torch', 'fwd']:.1f} "
+              f"| {med['lory', 'fwd+bwd']:.1f} | {med['torch', 'fwd+bwd']:.1f} "
+              f"| {med['lory', 'fwd+bwd'] / med['torch', 'fwd+bwd']:.2f}x | {err:.1e} |", flush=True)
     return 0
 
 

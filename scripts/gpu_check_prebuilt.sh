@@ -111,7 +111,7 @@ fi
 # The PyTorch extension, when a build made ahead of time for this machine's torch was carried
 # (scripts/build_torch_prebuilt.sh): its GPU tests, then bench/compare_torch.py (issue #6's table).
 if [ -f "$bin/lory_torch_cuda.so" ]; then
-  export LORY_TORCH_PREBUILT="$PWD/$bin/lory_torch_cuda.so" PYTHONUNBUFFERED=1
+  export LORY_TORCH_PREBUILT="$PWD/$bin/lory_torch_cuda.so" LORY_TORCH_FROM_SOURCE=1 PYTHONUNBUFFERED=1
   (cd python && timeout -k 5 "${LORY_TORCH_TIMEOUT_S:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests) \
     > "$out/torch_tests.log" 2>&1; rc=$?
   line=$(grep -E "passed|failed|error" "$out/torch_tests.log" | tail -1)

@@ -6,9 +6,7 @@
 // first include: the library then lives in ::LORY_WRAPPED_NAMESPACE::lory.
 #pragma once
 
-#define LORY_VERSION_MAJOR 0
-#define LORY_VERSION_MINOR 1
-#define LORY_VERSION_PATCH 0
+#include "lory/version.hpp"
 
 #if defined(LORY_WRAPPED_NAMESPACE)
 #define LORY_NAMESPACE_BEGIN \

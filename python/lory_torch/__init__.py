@@ -1,15 +1,14 @@
 """PyTorch integration of lory: the Lory MoE FFN layer as custom ops with autograd.
 
-The C++/CUDA extension (csrc/) is built on first use with torch.utils.cpp_extension.load
-(JIT) against the library's headers in <repo>/include:
+Installed (`pip install --no-build-isolation .` from a clone, see python/README.md), the compiled
+extension is the module lory_torch._C, built ahead of time against the installed torch; importing
+lory_torch imports it, which registers the ops. Nothing is compiled at run time.
 
-* a C++-only build (CPU ops: the library's CPU plan / CPU twin) when CUDA is not available or
-  LORY_TORCH_CPU_ONLY=1;
-* a CUDA build (CUDA ops via lory::MoeFfnCudaPlan, plus the CPU ops) otherwise, or when
-  LORY_TORCH_FORCE_CUDA_BUILD=1 (compiles the CUDA sources on a machine without a GPU).
-
-LORY_TORCH_PREBUILT=/path/lory_torch_cuda.so skips the build and loads a CUDA build made ahead of
-time for this exact torch version (scripts/build_torch_prebuilt.sh; used on short GPU leases).
+In a source tree without an installed build (development), load() compiles the same sources just
+in time with torch.utils.cpp_extension.load against <repo>/include (see _build.py for the
+LORY_TORCH_CPU_ONLY / LORY_TORCH_FORCE_CUDA_BUILD switches; LORY_TORCH_BUILD_DIR: build folder).
+LORY_TORCH_PREBUILT=/path/lory_torch_cuda.so loads a CUDA build made ahead of time for this exact
+torch version instead (scripts/build_torch_prebuilt.sh; used on short GPU leases).
 
 Ops (namespace torch.ops.lory):
   moe_ffn_forward(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len,
@@ -27,104 +26,102 @@ float64 for float64 storage and float32 otherwise.
 """
 from __future__ import annotations
 
-import glob
+import importlib
+import importlib.util
 import math
 import os
-import sys
-import sysconfig
 from typing import Optional
 
 import torch
 from torch import nn
 
+from . import _build
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.abspath(os.path.join(_HERE, "..", ".."))  # python/lory_torch -> repository root
 MODES = ("causal", "prompt", "given")
 MERGE_BACKWARD_METHODS = ("auto", "fused", "gemm")
+MAX_EXPERTS = 256  # lory::kMaxExperts
+
+__version__ = "0.0.0+unknown"
+try:
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+    __version__ = _dist_version("lory-torch")
+except Exception:  # a source tree without an installed distribution
+    pass
 
 _loaded: Optional[str] = None  # "cpu" or "cuda" once the extension is loaded
 
 
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
-
-
 def cuda_build_wanted() -> bool:
-    """Whether load() builds the CUDA sources (see the module docstring)."""
-    if _env_on("LORY_TORCH_CPU_ONLY"):
+    """Whether the development JIT build of load() compiles the CUDA sources."""
+    if _build.env_on("LORY_TORCH_CPU_ONLY"):
         return False
-    if _env_on("LORY_TORCH_FORCE_CUDA_BUILD") or os.environ.get("LORY_TORCH_PREBUILT"):
+    if _build.env_on("LORY_TORCH_FORCE_CUDA_BUILD") or os.environ.get("LORY_TORCH_PREBUILT"):
         return True
     return torch.cuda.is_available()
 
 
-def _cuda_fp16_include() -> list[str]:
-    """lory/dtype.hpp includes cuda_fp16.h and cuda_bf16.h even on the host: find them in the
-    CUDA toolkit or, failing that, in the nvidia-cuda-runtime wheel PyTorch depends on."""
-    from torch.utils import cpp_extension
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lory::moe_ffn_forward", "CUDA")
 
-    roots = []
-    if cpp_extension.CUDA_HOME:
-        roots.append(os.path.join(cpp_extension.CUDA_HOME, "include"))
-    site = sysconfig.get_paths()["purelib"]
-    roots += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    roots += sorted(glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "include")))
-    for r in roots:
-        if os.path.exists(os.path.join(r, "cuda_bf16.h")):
-            return [r]
-    raise RuntimeError("lory_torch: cuda_fp16.h / cuda_bf16.h not found (install the CUDA toolkit "
-                       "or the nvidia-cuda-runtime wheel)")
+
+def _installed_extension() -> bool:
+    return importlib.util.find_spec(__name__ + "._C") is not None
 
 
 def load(verbose: bool = False) -> str:
-    """Builds (once, cached by torch's extension cache) and loads the extension; registers the
-    fake kernels and autograd formulas. Returns "cuda" or "cpu"."""
+    """Loads the extension (once) and registers the fake kernels and autograd formulas; returns
+    "cuda" or "cpu" (whether the CUDA ops are there). Order: LORY_TORCH_PREBUILT, the installed
+    lory_torch._C, and only in a source tree the development JIT build."""
     global _loaded
     if _loaded is not None:
         return _loaded
+    prebuilt = os.environ.get("LORY_TORCH_PREBUILT")
+    if prebuilt and not _build.env_on("LORY_TORCH_CPU_ONLY"):
+        torch.ops.load_library(prebuilt)
+    elif _installed_extension():
+        try:
+            importlib.import_module(__name__ + "._C")
+        except ImportError as e:
+            raise ImportError(f"lory_torch: the compiled extension lory_torch._C did not load ({e}). It must be "
+                              f"built against the torch in use ({torch.__version__}): reinstall lory-torch with "
+                              "`pip install --no-build-isolation .` from the repository") from e
+    elif os.path.isdir(os.path.join(_REPO, "include", "lory")):
+        _jit_build(verbose)
+    else:
+        raise ImportError("lory_torch: the compiled extension lory_torch._C is missing; install the package with "
+                          "`pip install --no-build-isolation .` from the repository")
+    _register_python_parts()
+    _loaded = "cuda" if _has_cuda_kernels() else "cpu"
+    return _loaded
+
+
+def _jit_build(verbose: bool) -> None:
+    """Development only: compiles csrc/ just in time (torch's extension cache keeps the build)."""
     from torch.utils import cpp_extension
 
-    prebuilt = os.environ.get("LORY_TORCH_PREBUILT")
-    if prebuilt and not _env_on("LORY_TORCH_CPU_ONLY"):
-        torch.ops.load_library(prebuilt)
-        _register_python_parts()
-        _loaded = "cuda"
-        return _loaded
     with_cuda = cuda_build_wanted()
     csrc = os.path.join(_HERE, "csrc")
-    # Every C++ source in csrc/ is part of the extension (ops register themselves with
-    # TORCH_LIBRARY / TORCH_LIBRARY_FRAGMENT), the CUDA ones only in a CUDA build.
-    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
-    cflags = ["-O2", "-Wno-unused-parameter"]
     if with_cuda:
-        sources += sorted(glob.glob(os.path.join(csrc, "*.cu")))
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"  # compile-only builds: A100 and H100/H200
-    cuda_flags = [
-        "-O3", "--expt-relaxed-constexpr",
-        # PyTorch's default nvcc flags hide the half / bfloat16 operators the library's kernels use.
-        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
-    ]
+        _build.default_arch_list()
     build_dir = os.environ.get("LORY_TORCH_BUILD_DIR")
     if build_dir:
         build_dir = os.path.join(build_dir, "cuda" if with_cuda else "cpu")
         os.makedirs(build_dir, exist_ok=True)
     cpp_extension.load(
         name="lory_torch_cuda" if with_cuda else "lory_torch_cpu",
-        sources=sources,
-        extra_include_paths=[os.path.join(_REPO, "include"), csrc] + ([] if with_cuda else _cuda_fp16_include()),
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags,
-        extra_ldflags=["-lcublas"] if with_cuda else [],
+        sources=_build.sources(csrc, with_cuda),
+        extra_include_paths=_build.include_dirs(os.path.join(_REPO, "include"), csrc, with_cuda),
+        extra_cflags=_build.CFLAGS,
+        extra_cuda_cflags=_build.CUDA_FLAGS,
+        extra_ldflags=["-l" + lib for lib in _build.libraries(with_cuda)],
         with_cuda=with_cuda,
         is_python_module=False,
         build_directory=build_dir,
         verbose=verbose,
     )
-    _register_python_parts()
-    _loaded = "cuda" if with_cuda else "cpu"
-    return _loaded
 
 
 # --------------------------------------------------------------------------- fake kernels, autograd
@@ -137,12 +134,25 @@ def _router_rows(mode: str, B: int, N: int) -> int:
     return {"causal": B * N, "prompt": B, "given": 0}[mode]
 
 
+def _check_devices(op: str, first: str, tensors: dict) -> None:
+    """Every tensor of a call on one device. Checked in the fake kernels too: a call mixing the meta
+    device with another would otherwise be dispatched to its fake kernel (Meta outranks CPU and
+    CUDA) and return uninitialised tensors instead of an error."""
+    ref = tensors[first]
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"lory::{op}: {name} is on {t.device} but {first} is on {ref.device} "
+                               "(every tensor of a call on one device)")
+
+
 def _register_python_parts() -> None:
     lib = "lory::"
 
     @torch.library.register_fake(lib + "moe_ffn_forward")
     def _fwd_fake(x, W_r, W_g, W_u, W_d, given_weights, mode, segment_len, max_chunk_segments=0,
                   workspace_budget_bytes=0, merge_backward="auto"):
+        _check_devices("moe_ffn_forward", "x", dict(x=x, W_r=W_r, W_g=W_g, W_u=W_u, W_d=W_d,
+                                                    given_weights=given_weights))
         B, L, d = x.shape
         E = W_g.shape[0]
         N = (L + segment_len - 1) // segment_len
@@ -154,16 +164,22 @@ def _register_python_parts() -> None:
     @torch.library.register_fake(lib + "moe_ffn_backward")
     def _bwd_fake(dy, x, W_r, W_g, W_u, W_d, given_weights, hbar, probs, weights, mode, segment_len,
                   max_chunk_segments=0, workspace_budget_bytes=0, merge_backward="auto"):
-        dW_r = x.new_empty((0,)) if mode == "given" else torch.empty_like(W_r)
-        return (torch.empty_like(x), dW_r, torch.empty_like(W_g), torch.empty_like(W_u), torch.empty_like(W_d),
-                torch.empty_like(weights))
+        _check_devices("moe_ffn_backward", "x", dict(dy=dy, x=x, W_r=W_r, W_g=W_g, W_u=W_u, W_d=W_d,
+                                                     given_weights=given_weights, hbar=hbar, probs=probs,
+                                                     weights=weights))
+        # The real kernels return contiguous tensors whatever the inputs' strides.
+        dW_r = x.new_empty((0,)) if mode == "given" else W_r.new_empty(W_r.shape)
+        return (x.new_empty(x.shape), dW_r, W_g.new_empty(W_g.shape), W_u.new_empty(W_u.shape),
+                W_d.new_empty(W_d.shape), weights.new_empty(weights.shape))
 
     @torch.library.register_fake(lib + "prompt_route")
     def _route_fake(x, W_r):
+        _check_devices("prompt_route", "x", dict(x=x, W_r=W_r))
         return x.new_empty((x.shape[0], W_r.shape[0]), dtype=_routing_dtype(x.dtype))
 
     @torch.library.register_fake(lib + "merge_experts")
     def _merge_fake(W_g, W_u, W_d, weights):
+        _check_devices("merge_experts", "W_g", dict(W_g=W_g, W_u=W_u, W_d=W_d, weights=weights))
         B = weights.shape[0]
         _, f, d = W_g.shape
         return W_g.new_empty((B, f, d)), W_g.new_empty((B, f, d)), W_g.new_empty((B, d, f))
@@ -186,6 +202,15 @@ def _register_python_parts() -> None:
                 d_weights if mode == "given" else None, None, None, None, None, None)
 
     torch.library.register_autograd(lib + "moe_ffn_forward", _backward, setup_context=_setup)
+
+    # Second derivatives are not implemented: the backward op gets an autograd formula that says
+    # so, instead of PyTorch's default for an op without one (a warning, then zero gradients).
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("lory: double backward (differentiating the gradients of moe_ffn / LoryMoEFFN, "
+                           "e.g. create_graph=True then backward again) is not supported")
+
+    torch.library.register_autograd(lib + "moe_ffn_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
     def _merge_setup(ctx, inputs, output):
         W_g, W_u, W_d, weights = inputs
@@ -264,13 +289,21 @@ class LoryMoEFFN(nn.Module):
                  segment_len: int = 256, device=None, dtype=None, max_chunk_segments: int = 0,
                  workspace_budget_bytes: int = 0, merge_backward: str = "auto"):
         super().__init__()
+        for name, v, lo in (("d_model", d_model, 1), ("d_ff", d_ff, 1), ("num_experts", num_experts, 1),
+                            ("segment_len", segment_len, 1), ("max_chunk_segments", max_chunk_segments, 0),
+                            ("workspace_budget_bytes", workspace_budget_bytes, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"LoryMoEFFN: {name} must be an integer >= {lo}, got {v!r}")
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"LoryMoEFFN: num_experts must be at most {MAX_EXPERTS}, got {num_experts}")
         if routing not in MODES:
-            raise ValueError(f"routing must be one of {MODES}, got {routing!r}")
+            raise ValueError(f"LoryMoEFFN: routing must be one of {MODES}, got {routing!r}")
         kw = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
         self.routing, self.segment_len = routing, segment_len
         if merge_backward not in MERGE_BACKWARD_METHODS:
-            raise ValueError(f"merge_backward must be one of {MERGE_BACKWARD_METHODS}, got {merge_backward!r}")
+            raise ValueError(f"LoryMoEFFN: merge_backward must be one of {MERGE_BACKWARD_METHODS}, "
+                             f"got {merge_backward!r}")
         self.max_chunk_segments, self.workspace_budget_bytes = max_chunk_segments, workspace_budget_bytes
         self.merge_backward = merge_backward
         self.W_r = None if routing == "given" else nn.Parameter(torch.empty(num_experts, d_model, **kw))
@@ -309,3 +342,8 @@ class LoryMoEFFN(nn.Module):
     @torch.no_grad()
     def decode(self, x_t: torch.Tensor, cache) -> torch.Tensor:
         return decode_step(x_t, *cache)
+
+
+# An installed package registers its ops on import (no build, nothing to wait for).
+if _installed_extension() and not os.environ.get("LORY_TORCH_PREBUILT"):
+    load()

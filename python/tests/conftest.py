@@ -1,4 +1,7 @@
-"""pytest setup for the lory PyTorch extension tests: import path, output poisoning, seeds."""
+"""pytest setup for the lory PyTorch extension tests: output poisoning, seeds, and which lory_torch
+is tested: the INSTALLED package by default (`pip install --no-build-isolation .`; run pytest from a
+directory where python/ is not on sys.path, as scripts/test_torch.sh does), or with
+LORY_TORCH_FROM_SOURCE=1 the source tree's python/lory_torch (JIT build, for development)."""
 import os
 import random
 import sys
@@ -7,7 +10,9 @@ import zlib
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # python/: the lory_torch package (in-tree)
+FROM_SOURCE = os.environ.get("LORY_TORCH_FROM_SOURCE", "") not in ("", "0")
+if FROM_SOURCE:
+    sys.path.insert(0, os.path.dirname(HERE))  # python/: the lory_torch package (in-tree)
 # Every op output is filled with NaN before the library writes it (see csrc/lory_torch_common.h),
 # so an element the library never wrote fails the NaN checks.
 os.environ.setdefault("LORY_TORCH_POISON", "1")

@@ -1,6 +1,9 @@
 """The lory PyTorch extension on the CPU: outputs and every gradient against the plain PyTorch
 layer (reference.py) under autograd, gradcheck, opcheck, the inference ops and the module."""
+import importlib
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -284,3 +287,147 @@ def test_errors(ext, gen):
         lory_torch.LoryMoEFFN(4, 6, 3, merge_backward="fast")
     with pytest.raises(RuntimeError, match="merge_backward"):
         torch.ops.lory.moe_ffn_forward(p["x"], p["W_r"], *args, None, "causal", 4, 0, 0, "fast")
+
+
+@pytest.mark.skipif(os.environ.get("LORY_TORCH_FROM_SOURCE", "") not in ("", "0"),
+                    reason="testing the source tree (LORY_TORCH_FROM_SOURCE=1)")
+def test_the_installed_package_is_tested(ext):
+    """The tests import the installed package (its compiled lory_torch._C), not python/ in the clone."""
+    repo_python = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
+    pkg = os.path.realpath(os.path.dirname(lory_torch.__file__))
+    assert not pkg.startswith(repo_python + os.sep), f"lory_torch imported from the source tree: {pkg}"
+    assert "site-packages" in pkg or "dist-packages" in pkg, pkg
+    importlib.import_module("lory_torch._C")  # the ahead-of-time build, no JIT
+    assert lory_torch.__version__ == ".".join(
+        re.search(rf"#define LORY_VERSION_{k}\s+(\d+)", _version_header()).group(1) for k in ("MAJOR", "MINOR", "PATCH"))
+
+
+def _version_header():
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "include", "lory", "version.hpp")) as f:
+        return f.read()
+
+
+# --------------------------------------------------------------------------- errors, double backward
+
+def test_errors_name_the_argument_at_fault(ext, gen):
+    """Sizes and dtype come from the expert weights, so a bad x is reported as x's problem."""
+    p = make_layer(gen, 2, 8, 4, 6, 5, 3, mode="causal")
+    W = (p["W_r"], p["W_g"], p["W_u"], p["W_d"])
+    with pytest.raises(RuntimeError, match=r"^lory: x has dtype Float, expected Double \(from the dtype of W_g\)"):
+        lory_torch.moe_ffn(p["x"].float(), *W, segment_len=4)
+    with pytest.raises(RuntimeError, match=r"^lory: x must be \[B, L, d\] with d = 6 .*got \[2, 8, 7\]"):
+        lory_torch.moe_ffn(rand(gen, 2, 8, 7), *W, segment_len=4)
+    with pytest.raises(RuntimeError, match=r"^lory: x must be \[B, L, d\]"):
+        lory_torch.moe_ffn(p["x"][0], *W, segment_len=4)
+    with pytest.raises(RuntimeError, match=r"^lory: x must have B, L > 0"):
+        lory_torch.moe_ffn(p["x"][:, :0], *W, segment_len=4)
+    with pytest.raises(RuntimeError, match=r"^lory: W_r has shape \[3, 5\], expected \[3, 6\]"):
+        lory_torch.moe_ffn(p["x"], p["W_r"][:, :5], *W[1:], segment_len=4)
+    with pytest.raises(RuntimeError, match=r"^lory: W_d has dtype Float"):
+        lory_torch.moe_ffn(p["x"], *W[:3], p["W_d"].float(), segment_len=4)
+    with pytest.raises(RuntimeError, match=r"expert count \(W_g.size\(0\)\)"):
+        lory_torch.moe_ffn(p["x"], p["W_r"][:0], p["W_g"][:0], p["W_u"][:0], p["W_d"][:0], segment_len=4)
+    with pytest.raises(RuntimeError, match=r"^lory: x has dtype Double, expected Float \(from the dtype of W_r\)"):
+        lory_torch.prompt_route(p["x"], p["W_r"].float())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(d_model=0), "d_model must be an integer >= 1, got 0"),
+    (dict(d_ff=0), "d_ff must be an integer >= 1, got 0"),
+    (dict(num_experts=0), "num_experts must be an integer >= 1, got 0"),
+    (dict(num_experts=257), "num_experts must be at most 256"),
+    (dict(segment_len=0), "segment_len must be an integer >= 1, got 0"),
+    (dict(segment_len=-4), "segment_len must be an integer >= 1, got -4"),
+    (dict(d_model=8.0), "d_model must be an integer"),
+    (dict(routing="top2"), "routing must be one of"),
+    (dict(max_chunk_segments=-1), "max_chunk_segments must be an integer >= 0"),
+], ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_module_refuses_bad_construction_arguments(kw, match):
+    args = dict(d_model=8, d_ff=12, num_experts=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        lory_torch.LoryMoEFFN(**args)
+
+
+@pytest.mark.parametrize("where", ["weights", "x"])
+def test_meta_and_cpu_tensors_in_one_call_are_refused(ext, gen, where):
+    """Meta outranks CPU in dispatch: without the check the fake kernel would answer with uninitialised
+    tensors. The error names both devices."""
+    layer = lory_torch.LoryMoEFFN(8, 12, 3, segment_len=4, device="meta" if where == "weights" else "cpu")
+    x = rand(gen, 2, 9, 8, dtype=torch.float32).to("cpu" if where == "weights" else "meta")
+    first = "on meta but x is on cpu" if where == "weights" else "on cpu but x is on meta"
+    with pytest.raises(RuntimeError, match=r"lory::moe_ffn_forward: W_r is " + first):
+        layer(x)
+    W_d_elsewhere = rand(gen, 3, 8, 12, dtype=torch.float32).to("cpu" if where == "weights" else "meta")
+    with pytest.raises(RuntimeError, match=r"merge_experts: W_d is on (cpu|meta) but W_g is on (meta|cpu)"):
+        lory_torch.merge_experts(layer.W_g, layer.W_u, W_d_elsewhere, torch.full((2, 3), 1 / 3).to(layer.W_g.device))
+
+
+def test_double_backward_raises(ext, gen):
+    """First derivatives with create_graph=True are right; differentiating them again is refused."""
+    p = make_layer(gen, 2, 9, 4, 5, 6, 3, mode="causal")
+    x = p["x"].clone().requires_grad_(True)
+    y = lory_torch.moe_ffn(x, p["W_r"], p["W_g"], p["W_u"], p["W_d"], "causal", 4)
+    (gx,) = torch.autograd.grad(y, x, p["dy"], create_graph=True)
+    x_ref = p["x"].clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(ref.lory_ffn(x_ref, p["W_r"], p["W_g"], p["W_u"], p["W_d"], "causal", 4), x_ref,
+                                    p["dy"])
+    assert_close("dx (create_graph)", gx, gx_ref, 1e-10)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        gx.square().sum().backward()
+
+
+# --------------------------------------------------------------------------- fake kernels, torch.compile
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_backward_and_strided_inputs(ext, gen, mode):
+    p = make_layer(gen, 2, 9, 4, 5, 6, 3, mode=mode, dtype=torch.float32)
+    x_strided = rand(gen, 9, 2, 5, dtype=torch.float32).transpose(0, 1)  # non-contiguous x
+    fwd = (x_strided, p["W_r"], p["W_g"], p["W_u"], p["W_d"], p["gw"], mode, 4)
+    torch.library.opcheck(torch.ops.lory.moe_ffn_forward.default, fwd)
+    _, hbar, probs, weights = torch.ops.lory.moe_ffn_forward(*fwd)
+    dy = rand(gen, 2, 9, 5, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.lory.moe_ffn_backward.default,
+                          (dy, *fwd[:6], hbar, probs, weights, mode, 4))
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, vocab, d, f, E, T):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.ffn1 = lory_torch.LoryMoEFFN(d, f, E, routing="causal", segment_len=T)
+        self.ffn2 = lory_torch.LoryMoEFFN(d, f, E, routing="causal", segment_len=T)
+        self.out = torch.nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = h + self.ffn1(F.layer_norm(h, h.shape[-1:]))
+        h = h + self.ffn2(F.layer_norm(h, h.shape[-1:]))
+        return self.out(h)
+
+
+def test_torch_compile_fullgraph_trains_like_eager(ext, gen):
+    """A model with two Lory layers compiles without graph breaks and trains: the loss falls and
+    every step's loss matches eager mode's to float32 rounding."""
+    torch._dynamo.reset()
+    vocab, B, L = 32, 2, 24
+    tokens = torch.randint(0, vocab, (B, L + 1), generator=gen)
+    torch.manual_seed(3)
+    eager = _TinyLM(vocab, 16, 24, 4, 8)
+    compiled = _TinyLM(vocab, 16, 24, 4, 8)
+    compiled.load_state_dict(eager.state_dict())
+    step = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        fwd = torch.compile(model, fullgraph=True) if name == "compiled" else model
+        losses = []
+        for _ in range(5):
+            loss = F.cross_entropy(fwd(tokens[:, :-1]).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        step[name] = losses
+    assert step["eager"][-1] < 0.9 * step["eager"][0], step["eager"]
+    for i, (le, lc) in enumerate(zip(step["eager"], step["compiled"])):
+        assert abs(le - lc) <= 1e-5 * abs(le), f"step {i}: eager {le} vs compiled {lc}"

@@ -75,42 +75,50 @@ struct LayerCall {
   }
 };
 
-inline void check_same(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "lory: ", name, " is on ", t.device(), ", expected ", ref.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "lory: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+// t must sit on ref's device with the given dtype; ref_name names what set the expectation.
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, const char* name,
+                       const char* ref_name = "x") {
+  TORCH_CHECK(t.device() == ref.device(), "lory: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), " (every tensor of a call on one device)");
+  TORCH_CHECK(t.scalar_type() == dtype, "lory: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype,
+              " (from the dtype of ", ref_name, ")");
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* name) {
   TORCH_CHECK(t.sizes() == want, "lory: ", name, " has shape ", t.sizes(), ", expected ", want);
 }
 
+// The layer's sizes and storage dtype come from the expert weights (W_g [E, f, d]) and the
+// token counts from x, so each mismatch is reported against the argument at fault: a wrong
+// dtype or last dimension of x is x's problem, not the weights'.
 inline LayerCall check_layer(const at::Tensor& x, const std::optional<at::Tensor>& W_r, const at::Tensor& W_g,
                              const at::Tensor& W_u, const at::Tensor& W_d,
                              const std::optional<at::Tensor>& given_weights, const std::string& mode,
                              int64_t segment_len) {
   LayerCall c;
   c.mode = parse_mode(mode);
-  TORCH_CHECK(x.dim() == 3, "lory: x must be [B, L, d], got ", x.sizes());
   TORCH_CHECK(W_g.dim() == 3, "lory: W_g must be [E, f, d], got ", W_g.sizes());
   TORCH_CHECK(segment_len > 0, "lory: segment_len must be positive, got ", segment_len);
+  TORCH_CHECK(W_g.size(0) >= 1 && W_g.size(0) <= lory::kMaxExperts, "lory: the expert count (W_g.size(0)) must be in [1, ",
+              lory::kMaxExperts, "], got ", W_g.size(0));
+  TORCH_CHECK(W_g.size(1) > 0 && W_g.size(2) > 0, "lory: W_g must be [E, f, d] with f, d > 0, got ", W_g.sizes());
+  c.E = static_cast<int>(W_g.size(0));
+  c.f = W_g.size(1);
+  c.d = W_g.size(2);
+  c.storage = W_g.scalar_type();
+  c.routing = routing_dtype(c.storage);
+  check_same(x, W_g, c.storage, "x", "W_g");
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == c.d, "lory: x must be [B, L, d] with d = ", c.d,
+              " (d_model, the last dimension of W_g [E, f, d]), got ", x.sizes());
   c.B = x.size(0);
   c.L = x.size(1);
-  c.d = x.size(2);
-  c.f = W_g.size(1);
-  TORCH_CHECK(W_g.size(0) >= 1 && W_g.size(0) <= lory::kMaxExperts, "lory: the expert count must be in [1, ",
-              lory::kMaxExperts, "], got ", W_g.size(0));
-  c.E = static_cast<int>(W_g.size(0));
-  TORCH_CHECK(c.B > 0 && c.L > 0 && c.d > 0 && c.f > 0, "lory: empty tensors are not supported");
-  c.storage = x.scalar_type();
-  c.routing = routing_dtype(c.storage);
+  TORCH_CHECK(c.B > 0 && c.L > 0, "lory: x must have B, L > 0 (empty tensors are not supported), got ", x.sizes());
   c.N = (c.L + segment_len - 1) / segment_len;
   c.layout = lory::SegmentLayout{c.B, c.L, segment_len};
   c.shape = lory::FfnShape{c.d, c.f, c.E};
 
-  check_same(W_g, x, c.storage, "W_g");
   check_same(W_u, x, c.storage, "W_u");
   check_same(W_d, x, c.storage, "W_d");
-  check_shape(W_g, {c.E, c.f, c.d}, "W_g");
   check_shape(W_u, {c.E, c.f, c.d}, "W_u");
   check_shape(W_d, {c.E, c.d, c.f}, "W_d");
   if (c.mode == lory::RoutingMode::kGivenWeights) {
@@ -356,7 +364,7 @@ inline void check_prompt_route(const at::Tensor& x, const at::Tensor& W_r) {
   TORCH_CHECK(W_r.dim() == 2 && W_r.size(1) == x.size(2) && W_r.size(0) >= 1 && W_r.size(0) <= lory::kMaxExperts,
               "lory: prompt_route needs W_r [E, d] with d = ", x.size(2), " and 1 <= E <= ", lory::kMaxExperts,
               ", got ", W_r.sizes());
-  check_same(W_r, x, x.scalar_type(), "W_r");
+  check_same(x, W_r, W_r.scalar_type(), "x", "W_r");
 }
 
 inline void check_merge_experts(const at::Tensor& W_g, const at::Tensor& W_u, const at::Tensor& W_d,
@@ -364,11 +372,11 @@ inline void check_merge_experts(const at::Tensor& W_g, const at::Tensor& W_u, co
   TORCH_CHECK(W_g.dim() == 3 && W_g.numel() > 0, "lory: W_g must be [E, f, d], got ", W_g.sizes());
   const int64_t E = W_g.size(0), f = W_g.size(1), d = W_g.size(2);
   TORCH_CHECK(E <= lory::kMaxExperts, "lory: at most ", lory::kMaxExperts, " experts");
-  check_same(W_u, W_g, W_g.scalar_type(), "W_u");
-  check_same(W_d, W_g, W_g.scalar_type(), "W_d");
+  check_same(W_u, W_g, W_g.scalar_type(), "W_u", "W_g");
+  check_same(W_d, W_g, W_g.scalar_type(), "W_d", "W_g");
   check_shape(W_u, {E, f, d}, "W_u");
   check_shape(W_d, {E, d, f}, "W_d");
-  check_same(weights, W_g, routing_dtype(W_g.scalar_type()), "weights");
+  check_same(weights, W_g, routing_dtype(W_g.scalar_type()), "weights", "W_g");
   TORCH_CHECK(weights.dim() == 2 && weights.size(1) == E && weights.size(0) > 0,
               "lory: merge_experts needs weights [B, E] with E = ", E, ", got ", weights.sizes());
 }

@@ -3,8 +3,9 @@
 //
 // CPU storage dtypes: float64 runs the double-precision CPU twin
 // (reference::moe_ffn_forward/backward with Acc = R = double: the plan object
-// fixes the routing dtype to float); float32 runs reference::MoeFfnCpuPlan,
-// the same orchestration (chunking, GEMM batching, workspace) as the GPU plan.
+// fixes the routing dtype to float); float32 runs the library's plan (the same
+// orchestration, chunking, GEMM batching and workspace as the GPU plan) over
+// the ATen backend of lory_torch_aten_backend.h, whose GEMMs are PyTorch's.
 // CUDA kernels are registered by lory_torch_cuda.cu when it is built.
 #include <torch/library.h>
 
@@ -18,18 +19,17 @@
 #include "lory/merge.hpp"
 #include "lory/moe_ffn.hpp"
 #include "lory/moe_ffn_plan.hpp"
-#include "lory/reference/merge.hpp"
 #include "lory/reference/moe_ffn.hpp"
-#include "lory/reference/moe_ffn_backend.hpp"
 #include "lory/reference/router.hpp"
 #include "lory/router.hpp"
+#include "lory_torch_aten_backend.h"
 #include "lory_torch_common.h"
 
 namespace lory_torch {
 namespace {
 
 using at::Tensor;
-using CpuPlan = lory::reference::MoeFfnCpuPlan<float>;
+using CpuPlan = MoeFfnAtenPlan<float>;
 
 void check_cpu_dtype(at::ScalarType t, const char* op) {
   TORCH_CHECK(t == at::kDouble || t == at::kFloat, "lory::", op,
@@ -46,7 +46,7 @@ lory::Status run_twin(const Args& a) {
 }
 
 // The CPU side of the layer ops (lory_torch_common.h): float64 through the
-// double twin, float32 through the CPU plan.
+// double twin, float32 through the plan on the ATen backend.
 struct CpuOps {
   struct Guard {
     explicit Guard(c10::Device) {}  // one CPU: nothing to select
@@ -60,7 +60,7 @@ struct CpuOps {
       check_status(run_twin(layer_args<double, double>(c, in, out)), op, " (CPU twin, float64)");
     } else {
       const CpuPlan plan(c.layout, c.shape, c.mode, opt);
-      run_plan(plan, layer_args<float, float>(c, in, out), in.x, CpuPlan::Stream{}, op, " (CPU plan)");
+      run_plan(plan, layer_args<float, float>(c, in, out), in.x, CpuPlan::Stream{}, op, " (CPU plan, ATen backend)");
     }
   }
 };
@@ -89,11 +89,10 @@ std::tuple<Tensor, Tensor, Tensor> merge_experts_cpu(const Tensor& W_g_in, const
   const auto out = new_merged_outputs(W_g_in, weights);
   const Tensor W[3] = {W_g_in.contiguous(), W_u_in.contiguous(), W_d_in.contiguous()};
   for (int i = 0; i < 3; ++i) {
-    using lory::reference::merge_forward;
     check_status(W_g_in.scalar_type() == at::kDouble
-                     ? merge_forward<double>(merge_args<double, double>(W[i], weights, out[i]))
-                     : merge_forward<double>(merge_args<float, float>(W[i], weights, out[i])),
-                 "merge_experts (CPU twin)");
+                     ? aten_merge_forward(merge_args<double, double>(W[i], weights, out[i]))
+                     : aten_merge_forward(merge_args<float, float>(W[i], weights, out[i])),
+                 "merge_experts (CPU)");
   }
   return {out[0], out[1], out[2]};
 }
