@@ -14,6 +14,7 @@ model see the text alone.
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import sysconfig
@@ -44,8 +45,8 @@ def _fortune_file(n: str) -> bool:
 def domain_files() -> dict[str, list[str]]:
     """domain -> the installed files it reads (an empty list when its package is missing)."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    py_docs = [d for d in ("/usr/share/doc/python3.11/html/_sources", "/usr/share/doc/python3/html/_sources")
-               if os.path.isdir(d)]
+    # python3-doc installs the default Python's documentation, e.g. /usr/share/doc/python3.11/html.
+    py_docs = sorted(glob.glob("/usr/share/doc/python3*/html/_sources"))
     return {
         "fortunes-en": _files(FORTUNES, _fortune_file, recursive=False),
         "fortunes-de": _files(os.path.join(FORTUNES, "de"), _fortune_file),

@@ -120,9 +120,14 @@ class LM(nn.Module):
                                     for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.apply(self._init)
-        # GPT-2's scaled init of the residual projections (the dense FFN's and attention's).
+        # Experts start like the dense FFN (each expert drawn independently), so the runs differ in
+        # the FFN's structure only, not in the scale of its initial weights.
+        for f in self.lory_layers():
+            for W in (f.moe.W_r, f.moe.W_g, f.moe.W_u, f.moe.W_d):
+                nn.init.normal_(W, std=0.02)
+        # GPT-2's scaled init of the residual projections (attention's, the FFN's down projection).
         for n, p in self.named_parameters():
-            if n.endswith(("proj.weight", "down.weight")):
+            if n.endswith(("proj.weight", "down.weight", "moe.W_d")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
         dh = cfg.d_model // cfg.n_heads
         inv = 1.0 / (10000 ** (torch.arange(0, dh // 2, dtype=torch.float32) / (dh // 2)))
