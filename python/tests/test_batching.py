@@ -1,10 +1,7 @@
 """Tests of the similarity-batching pipeline (lory_torch.batching): embedders, kNN engines,
 tokenizers, the traversal / packing ops, the packed-shard format and the CLI, on a small real
 corpus made of text installed on this machine (Python sources, C headers, licences, Perl modules)."""
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -148,7 +145,7 @@ def test_tfidf_matches_dense_reference():
         ref = np.zeros(64)
         for key, v in w.items():
             for j in range(4):
-                ref[emb._proj_dim[key, j]] += v / nrm * emb._proj_sign[key, j]
+                ref[emb._proj_dim[j, key]] += v / nrm * emb._proj_sign[j, key]
         ref /= np.linalg.norm(ref)
         np.testing.assert_allclose(got[t], ref, rtol=0, atol=1e-6)
 
@@ -429,14 +426,14 @@ def test_ops_bad_arguments_name_the_argument(ext, graph):
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _check_packed(path, texts, seq_len, leftover="pad"):
+def _check_packed(path, texts, seq_len, leftover="pad", tokenizer=None):
     """Every kept token exactly once, in its document's order, one separator after each document,
     rows of seq_len tokens, the Dataset's items equal to the token files."""
     ds = PackedSequenceDataset(str(path), return_docs=True)
     idx = ds.index
     sep, pad = idx["separator_id"], idx["pad_id"]
     p = ds.pieces()
-    toks = ByteTokenizer().encode_batch(texts)
+    toks = (tokenizer or ByteTokenizer()).encode_batch(texts)
     rows = [np.asarray(ds.tokens(i)) for i in range(len(ds))]
     assert all(r.size == seq_len for r in rows[:-1]) and (leftover == "keep" or rows[-1].size == seq_len)
     seen = {}
@@ -456,7 +453,7 @@ def _check_packed(path, texts, seq_len, leftover="pad"):
                 seen[d] = -1 - seen[d]  # closed
             pos += ln
         assert (row[pos:] == pad).all()
-        assert not (row[:pos] == pad).any()
+        assert pad == sep or not (row[:pos] == pad).any()
     # Every placed document complete (its tokens, then one separator), except with leftover "drop":
     # there the documents cut short are the last ones of the order and their missing tokens are
     # exactly the dropped leftover.
@@ -527,7 +524,7 @@ def test_similarity_batching_groups_domains_more_than_random(ext, docs, texts, t
     rnd = _same_domain_adjacent(str(tmp_path / "rnd"), domains)
     chance = sum((np.asarray(domains) == d).mean() ** 2 for d in set(domains))
     assert abs(rnd - chance) < 0.12, (rnd, chance)
-    assert sim > 0.8 and sim > rnd + 0.4, (sim, rnd)
+    assert sim > 0.75 and sim > rnd + 0.4, (sim, rnd)  # here: ~0.87 vs ~0.25
     # ... and inside training sequences: the documents sharing a sequence share a domain far more often.
     def within(path):
         ds = PackedSequenceDataset(str(path), return_docs=True)
@@ -545,10 +542,14 @@ def _files(path):
     return {f: (path / f).read_bytes() for f in sorted(os.listdir(path))}
 
 
-def test_builds_are_deterministic(ext, texts, tmp_path):
+def test_builds_are_deterministic(ext, texts, tmp_path, monkeypatch):
+    import time
+
     for name in ("a", "b"):
         build_packed_dataset(texts[:200], str(tmp_path / name), seq_len=300, k=6, show_progress=False,
                              dedup_threshold=0.98)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the second build an hour later
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert list(a) == ["index.json", "pieces.npz", "tokens-00000.bin"] and a == b
     build_packed_dataset(texts[:200], str(tmp_path / "r1"), seq_len=300, order="random", seed=5, show_progress=False)
@@ -629,3 +630,48 @@ def test_cli(ext, docs, tmp_path, capsys):
     rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o3"), "--k", "0",
                    "--no-progress"])
     assert rc == 2 and "k must be a positive integer" in capsys.readouterr().err
+    rc = cli_main(["--input", str(p), "--text-field", "content", "--out", str(tmp_path / "o3"), "--knn", "torch",
+                   "--faiss-index", "flat", "--no-progress"])
+    assert rc == 2 and "--faiss-index needs the FAISS engine" in capsys.readouterr().err
+
+
+class _WideTokenizer(ByteTokenizer):
+    """Bytes shifted past 65536: a vocabulary that needs uint32 storage."""
+    vocab_size = 70_000
+    separator_id = 69_998
+    pad_id = 69_999
+
+    def encode_batch(self, texts):
+        return [a + 69_000 for a in super().encode_batch(texts)]
+
+
+def test_wide_vocabulary_is_stored_as_uint32(ext, texts, tmp_path):
+    t = _WideTokenizer()
+    r = build_packed_dataset(texts[:30], str(tmp_path / "w"), seq_len=333, tokenizer=t, order="random",
+                             show_progress=False)
+    assert r.index["dtype"] == "uint32" and r.index["separator_id"] == 69_998
+    ds = _check_packed(tmp_path / "w", texts[:30], 333, tokenizer=t)
+    assert int(ds[0]["tokens"].min()) >= 69_000
+
+    class Bad(_WideTokenizer):
+        def encode_batch(self, texts):
+            out = super().encode_batch(texts)
+            out[3][5] = 70_000
+            return out
+
+    with pytest.raises(ValueError, match=r"tokenizer: document 3 has token ids outside \[0, 70000\)"):
+        build_packed_dataset(texts[:30], str(tmp_path / "b"), tokenizer=Bad(), order="random", show_progress=False)
+
+
+def test_contriever_and_hf_tokenizer_through_the_pipeline(ext, docs, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = tmp_path / "bert"
+    model_dir.mkdir()
+    _, tok = _tiny_bert(model_dir)
+    sub = [x["text"] for x in docs[:40]]
+    r = build_packed_dataset(sub, str(tmp_path / "o"), seq_len=256, k=5, knn="torch",
+                             embedder=f"contriever:{model_dir}", tokenizer=f"hf:{model_dir}", show_progress=False)
+    assert r.index["embedder"]["name"] == "contriever" and r.index["embedder"]["dim"] == 32
+    assert r.index["separator_id"] == tok.sep_token_id and r.index["vocab_size"] == len(tok)
+    _check_packed(tmp_path / "o", sub, 256, tokenizer=HFTokenizer(tok))

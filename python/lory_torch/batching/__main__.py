@@ -41,7 +41,15 @@ def main(argv=None) -> int:
 
     from .pipeline import build_packed_dataset
 
-    knn_options = {"index": a.faiss_index} if a.knn != "torch" and a.faiss_index != "auto" else None
+    knn_options = None
+    if a.faiss_index != "auto":
+        from .knn import faiss_available
+
+        if a.knn == "torch" or not faiss_available():
+            print("error: --faiss-index needs the FAISS engine (--knn faiss or auto, with faiss installed)",
+                  file=sys.stderr)
+            return 2
+        knn_options = {"index": a.faiss_index}
     try:
         res = build_packed_dataset(
             a.input, a.out, text_field=a.text_field, seq_len=a.seq_len, k=a.k, embedder=a.embedder, knn=a.knn,

@@ -15,7 +15,7 @@ in the output's index).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -83,8 +83,8 @@ class HashedTfidfEmbedder:
         # Count sketch of the buckets: output dimension and sign of each of the nnz entries.
         b = np.arange(1 << log2_buckets, dtype=np.uint64)[:, None] * np.uint64(nnz_per_bucket)
         h = _splitmix64(b + np.arange(nnz_per_bucket, dtype=np.uint64)[None, :] + np.uint64(seed) * np.uint64(1 << 40))
-        self._proj_dim = (h % np.uint64(dim)).astype(np.int64)                  # [buckets, nnz]
-        self._proj_sign = np.where((h >> np.uint64(63)) == 1, -1.0, 1.0) / math.sqrt(nnz_per_bucket)
+        self._proj_dim = np.ascontiguousarray((h % np.uint64(dim)).astype(np.int64).T)  # [nnz, buckets]
+        self._proj_sign = np.ascontiguousarray(np.where((h >> np.uint64(63)) == 1, -1.0, 1.0).T) / math.sqrt(nnz_per_bucket)
 
     def describe(self) -> dict:
         return {"name": "tfidf", "dim": self.dim, "ngram_range": list(self.ngram_range),
@@ -150,11 +150,14 @@ class HashedTfidfEmbedder:
             w = (1.0 + np.log(count)) * self.idf[bucket]
             norm = np.sqrt(np.bincount(doc, weights=w * w, minlength=len(batch)))
             w = w / np.maximum(norm, 1e-30)[doc]
-            # count sketch: doc row, projected dim, weight * sign, nnz_per_bucket entries per bucket
-            rows = np.repeat(doc, self.nnz_per_bucket) * self.dim + self._proj_dim[bucket].ravel()
-            vals = (w[:, None] * self._proj_sign[bucket]).ravel()
-            dense = np.bincount(rows, weights=vals, minlength=len(batch) * self.dim).reshape(len(batch), self.dim)
-            out[s: s + len(batch)] = dense
+            # count sketch: each bucket adds sign * w to nnz_per_bucket output dims of its doc's row
+            # (one bincount per sketch column: contiguous tables, no [nnz, s] temporaries)
+            base = doc * self.dim
+            dense = np.zeros(len(batch) * self.dim)
+            for j in range(self.nnz_per_bucket):
+                dense += np.bincount(base + self._proj_dim[j][bucket], weights=w * self._proj_sign[j][bucket],
+                                     minlength=dense.size)
+            out[s: s + len(batch)] = dense.reshape(len(batch), self.dim)
         return _normalise_rows(out, fallback_seed=self.seed)
 
 

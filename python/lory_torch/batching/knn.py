@@ -54,9 +54,11 @@ def check_embeddings(emb) -> np.ndarray:
     return emb
 
 
-def _check_k(k: int, n: int) -> None:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+def positive_int(v, name: str) -> int:
+    """v as an int, or ValueError naming the argument unless it is a positive integer (bools refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
 
 
 def knn_torch(emb, k: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, device: Optional[str] = None,
@@ -65,7 +67,7 @@ def knn_torch(emb, k: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, dev
     stay within memory_budget_bytes."""
     emb = check_embeddings(emb)
     n, dim = emb.shape
-    _check_k(k, n)
+    k = positive_int(k, "k")
     if memory_budget_bytes <= 0:
         raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
     dev = torch.device(device or "cpu")
@@ -124,7 +126,7 @@ def knn_faiss(emb, k: int, index: str = "auto", flat_max_docs: int = FLAT_MAX_DO
 
     emb = check_embeddings(emb)
     n, dim = emb.shape
-    _check_k(k, n)
+    k = positive_int(k, "k")
     if index not in ("auto", "flat", "ivfpq"):
         raise ValueError(f"index must be 'auto', 'flat' or 'ivfpq', got {index!r}")
     kind = index if index != "auto" else ("flat" if n <= flat_max_docs else "ivfpq")

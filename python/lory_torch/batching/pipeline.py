@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -15,7 +14,7 @@ import numpy as np
 from . import ops
 from .corpus import Corpus, read_corpus
 from .embed import make_embedder, progress
-from .knn import check_embeddings, faiss_available, knn as knn_search
+from .knn import check_embeddings, faiss_available, knn as knn_search, positive_int
 from .shards import FORMAT
 from .tokenize import make_tokenizer, storage_dtype
 
@@ -52,12 +51,6 @@ class _Timer:
             print(f"[lory.batching] {self.stage}: {dt:.2f} s", flush=True)
 
 
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 def build_packed_dataset(input: Union[str, Sequence[str], Corpus], out_dir: str, *, text_field: str = "text",
                          seq_len: int = 4096, k: int = 10, embedder="tfidf", knn: str = "auto",
                          order: str = "similarity", tokenizer=None, seed: int = 0, neighbours_used: int = 0,
@@ -78,9 +71,9 @@ def build_packed_dataset(input: Union[str, Sequence[str], Corpus], out_dir: str,
     "split" | "move", leftover "drop" | "pad" | "keep") are lory/batching.hpp's. embeddings: a
     precomputed float [N, dim] array (skips the embedder)."""
     # Every argument is checked before any work starts.
-    seq_len = _positive_int(seq_len, "seq_len")
-    k = _positive_int(k, "k")
-    shard_seqs = _positive_int(shard_seqs, "shard_seqs")
+    seq_len = positive_int(seq_len, "seq_len")
+    k = positive_int(k, "k")
+    shard_seqs = positive_int(shard_seqs, "shard_seqs")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if knn not in KNN_BACKENDS:
