@@ -14,7 +14,7 @@
 #include "lory/moe_ffn_plan.hpp"
 #include "lory/reference/merge.hpp"
 #include "lory/reference/router.hpp"
-#include "lory/math.hpp"
+#include "lory/reference/swiglu.hpp"
 #include "lory/router.hpp"
 #include "lory/swiglu.hpp"
 
@@ -48,34 +48,13 @@ struct MoeFfnCpuBackend {
                                Stream) {
     return run(a, ws, ws_bytes, [&] { return reference::merge_backward<float>(a); });
   }
-  // The SwiGLU leaves loop here over the host-and-device formulas of
-  // lory/math.hpp, as reference::swiglu_forward/backward do: those twins do not
-  // compile yet (inside namespace reference their unqualified element calls
-  // find the twins themselves, not lory::swiglu_forward/backward).
   template <class T>
-  static Status swiglu_forward(const SwigluForwardArgs<T>& p, void* ws, size_t& ws_bytes, Stream) {
-    return run(p, ws, ws_bytes, [&] {
-      for (int64_t r = 0; r < p.rows; ++r)
-        for (int64_t c = 0; c < p.cols; ++c)
-          p.m[r * p.m_stride + c] = store_as<T>(LORY_NS_QUALIFIER::swiglu_forward(
-              load_as<float>(p.a[r * p.a_stride + c]), load_as<float>(p.u[r * p.u_stride + c])));
-      return Status::kSuccess;
-    });
+  static Status swiglu_forward(const SwigluForwardArgs<T>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::swiglu_forward<float>(a); });
   }
   template <class T>
-  static Status swiglu_backward(const SwigluBackwardArgs<T>& p, void* ws, size_t& ws_bytes, Stream) {
-    return run(p, ws, ws_bytes, [&] {
-      for (int64_t r = 0; r < p.rows; ++r)
-        for (int64_t c = 0; c < p.cols; ++c) {
-          float da, du;
-          LORY_NS_QUALIFIER::swiglu_backward(load_as<float>(p.a[r * p.a_stride + c]),
-                                             load_as<float>(p.u[r * p.u_stride + c]),
-                                             load_as<float>(p.dm[r * p.dm_stride + c]), da, du);
-          p.da[r * p.da_stride + c] = store_as<T>(da);
-          p.du[r * p.du_stride + c] = store_as<T>(du);
-        }
-      return Status::kSuccess;
-    });
+  static Status swiglu_backward(const SwigluBackwardArgs<T>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::swiglu_backward<float>(a); });
   }
 
   // Plain loop GEMM with the row-major semantics of StridedBatchedGemm, fp32
