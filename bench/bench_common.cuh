@@ -59,6 +59,13 @@ void fill_uniform_device(T* p, size_t n, uint64_t seed, float scale = 1.f) {
   LORY_BENCH_CUDA(cudaGetLastError());
   LORY_BENCH_CUDA(cudaDeviceSynchronize());
 }
+// cudaMalloc of n elements, left uninitialised (outputs).
+template <class T>
+T* device_alloc(size_t n) {
+  T* p = nullptr;
+  LORY_BENCH_CUDA(cudaMalloc(&p, n * sizeof(T)));
+  return p;
+}
 // cudaMalloc + fill_uniform_device.
 template <class T>
 T* device_random(size_t n, uint64_t seed, float scale = 1.f) {

@@ -1,33 +1,23 @@
 // Router forward / backward at the paper's shapes (L = 4096, T = 256, d = 1024
-// and 1536, E = 8 / 16 / 32, B = 8 and 32) and SwiGLU forward / backward over
-// 32768 tokens x f = 4096, all in bf16. Every one of them is memory-bound: the
+// and 1536, E = 8 / 16 / 32, B = 8 and 32), in bf16. Both are memory-bound: the
 // byte counters are each kernel's own minimum traffic (x read once for the
-// router forward; dx read and written once for the backward; SwiGLU's inputs
-// read and outputs written once), so pct_copy_bw is the figure of merit.
+// forward; dx read and written once for the backward), so pct_copy_bw is the
+// figure of merit. SwiGLU's benchmarks: bench_swiglu.cu.
 #include <cstdint>
 #include <string>
 
 #include "bench_common.cuh"
 #include "lory/router.cuh"
-#include "lory/swiglu.cuh"
 
 namespace {
 
 using bf16 = __nv_bfloat16;
+using lory_bench::device_alloc;
 using lory_bench::device_random;
 using lory_bench::GpuTimer;
 using lory_bench::set_rate_counters;
 
 constexpr int64_t kSeqLen = 4096, kSegmentLen = 256;
-constexpr int64_t kSwigluTokens = 32768, kSwigluF = 4096;
-
-
-template <class T>
-T* device_alloc(int64_t n) {
-  T* p = nullptr;
-  LORY_BENCH_CUDA(cudaMalloc(&p, n * sizeof(T)));
-  return p;
-}
 
 // Inputs and outputs of one router configuration; hbar / probs are filled by
 // a forward run so that the backward sees realistic values.
@@ -158,38 +148,6 @@ void bm_router_backward(benchmark::State& state, int64_t d, int E, int64_t B) {
   cudaFree(d_bias);
 }
 
-void bm_swiglu_forward(benchmark::State& state) {
-  const int64_t n = kSwigluTokens * kSwigluF;
-  bf16 *a = device_random<bf16>(n, 5), *u = device_random<bf16>(n, 6), *m = device_alloc<bf16>(n);
-  const lory::SwigluForwardArgs<bf16> args{kSwigluTokens, kSwigluF, a, kSwigluF, u, kSwigluF, m, kSwigluF};
-  GpuTimer timer;
-  bool ok = true;
-  timer.run(state, [&](cudaStream_t s) { ok &= lory::swiglu_forward(args, s) == lory::Status::kSuccess; });
-  if (!ok) state.SkipWithError("swiglu_forward failed");
-  set_rate_counters(state, lory_bench::Traffic{2.0 * n * sizeof(bf16), 1.0 * n * sizeof(bf16)}, 4.0 * n);
-  cudaFree(a);
-  cudaFree(u);
-  cudaFree(m);
-}
-
-void bm_swiglu_backward(benchmark::State& state) {
-  const int64_t n = kSwigluTokens * kSwigluF;
-  bf16 *a = device_random<bf16>(n, 7), *u = device_random<bf16>(n, 8), *dm = device_random<bf16>(n, 9);
-  bf16 *da = device_alloc<bf16>(n), *du = device_alloc<bf16>(n);
-  const lory::SwigluBackwardArgs<bf16> args{kSwigluTokens, kSwigluF, a, kSwigluF, u, kSwigluF, dm, kSwigluF,
-                                            da, kSwigluF, du, kSwigluF};
-  GpuTimer timer;
-  bool ok = true;
-  timer.run(state, [&](cudaStream_t s) { ok &= lory::swiglu_backward(args, s) == lory::Status::kSuccess; });
-  if (!ok) state.SkipWithError("swiglu_backward failed");
-  set_rate_counters(state, lory_bench::Traffic{3.0 * n * sizeof(bf16), 2.0 * n * sizeof(bf16)}, 10.0 * n);
-  cudaFree(a);
-  cudaFree(u);
-  cudaFree(dm);
-  cudaFree(da);
-  cudaFree(du);
-}
-
 const bool registered = [] {
   for (int64_t d : {1024, 1536})
     for (int E : {8, 16, 32})
@@ -205,15 +163,6 @@ const bool registered = [] {
             ->MinTime(0.05)
             ->Unit(benchmark::kMicrosecond);
       }
-  const std::string swiglu_shape = "/bf16/tokens" + std::to_string(kSwigluTokens) + "_f" + std::to_string(kSwigluF);
-  benchmark::RegisterBenchmark(("swiglu_forward" + swiglu_shape).c_str(), bm_swiglu_forward)
-      ->UseManualTime()
-      ->MinTime(0.05)
-      ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark(("swiglu_backward" + swiglu_shape).c_str(), bm_swiglu_backward)
-      ->UseManualTime()
-      ->MinTime(0.05)
-      ->Unit(benchmark::kMicrosecond);
   return true;
 }();
 
