@@ -13,6 +13,7 @@
 #include "lory/merge.hpp"
 #include "lory/moe_ffn_plan.hpp"
 #include "lory/reference/merge.hpp"
+#include "lory/reference/round_to_storage.hpp"
 #include "lory/reference/router.hpp"
 #include "lory/math.hpp"
 #include "lory/router.hpp"
@@ -107,14 +108,10 @@ struct MoeFfnCpuBackend {
     return Status::kSuccess;
   }
 
-  // dst = src rounded once to T (store_as: round to nearest even).
+  // dst = src rounded once to T (the twin: store_as, round to nearest even).
   template <class T>
   static Status round_to_storage(const RoundToStorageArgs<T>& a, void* ws, size_t& ws_bytes, Stream) {
-    return run(a, ws, ws_bytes, [&] {
-      for (int64_t r = 0; r < a.rows; ++r)
-        for (int64_t c = 0; c < a.cols; ++c) a.dst[r * a.dst_stride + c] = store_as<T>(a.src[r * a.src_stride + c]);
-      return Status::kSuccess;
-    });
+    return run(a, ws, ws_bytes, [&] { return reference::round_to_storage(a); });
   }
 
  private:
