@@ -5,6 +5,10 @@
 //   dense_ffn_{fwd,bwd,fwdbwd}/bf16/d1536_f4096/E32/B8_L4096_T256   (same suffix: pair them)
 //   lory_layer_bwd/.../B8_L4096_T256/{fused,gemm}   the backward with each merge-backward method
 //                                                    (the rows above: MergeBackwardMethod::kAuto)
+//   lory_layer_{fwd,bwd,fwdbwd}/.../B8_L4096_T256/budget{1,2}GiB
+//                                                    the layer under a workspace budget (the rows
+//                                                    without: unlimited, one chunk, one slice), for
+//                                                    time against memory (docs/memory.md)
 // The dense FFN does not depend on E; it is registered once per E so that
 // every Lory row has its baseline under the same suffix.
 // Counters: GB/s and TFLOP/s (executed FLOPs: Lory includes its merges and the
@@ -81,7 +85,7 @@ struct Config {
 // every leaf operation (run once, after the timed loop; each leaf is
 // synchronised, so only the per-leaf sums are meaningful, not their total).
 struct LeafTimes {
-  double router = 0, merge_fwd = 0, merge_bwd = 0, swiglu = 0, gemm = 0;
+  double router = 0, merge_fwd = 0, merge_bwd = 0, swiglu = 0, gemm = 0, round = 0;
 };
 LeafTimes& leaf_times() {
   static LeafTimes t;
@@ -123,19 +127,25 @@ struct TimedBackend : lory::MoeFfnCudaBackend {
     if (!ws) return Base::merge_backward(a, m, ws, bytes, s);
     return timed(leaf_times().merge_bwd, s.stream, [&] { return Base::merge_backward(a, m, ws, bytes, s); });
   }
-  template <class V>
-  static Status gemm(const lory::StridedBatchedGemm<V>& g, Stream s) {
+  template <class V, class VC = V>
+  static Status gemm(const lory::StridedBatchedGemm<V, VC>& g, Stream s) {
     return timed(leaf_times().gemm, s.stream, [&] { return Base::gemm(g, s); });
+  }
+  template <class V>
+  static Status round_to_storage(const lory::RoundToStorageArgs<V>& a, void* ws, size_t& bytes, Stream s) {
+    if (!ws) return Base::round_to_storage(a, ws, bytes, s);
+    return timed(leaf_times().round, s.stream, [&] { return Base::round_to_storage(a, ws, bytes, s); });
   }
 };
 
 void bench_lory(benchmark::State& state, Pass pass, Config c,
-                lory::MergeBackwardMethod method = lory::MergeBackwardMethod::kAuto) {
+                lory::MergeBackwardMethod method = lory::MergeBackwardMethod::kAuto, size_t budget_bytes = 0) {
   Buffers& B = buffers();
   const lory::SegmentLayout lay{kBatch, kSeqLen, kSegLen};
   const lory::FfnShape sh{c.d, c.f, c.E};
   lory::MoeFfnOptions opt;
   opt.merge_backward = method;
+  opt.workspace_budget_bytes = budget_bytes;
   const lory::MoeFfnCudaPlan<T> plan(lay, sh, lory::RoutingMode::kCausalSegment, opt);
   LORY_BENCH_OK(plan.can_implement());
   const size_t tokens = c.tokens(), E = c.E, S = c.segments(), fd = c.f * c.d;
@@ -187,6 +197,8 @@ void bench_lory(benchmark::State& state, Pass pass, Config c,
   set_rate_counters(state, bytes, flops);
   state.counters["workspace_bytes"] = static_cast<double>(plan.workspace_size());
   state.counters["chunk_segments"] = static_cast<double>(plan.chunk_segments());
+  state.counters["slices"] = static_cast<double>(plan.num_slices());
+  state.counters["slice_width"] = static_cast<double>(plan.slice_width());
 
   // One more pass with every leaf timed: milliseconds per kind of leaf.
   const lory::MoeFfnPlan<T, TimedBackend> timed_plan(lay, sh, lory::RoutingMode::kCausalSegment, opt);
@@ -201,6 +213,7 @@ void bench_lory(benchmark::State& state, Pass pass, Config c,
   state.counters["ms_merge_bwd"] = t.merge_bwd;
   state.counters["ms_swiglu"] = t.swiglu;
   state.counters["ms_gemm"] = t.gemm;
+  state.counters["ms_round"] = t.round;
 }
 
 // The dense SwiGLU FFN: a = x W_g^T, u = x W_u^T, m = silu(a) * u, y = m W_d^T,
@@ -286,6 +299,14 @@ const bool registered = [] {
                                    [pass, c](benchmark::State& s) { bench_dense(s, pass, c); })
           ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
       // The backward with each merge-backward method named (the rows above take kAuto's pick).
+      // Time against the workspace budget at the paper's shape (the rows above: unlimited).
+      if (c.d == 1536)
+        for (int gib : {1, 2})
+          benchmark::RegisterBenchmark(("lory_layer_" + suffix + "/budget" + std::to_string(gib) + "GiB").c_str(),
+                                       [pass, c, gib](benchmark::State& s) {
+                                         bench_lory(s, pass, c, lory::MergeBackwardMethod::kAuto, size_t(gib) << 30);
+                                       })
+              ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
       if (pass == Pass::kBwd)
         for (auto m : {lory::MergeBackwardMethod::kFused, lory::MergeBackwardMethod::kGemm})
           benchmark::RegisterBenchmark(("lory_layer_" + suffix + "/" + lory::merge_backward_method_name(m)).c_str(),

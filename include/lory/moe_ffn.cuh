@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lory/config.hpp"
 #include "lory/detail/cublas.cuh"
@@ -27,6 +28,7 @@
 #include "lory/merge_gemm.cuh"
 #include "lory/moe_ffn.hpp"
 #include "lory/moe_ffn_plan.hpp"
+#include "lory/round_to_storage.cuh"
 #include "lory/router.cuh"
 #include "lory/status.hpp"
 #include "lory/swiglu.cuh"
@@ -39,6 +41,8 @@ struct MoeFfnCudaBackend {
     cudaStream_t stream = nullptr;
     cublasHandle_t cublas = nullptr;
   };
+  // The merge launchers take 2-D views: the plan may slice f (lory/moe_ffn_plan.hpp).
+  static constexpr bool kMergeViews2d = true;
 
   // Checked before anything is launched: a null handle, or one bound to another
   // stream or in device pointer mode, would fail (or race) only after the router ran.
@@ -93,12 +97,26 @@ struct MoeFfnCudaBackend {
     return LORY_NS_QUALIFIER::swiglu_backward(a, s.stream);
   }
 
+  // y and dx rounded once from the plan's fp32 accumulators. No workspace.
+  template <class T>
+  static Status round_to_storage(const RoundToStorageArgs<T>& a, void* ws, size_t& ws_bytes, Stream s) {
+    if (!ws) {
+      LORY_RETURN_IF_ERROR(round_to_storage_can_implement(a));
+      ws_bytes = 0;
+      return Status::kSuccess;
+    }
+    return LORY_NS_QUALIFIER::round_to_storage(a, s.stream);
+  }
+
   // One cuBLAS call for the whole batch. cuBLAS is column-major: a row-major
   // [r, c] matrix is its column-major transpose, so row-major C = op(A) op(B)
   // is column-major C^T = op(B)^T op(A)^T -- the operands swap places and keep
   // their transpose flags.
-  template <class T>
-  static Status gemm(const StridedBatchedGemm<T>& g, Stream s) {
+  // TC = float: C is one of the plan's fp32 accumulators (cuBLAS' mixed-type GemmEx: T inputs,
+  // fp32 output, fp32 compute).
+  template <class T, class TC = T>
+  static Status gemm(const StridedBatchedGemm<T, TC>& g, Stream s) {
+    static_assert(std::is_same<TC, T>::value || std::is_same<TC, float>::value, "C is T or float");
     static_assert(detail::is_gpu_storage<T>::value, "MoeFfnCudaBackend::gemm: T must be float, __half or __nv_bfloat16");
     LORY_RETURN_IF_ERROR(validate(g));
     if (!s.cublas) return detail::fail(Status::kErrorNullPointer, "cublas", "null cuBLAS handle");
@@ -106,12 +124,13 @@ struct MoeFfnCudaBackend {
         !detail::fits_int(g.lda) || !detail::fits_int(g.ldb) || !detail::fits_int(g.ldc))
       return Status::kErrorInvalidSize;
     constexpr cudaDataType_t type = detail::cublas_dtype<T>::value;
+    constexpr cudaDataType_t c_type = detail::cublas_dtype<TC>::value;
     const cublasStatus_t st = cublasGemmStridedBatchedEx(
         s.cublas, g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
         static_cast<int>(g.n), static_cast<int>(g.m), static_cast<int>(g.k), &g.alpha,
         g.B, type, static_cast<int>(g.ldb), static_cast<long long>(g.stride_b),
         g.A, type, static_cast<int>(g.lda), static_cast<long long>(g.stride_a), &g.beta,
-        g.C, type, static_cast<int>(g.ldc), static_cast<long long>(g.stride_c), static_cast<int>(g.batch),
+        g.C, c_type, static_cast<int>(g.ldc), static_cast<long long>(g.stride_c), static_cast<int>(g.batch),
         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? Status::kSuccess : Status::kErrorCublas;
   }

@@ -19,7 +19,27 @@
 //   template <class T> static Status gemm(const StridedBatchedGemm<T>&, Stream);
 //   template <class T> static Status can_implement(const SegmentLayout&, const FfnShape&);  // backend limits
 //   static Status check_stream(const Stream&);  // before any launch of a forward / backward
-// Leaf operations follow the launcher protocol: ws == nullptr asks for the size.
+// and, for a backend whose merges take 2-D views (rows > 1, lory/merge.hpp), so that the plan may
+// split the layer over slices of f:
+//   static constexpr bool kMergeViews2d = true;  // missing or false: the plan never slices
+//   template <class T> static Status gemm(const StridedBatchedGemm<T, float>&, Stream);  // fp32 C
+//   template <class T> static Status round_to_storage(const RoundToStorageArgs<T>&, void* ws, size_t& ws_bytes, Stream);
+// (one `template <class T, class TC = T> gemm(const StridedBatchedGemm<T, TC>&, Stream)` serves both
+// GEMMs). Leaf operations follow the launcher protocol: ws == nullptr asks for the size.
+//
+// Work split (docs/memory.md). The workspace budget decides two numbers: the chunk C (consecutive
+// segments processed together) and the slice width w (columns of the FFN's hidden dimension f per
+// slice; the last slice may be narrower). SwiGLU is elementwise over f, so slice J of f needs rows J
+// of the merged W_g and W_u ([f, d] per segment) and columns J of the merged W_d ([d, f]: a 2-D
+// merge view); y and dx are sums over the slices, kept in an fp32 accumulator and rounded once to
+// T. Unlimited budget, or one that holds a chunk of all segments unsliced: C = all, w = f (one
+// slice, no accumulator: T outputs written directly). Otherwise the plan keeps C = all segments and
+// slices f (w a multiple of kSliceGranule, as wide as the budget allows, then evened out over the
+// same number of slices), so every expert weight is still read once per forward and twice per
+// backward (the recomputed merge, the merge backward). Only a budget below one chunk of all
+// segments at the narrowest width makes chunks of segments, and then each chunk reads every expert
+// weight again. Per slice, in the loops below, the matrices are the slice's: Wbar_g, Wbar_u are
+// [w, d], Wbar_d is [d, w], the activations [tokens, w], and y / dx go to the accumulator.
 //
 // Forward, per chunk of consecutive segments (after the router has written
 // hbar / probs / weights into the caller's buffers):
@@ -36,11 +56,13 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "lory/config.hpp"
 #include "lory/detail/validate.hpp"
 #include "lory/merge.hpp"
 #include "lory/moe_ffn.hpp"
+#include "lory/round_to_storage.hpp"
 #include "lory/router.hpp"
 #include "lory/shapes.hpp"
 #include "lory/status.hpp"
@@ -51,6 +73,11 @@ LORY_NAMESPACE_BEGIN
 struct MoeFfnOptions {
   size_t workspace_budget_bytes = 0;  // 0: no limit -> all segments in one chunk
   int64_t max_chunk_segments = 0;     // 0: as many as the budget allows
+  // Columns of f per slice (the last slice may be narrower): 0 lets the budget decide (one slice
+  // when it fits, else the widest multiple of 16 that keeps all segments in one chunk); n > 0
+  // fixes the width to min(n, f) and the budget then picks the chunk. Slicing needs a backend with
+  // 2-D merge views (kMergeViews2d); others run one slice whatever this says.
+  int64_t slice_width = 0;
   // How the backward's merge backward runs on the GPU (lory/merge.hpp: the fused kernel, two cuBLAS
   // GEMMs, or kAuto's pick per shape); the CPU backend has one way and ignores it.
   MergeBackwardMethod merge_backward = MergeBackwardMethod::kAuto;
@@ -61,18 +88,20 @@ struct MoeFfnOptions {
 // X[i * ldX + j]; op(A) is [m, k] (A itself [k, m] when trans_a), op(B) is
 // [k, n] (B itself [n, k] when trans_b), C is [m, n]. Batch entry b starts at
 // X + b * stride_X. Products accumulate in fp32; beta == 0 never reads C.
-template <class T>
+// TC is C's dtype: T (one rounding to T per output), or float (the plan's fp32 accumulators:
+// C = alpha * AB + beta * C in fp32, no rounding to T).
+template <class T, class TC = T>
 struct StridedBatchedGemm {
   int64_t m = 0, n = 0, k = 0, batch = 0;
   bool trans_a = false, trans_b = false;
   float alpha = 1.f, beta = 0.f;
   const T* A = nullptr; int64_t lda = 0, stride_a = 0;
   const T* B = nullptr; int64_t ldb = 0, stride_b = 0;
-  T* C = nullptr;       int64_t ldc = 0, stride_c = 0;
+  TC* C = nullptr;      int64_t ldc = 0, stride_c = 0;
 };
 
-template <class T>
-Status validate(const StridedBatchedGemm<T>& g) {
+template <class T, class TC>
+Status validate(const StridedBatchedGemm<T, TC>& g) {
   detail::clear_error_detail();
   using detail::fail;
   if (g.m <= 0 || g.n <= 0 || g.k <= 0 || g.batch <= 0)
@@ -92,6 +121,18 @@ Status validate(const StridedBatchedGemm<T>& g) {
 
 namespace detail {
 
+// Whether a backend's merges take 2-D views (Backend::kMergeViews2d; a backend without the member
+// counts as false), and so whether the plan may slice f.
+template <class B, class = void>
+struct backend_merge_views_2d : std::false_type {};
+template <class B>
+struct backend_merge_views_2d<B, std::void_t<decltype(B::kMergeViews2d)>>
+    : std::integral_constant<bool, static_cast<bool>(B::kMergeViews2d)> {};
+
+// Budget-chosen slice widths are multiples of this many columns: 16-byte vectors in every storage
+// dtype and whole 16-wide MMA tiles (k = 16) in the slice's GEMMs.
+constexpr int64_t kSliceGranule = 16;
+
 // A set of segments with the same length whose tokens (and merged weights)
 // sit at a constant stride: one strided-batched GEMM per matrix serves it.
 struct MoeSegmentGroup {
@@ -106,16 +147,21 @@ struct MoeSegmentGroup {
 // 256-byte aligned, in this order):
 //   d_weights [S, E] fp32                  dL/de when the caller passes no buffer
 //   scratch   leaf operations' own workspace (>= 256 bytes, so never null)
-//   wbar_g    [C, f, d] T                  merged W_g; G_g in the backward
-//   wbar_u    [C, f, d] T                  merged W_u; G_u in the backward
-//   wbar_d    [C, d, f] T                  merged W_d; G_d in the backward
-//   act_a, act_u [C * Tmax, f] T           a = x Wbar_g^T, u = x Wbar_u^T
-//   act_m     [C * Tmax, f] T              m (forward); da (backward)
-//   act_dm, act_du [C * Tmax, f] T         backward only
-// with C = chunk segments and Tmax = min(T, L) tokens per segment. The total is
-// the exact end of act_du (no tail padding): it grows with every added segment,
-// so a budget of workspace_size_for_chunk(c) gives exactly chunk c. A size past
-// size_t sets `status` to kErrorInvalidSize.
+//   wbar_g    [C, w, d] T                  merged W_g (slice rows); G_g in the backward
+//   wbar_u    [C, w, d] T                  merged W_u (slice rows); G_u in the backward
+//   wbar_d    [C, d, w] T                  merged W_d (slice columns); G_d in the backward
+//   act_a, act_u [C * Tmax, w] T           a = x Wbar_g^T, u = x Wbar_u^T
+//   act_m     [C * Tmax, w] T              m (forward); da (backward)
+//   act_dm, act_du [C * Tmax, w] T         backward only
+//   acc       [C * Tmax, d] fp32           y (forward), dx (backward) summed over the slices;
+//                                          only when sliced (w < f)
+// with C = chunk segments, w = slice width (f: one slice) and Tmax = min(T, L)
+// tokens per segment; a narrower last slice packs its pieces at its own width.
+// With w = f this is the unsliced layout, byte for byte. The total is the exact
+// end of the last piece (no tail padding): it grows with every added segment
+// (and, sliced, with the width), so a budget of workspace_size_for(c, w) gives
+// exactly chunk c at that width. A size past size_t sets `status` to
+// kErrorInvalidSize.
 template <class T>
 struct MoeFfnWorkspace {
   float* d_weights = nullptr;
@@ -127,28 +173,31 @@ struct MoeFfnWorkspace {
   T* act_m = nullptr;
   T* act_dm = nullptr;
   T* act_du = nullptr;
+  float* acc = nullptr;
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
   size_t total_bytes = 0;
   Status status = Status::kSuccess;
 
+  // width: the slice width w in [1, f] (validated by the caller).
   static MoeFfnWorkspace carve(void* base, const SegmentLayout& lay, const FfnShape& sh, int64_t chunk,
-                               size_t scratch_bytes) {
+                               int64_t width, size_t scratch_bytes) {
     MoeFfnWorkspace w;
     WorkspaceCarver c{static_cast<unsigned char*>(base)};
-    const int64_t fd = sh.f * sh.d;  // validated: 3 f d fits
+    const int64_t wd = width * sh.d;  // validated: 3 f d fits
     const int64_t tmax = lay.segment_len < lay.seq_len ? lay.segment_len : lay.seq_len;
     w.d_weights = c.take<float>(lay.num_segments(), sh.experts);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
     w.scratch = c.take_bytes(w.scratch_bytes);
-    w.wbar_g = c.take<T>(chunk, fd);
-    w.wbar_u = c.take<T>(chunk, fd);
-    w.wbar_d = c.take<T>(chunk, fd);
-    w.act_a = c.take<T>(chunk, tmax, sh.f);
-    w.act_u = c.take<T>(chunk, tmax, sh.f);
-    w.act_m = c.take<T>(chunk, tmax, sh.f);
-    w.act_dm = c.take<T>(chunk, tmax, sh.f);
-    w.act_du = c.take<T>(chunk, tmax, sh.f);
+    w.wbar_g = c.take<T>(chunk, wd);
+    w.wbar_u = c.take<T>(chunk, wd);
+    w.wbar_d = c.take<T>(chunk, wd);
+    w.act_a = c.take<T>(chunk, tmax, width);
+    w.act_u = c.take<T>(chunk, tmax, width);
+    w.act_m = c.take<T>(chunk, tmax, width);
+    w.act_dm = c.take<T>(chunk, tmax, width);
+    w.act_du = c.take<T>(chunk, tmax, width);
+    if (width < sh.f) w.acc = c.take<float>(chunk, tmax, sh.d);
     w.status = c.total(w.total_bytes, /*exact_end=*/true);
     return w;
   }
@@ -161,6 +210,10 @@ template <class P>
 P* shape_only_pointer() {
   return reinterpret_cast<P*>(kShapeOnlyAddress);
 }
+template <class P>
+bool is_shape_only(const P* p) {
+  return reinterpret_cast<uintptr_t>(p) == kShapeOnlyAddress;
+}
 
 }  // namespace detail
 
@@ -169,6 +222,8 @@ class MoeFfnPlan {
  public:
   using Stream = typename Backend::Stream;
   using Workspace = detail::MoeFfnWorkspace<T>;
+  // Whether this backend's merges take 2-D views, so that the plan may slice f.
+  static constexpr bool kSlicesF = detail::backend_merge_views_2d<Backend>::value;
 
   MoeFfnPlan(SegmentLayout layout, FfnShape shape, RoutingMode mode, MoeFfnOptions options = {})
       : layout_(layout), shape_(shape), mode_(mode), options_(options) {
@@ -180,15 +235,26 @@ class MoeFfnPlan {
   // least min_workspace_size(). Checked again by forward() and backward().
   Status can_implement() const { return plan_status(); }
 
-  // Workspace bytes for chunk_segments() segments per chunk (forward and backward).
+  // Workspace bytes for chunk_segments() segments per chunk and slices of slice_width() columns.
   size_t workspace_size() const { return workspace_bytes_; }
-  // Smallest workspace any plan of these shapes can run with (one segment per chunk).
+  // Smallest workspace any plan of these shapes can run with (one segment per chunk, at the
+  // narrowest slice width the plan would use, or unsliced where that is smaller).
   size_t min_workspace_size() const { return min_workspace_bytes_; }
+  // Smallest budget that keeps the chunk at its cap (all segments unless options.max_chunk_segments
+  // is smaller): from this budget up, each expert weight is read once per forward and twice per
+  // backward (docs/memory.md); below it, once (twice) per chunk.
+  size_t min_workspace_size_unchunked() const { return unchunked_workspace_bytes_; }
   int64_t chunk_segments() const { return chunk_; }
-  // Workspace bytes for a given chunk size (monotone in chunk); 0 if the shapes are invalid.
-  size_t workspace_size_for_chunk(int64_t chunk) const {
+  // Columns of f per slice (f: one slice) and the number of slices, ceil(f / slice_width()).
+  int64_t slice_width() const { return width_; }
+  int64_t num_slices() const { return width_ > 0 ? (shape_.f + width_ - 1) / width_ : 0; }
+  // Workspace bytes for a given chunk size, unsliced (monotone in chunk); 0 if the shapes are invalid.
+  size_t workspace_size_for_chunk(int64_t chunk) const { return workspace_size_for(chunk, shape_.f); }
+  // Workspace bytes for a chunk size and a slice width in [1, f] (monotone in the chunk, and in the
+  // width below f); 0 if invalid.
+  size_t workspace_size_for(int64_t chunk, int64_t slice_width) const {
     size_t bytes = 0;
-    return size_for_chunk(chunk, bytes) == Status::kSuccess ? bytes : 0;
+    return size_for(chunk, slice_width, bytes) == Status::kSuccess ? bytes : 0;
   }
 
   const SegmentLayout& layout() const { return layout_; }
@@ -204,7 +270,7 @@ class MoeFfnPlan {
     LORY_RETURN_IF_ERROR(check_matches(a.p));  // first: the extents validate() checks come from a.p
     LORY_RETURN_IF_ERROR(validate(a));
     LORY_RETURN_IF_ERROR(check_call(workspace, workspace_bytes, stream));
-    const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
+    const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, width_, scratch_bytes_);
     const int E = shape_.experts;
 
     // 1. Router: hbar, probs, weights into the caller's buffers (saved for the backward).
@@ -222,19 +288,27 @@ class MoeFfnPlan {
     r.weights = a.weights;
     LORY_RETURN_IF_ERROR(leaf(Backend::template router_forward<T>, r, w, stream));
 
-    // 2. Per chunk: merge, then the merged SwiGLU FFN.
+    // 2. Per chunk and slice: merge, then the merged SwiGLU FFN; y = sum over the slices.
     const int64_t S = layout_.num_segments();
+    const bool sliced = num_slices() > 1;
     for (int64_t s0 = 0; s0 < S; s0 += chunk_) {
       const int64_t s1 = s0 + chunk_ < S ? s0 + chunk_ : S;
-      LORY_RETURN_IF_ERROR(merge_chunk(a.p, a.weights, s0, s1, w, stream));
-      LORY_RETURN_IF_ERROR(gate_up_chunk(a.x, s0, s1, w, stream));
-      LORY_RETURN_IF_ERROR(swiglu_chunk(s0, s1, w, stream));
-      const Status st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-        // y = m Wbar_d^T: [rows, f] x [d, f]^T
-        return gemm(g, s0, false, true, g.rows, shape_.d, shape_.f,
-                    w.act_m, Op::kAct, w.wbar_d, Op::kWeights, a.y, Op::kTokens, 0.f, stream);
-      });
-      LORY_RETURN_IF_ERROR(st);
+      for (int64_t i = 0; i < num_slices(); ++i) {
+        const Slice J = slice(i);
+        LORY_RETURN_IF_ERROR(merge_chunk(a.p, a.weights, s0, s1, J, w, stream));
+        LORY_RETURN_IF_ERROR(gate_up_chunk(a.x, s0, s1, J, w, stream));
+        LORY_RETURN_IF_ERROR(swiglu_chunk(s0, s1, J, w, stream));
+        const Status st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
+          // y (+)= m Wbar_d^T: [rows, w] x [d, w]^T
+          if (!sliced)
+            return gemm(g, s0, J, false, true, g.rows, shape_.d, J.width, w.act_m, Op::kAct, w.wbar_d, Op::kWeights,
+                        a.y, Op::kTokens, 0.f, stream);
+          return gemm(g, s0, J, false, true, g.rows, shape_.d, J.width, w.act_m, Op::kAct, w.wbar_d, Op::kWeights,
+                      w.acc, Op::kAcc, i == 0 ? 0.f : 1.f, stream);
+        });
+        LORY_RETURN_IF_ERROR(st);
+      }
+      if (sliced) LORY_RETURN_IF_ERROR(round_chunk(w.acc, a.y, s0, s1, w, stream));
     }
     return Status::kSuccess;
   }
@@ -244,82 +318,84 @@ class MoeFfnPlan {
     LORY_RETURN_IF_ERROR(check_matches(a.p));  // first: the extents validate() checks come from a.p
     LORY_RETURN_IF_ERROR(validate(a));
     LORY_RETURN_IF_ERROR(check_call(workspace, workspace_bytes, stream));
-    const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, scratch_bytes_);
+    const Workspace w = Workspace::carve(workspace, layout_, shape_, chunk_, width_, scratch_bytes_);
     const int E = shape_.experts;
-    const int64_t d = shape_.d, f = shape_.f, fd = f * d;
+    const int64_t d = shape_.d;
     float* d_weights = a.d_weights ? a.d_weights : w.d_weights;
 
     const int64_t S = layout_.num_segments();
+    const bool sliced = num_slices() > 1;
     for (int64_t s0 = 0; s0 < S; s0 += chunk_) {
       const int64_t s1 = s0 + chunk_ < S ? s0 + chunk_ : S;
-      // Recompute the merge and the activations (never stored between passes).
-      LORY_RETURN_IF_ERROR(merge_chunk(a.p, a.weights, s0, s1, w, stream));
-      LORY_RETURN_IF_ERROR(gate_up_chunk(a.x, s0, s1, w, stream));
-      LORY_RETURN_IF_ERROR(swiglu_chunk(s0, s1, w, stream));
-      // dm = dy Wbar_d for every group first: G_d then overwrites Wbar_d.
-      Status st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-        return gemm(g, s0, false, false, g.rows, f, d, a.dy, Op::kTokens, w.wbar_d, Op::kWeights,
-                    w.act_dm, Op::kAct, 0.f, stream);
-      });
-      LORY_RETURN_IF_ERROR(st);
-      // G_d = dy^T m: [d, rows] x [rows, f], K = tokens of the segment.
-      st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-        return gemm(g, s0, true, false, d, f, g.rows, a.dy, Op::kTokens, w.act_m, Op::kAct,
-                    w.wbar_d, Op::kWeights, 0.f, stream);
-      });
-      LORY_RETURN_IF_ERROR(st);
-      // da (into act_m: m is dead once G_d exists), du.
-      {
-        SwigluBackwardArgs<T> sb;
-        sb.rows = chunk_tokens(s0, s1);
-        sb.cols = f;
-        sb.a = w.act_a; sb.a_stride = f;
-        sb.u = w.act_u; sb.u_stride = f;
-        sb.dm = w.act_dm; sb.dm_stride = f;
-        sb.da = w.act_m; sb.da_stride = f;
-        sb.du = w.act_du; sb.du_stride = f;
-        LORY_RETURN_IF_ERROR(leaf(Backend::template swiglu_backward<T>, sb, w, stream));
+      for (int64_t i = 0; i < num_slices(); ++i) {
+        const Slice J = slice(i);
+        const int64_t jw = J.width;
+        // Recompute the merge and the activations (never stored between passes).
+        LORY_RETURN_IF_ERROR(merge_chunk(a.p, a.weights, s0, s1, J, w, stream));
+        LORY_RETURN_IF_ERROR(gate_up_chunk(a.x, s0, s1, J, w, stream));
+        LORY_RETURN_IF_ERROR(swiglu_chunk(s0, s1, J, w, stream));
+        // dm = dy Wbar_d for every group first: G_d then overwrites Wbar_d.
+        Status st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
+          return gemm(g, s0, J, false, false, g.rows, jw, d, a.dy, Op::kTokens, w.wbar_d, Op::kWeights,
+                      w.act_dm, Op::kAct, 0.f, stream);
+        });
+        LORY_RETURN_IF_ERROR(st);
+        // G_d = dy^T m: [d, rows] x [rows, w], K = tokens of the segment.
+        st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
+          return gemm(g, s0, J, true, false, d, jw, g.rows, a.dy, Op::kTokens, w.act_m, Op::kAct,
+                      w.wbar_d, Op::kWeights, 0.f, stream);
+        });
+        LORY_RETURN_IF_ERROR(st);
+        // da (into act_m: m is dead once G_d exists), du.
+        {
+          SwigluBackwardArgs<T> sb;
+          sb.rows = chunk_tokens(s0, s1);
+          sb.cols = jw;
+          sb.a = w.act_a; sb.a_stride = jw;
+          sb.u = w.act_u; sb.u_stride = jw;
+          sb.dm = w.act_dm; sb.dm_stride = jw;
+          sb.da = w.act_m; sb.da_stride = jw;
+          sb.du = w.act_du; sb.du_stride = jw;
+          LORY_RETURN_IF_ERROR(leaf(Backend::template swiglu_backward<T>, sb, w, stream));
+        }
+        T* const da = w.act_m;
+        // dx (+)= da Wbar_g + du Wbar_u for every group first: G_g, G_u then overwrite Wbar_g, Wbar_u.
+        st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
+          if (!sliced) {
+            LORY_RETURN_IF_ERROR(gemm(g, s0, J, false, false, g.rows, d, jw, da, Op::kAct, w.wbar_g, Op::kWeights,
+                                      a.dx, Op::kTokens, 0.f, stream));
+            return gemm(g, s0, J, false, false, g.rows, d, jw, w.act_du, Op::kAct, w.wbar_u, Op::kWeights,
+                        a.dx, Op::kTokens, 1.f, stream);
+          }
+          LORY_RETURN_IF_ERROR(gemm(g, s0, J, false, false, g.rows, d, jw, da, Op::kAct, w.wbar_g, Op::kWeights,
+                                    w.acc, Op::kAcc, i == 0 ? 0.f : 1.f, stream));
+          return gemm(g, s0, J, false, false, g.rows, d, jw, w.act_du, Op::kAct, w.wbar_u, Op::kWeights,
+                      w.acc, Op::kAcc, 1.f, stream);
+        });
+        LORY_RETURN_IF_ERROR(st);
+        // G_g = da^T x, G_u = du^T x: [w, rows] x [rows, d].
+        st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
+          LORY_RETURN_IF_ERROR(gemm(g, s0, J, true, false, jw, d, g.rows, da, Op::kAct, a.x, Op::kTokens,
+                                    w.wbar_g, Op::kWeights, 0.f, stream));
+          return gemm(g, s0, J, true, false, jw, d, g.rows, w.act_du, Op::kAct, a.x, Op::kTokens,
+                      w.wbar_u, Op::kWeights, 0.f, stream);
+        });
+        LORY_RETURN_IF_ERROR(st);
+        // Merge backward: the slice's expert grads (overwrite on the first chunk unless
+        // accumulating; slices are disjoint) and d_weights for the chunk's rows, summed in fp32
+        // over the matrices and the slices.
+        const T* G[3] = {w.wbar_g, w.wbar_u, w.wbar_d};
+        const T* W[3] = {a.p.W_g, a.p.W_u, a.p.W_d};
+        T* dW[3] = {a.dW_g, a.dW_u, a.dW_d};
+        for (int m = 0; m < 3; ++m) {
+          MergeBackwardArgs<T, float> mb = merge_backward_args(m, J, s1 - s0, G[m], W[m], a.weights + s0 * E,
+                                                               dW[m], d_weights + s0 * E);
+          mb.accumulate_dW = a.accumulate || s0 > 0;
+          mb.accumulate_d_weights = m > 0 || i > 0;
+          LORY_RETURN_IF_ERROR(leaf(merge_backward_leaf(options_.merge_backward), mb, w, stream));
+        }
       }
-      T* const da = w.act_m;
-      // dx = da Wbar_g + du Wbar_u for every group first: G_g, G_u then overwrite Wbar_g, Wbar_u.
-      st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-        LORY_RETURN_IF_ERROR(gemm(g, s0, false, false, g.rows, d, f, da, Op::kAct, w.wbar_g, Op::kWeights,
-                                  a.dx, Op::kTokens, 0.f, stream));
-        return gemm(g, s0, false, false, g.rows, d, f, w.act_du, Op::kAct, w.wbar_u, Op::kWeights,
-                    a.dx, Op::kTokens, 1.f, stream);
-      });
-      LORY_RETURN_IF_ERROR(st);
-      // G_g = da^T x, G_u = du^T x: [f, rows] x [rows, d].
-      st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-        LORY_RETURN_IF_ERROR(gemm(g, s0, true, false, f, d, g.rows, da, Op::kAct, a.x, Op::kTokens,
-                                  w.wbar_g, Op::kWeights, 0.f, stream));
-        return gemm(g, s0, true, false, f, d, g.rows, w.act_du, Op::kAct, a.x, Op::kTokens,
-                    w.wbar_u, Op::kWeights, 0.f, stream);
-      });
-      LORY_RETURN_IF_ERROR(st);
-      // Merge backward: expert grads (overwrite on the first chunk unless
-      // accumulating) and d_weights for the chunk's rows, summed over the matrices.
-      const T* G[3] = {w.wbar_g, w.wbar_u, w.wbar_d};
-      const T* W[3] = {a.p.W_g, a.p.W_u, a.p.W_d};
-      T* dW[3] = {a.dW_g, a.dW_u, a.dW_d};
-      for (int i = 0; i < 3; ++i) {
-        MergeBackwardArgs<T, float> mb;
-        mb.num_segments = s1 - s0;
-        mb.experts = E;
-        mb.params = fd;
-        mb.G = G[i];
-        mb.grad_segment_stride = fd;
-        mb.W = W[i];
-        mb.expert_stride = fd;
-        mb.weights = a.weights + s0 * E;
-        mb.dW = dW[i];
-        mb.dW_expert_stride = fd;
-        mb.accumulate_dW = a.accumulate || s0 > 0;
-        mb.d_weights = d_weights + s0 * E;
-        mb.accumulate_d_weights = i > 0;
-        mb.deterministic = true;
-        LORY_RETURN_IF_ERROR(leaf(merge_backward_leaf(options_.merge_backward), mb, w, stream));
-      }
+      if (sliced) LORY_RETURN_IF_ERROR(round_chunk(w.acc, a.dx, s0, s1, w, stream));
     }
 
     // Router path (needs d_weights of every segment): adds into dx, writes dW_r / d_bias.
@@ -347,7 +423,18 @@ class MoeFfnPlan {
  private:
   // Which buffer family a GEMM operand belongs to: it decides the operand's
   // offset and batch stride for a segment group.
-  enum class Op { kTokens, kAct, kWeights };
+  enum class Op { kTokens, kAct, kWeights, kAcc };
+
+  // Columns [j0, j0 + width) of f.
+  struct Slice {
+    int64_t j0 = 0, width = 0;
+  };
+  Slice slice(int64_t i) const {
+    Slice J;
+    J.j0 = i * width_;
+    J.width = shape_.f - J.j0 < width_ ? shape_.f - J.j0 : width_;
+    return J;
+  }
 
   Status init() {
     detail::clear_error_detail();
@@ -358,16 +445,45 @@ class MoeFfnPlan {
       return detail::fail(Status::kErrorInvalidArgument, "mode", "not a RoutingMode");
     if (options_.max_chunk_segments < 0)
       return detail::fail(Status::kErrorInvalidArgument, "options.max_chunk_segments", "negative");
+    if (options_.slice_width < 0)
+      return detail::fail(Status::kErrorInvalidArgument, "options.slice_width", "negative");
     if (!is_valid(options_.merge_backward))
       return detail::fail(Status::kErrorInvalidArgument, "options.merge_backward", "not a MergeBackwardMethod");
     LORY_RETURN_IF_ERROR(detail::validate_moe_sizes(layout_, shape_));
     LORY_RETURN_IF_ERROR(Backend::template can_implement<T>(layout_, shape_));
 
-    const int64_t S = layout_.num_segments();
-    int64_t cap = options_.max_chunk_segments > 0 && options_.max_chunk_segments < S ? options_.max_chunk_segments : S;
-    LORY_RETURN_IF_ERROR(size_for_chunk(1, min_workspace_bytes_));
-    chunk_ = 1;
+    const int64_t S = layout_.num_segments(), f = shape_.f;
+    const int64_t cap = options_.max_chunk_segments > 0 && options_.max_chunk_segments < S ? options_.max_chunk_segments : S;
+    // The widest slice the plan may take (f: unsliced) and the narrowest.
+    int64_t wide = f, narrow = f;
+    if (kSlicesF && options_.slice_width > 0) wide = narrow = options_.slice_width < f ? options_.slice_width : f;
+    else if (kSlicesF && f > detail::kSliceGranule) narrow = detail::kSliceGranule;
+    // Whether chunk c runs at width w within the budget (a size past size_t fits no budget).
     const size_t budget = options_.workspace_budget_bytes;
+    Status probe = Status::kSuccess;
+    auto fits = [&](int64_t c, int64_t w) {
+      size_t bytes = 0;
+      const Status st = size_for(c, w, bytes);
+      if (st != Status::kSuccess && st != Status::kErrorInvalidSize) probe = st;
+      return st == Status::kSuccess && bytes <= budget;
+    };
+    auto min_size = [&](int64_t c, size_t& bytes) {
+      size_t at_wide = 0, at_narrow = 0;
+      LORY_RETURN_IF_ERROR(size_for(c, wide, at_wide));
+      LORY_RETURN_IF_ERROR(size_for(c, narrow, at_narrow));
+      bytes = at_wide < at_narrow ? at_wide : at_narrow;
+      return Status::kSuccess;
+    };
+    LORY_RETURN_IF_ERROR(min_size(1, min_workspace_bytes_));
+    {
+      // May overflow for a huge layout: then no budget keeps every segment in one chunk.
+      const Status st = min_size(cap, unchunked_workspace_bytes_);
+      if (st == Status::kErrorInvalidSize) unchunked_workspace_bytes_ = SIZE_MAX;
+      else LORY_RETURN_IF_ERROR(st);
+      detail::clear_error_detail();
+    }
+    chunk_ = 1;
+    width_ = wide;
     if (budget == 0) {
       chunk_ = cap;
     } else {
@@ -376,46 +492,61 @@ class MoeFfnPlan {
         return detail::fail(Status::kErrorWorkspaceTooSmall, "options.workspace_budget_bytes",
                             "below min_workspace_size()");
       }
-      // Largest chunk whose workspace fits the budget (the size grows with the chunk; a size past
-      // size_t fits no budget).
+      // 1. The largest chunk that fits at some width (each size grows with the chunk).
       int64_t lo = 1, hi = cap;
       while (lo < hi) {
         const int64_t mid = lo + (hi - lo + 1) / 2;
-        size_t bytes = 0;
-        const Status st = size_for_chunk(mid, bytes);
-        if (st != Status::kSuccess && st != Status::kErrorInvalidSize) return st;
-        if (st == Status::kSuccess && bytes <= budget) lo = mid;
+        if (fits(mid, wide) || fits(mid, narrow)) lo = mid;
         else hi = mid - 1;
       }
       chunk_ = lo;
+      // 2. At that chunk the widest slice that fits: f (or the fixed width) when it does, else the
+      // widest multiple of the granule below f ...
+      if (!fits(chunk_, wide)) {
+        int64_t klo = 1, khi = (f - 1) / detail::kSliceGranule;
+        while (klo < khi) {
+          const int64_t mid = klo + (khi - klo + 1) / 2;
+          if (fits(chunk_, mid * detail::kSliceGranule)) klo = mid;
+          else khi = mid - 1;
+        }
+        // ... evened out: the narrowest multiple of the granule with as few slices.
+        const int64_t slices = (f + klo * detail::kSliceGranule - 1) / (klo * detail::kSliceGranule);
+        const int64_t even = (f + slices - 1) / slices;
+        width_ = (even + detail::kSliceGranule - 1) / detail::kSliceGranule * detail::kSliceGranule;
+      }
+      LORY_RETURN_IF_ERROR(probe);
       detail::clear_error_detail();  // an overflowing probe above is not the plan's failure
     }
-    LORY_RETURN_IF_ERROR(scratch_for_chunk(chunk_, scratch_bytes_));
-    const Workspace w = Workspace::carve(nullptr, layout_, shape_, chunk_, scratch_bytes_);
+    LORY_RETURN_IF_ERROR(scratch_for(chunk_, width_, scratch_bytes_));
+    const Workspace w = Workspace::carve(nullptr, layout_, shape_, chunk_, width_, scratch_bytes_);
     LORY_RETURN_IF_ERROR(w.status);
     workspace_bytes_ = w.total_bytes;
     return Status::kSuccess;
   }
 
-  Status size_for_chunk(int64_t chunk, size_t& bytes) const {
+  Status size_for(int64_t chunk, int64_t width, size_t& bytes) const {
     if (chunk <= 0 || chunk > layout_.num_segments())
       return detail::fail(Status::kErrorInvalidArgument, "chunk", "outside [1, num_segments()]");
+    if (width <= 0 || width > shape_.f)
+      return detail::fail(Status::kErrorInvalidArgument, "slice_width", "outside [1, f]");
+    if (width < shape_.f && !kSlicesF)
+      return detail::fail(Status::kErrorInvalidArgument, "slice_width", "below f: the backend takes no 2-D merge views");
     size_t scratch = 0;
-    LORY_RETURN_IF_ERROR(scratch_for_chunk(chunk, scratch));
-    const Workspace w = Workspace::carve(nullptr, layout_, shape_, chunk, scratch);
+    LORY_RETURN_IF_ERROR(scratch_for(chunk, width, scratch));
+    const Workspace w = Workspace::carve(nullptr, layout_, shape_, chunk, width, scratch);
     LORY_RETURN_IF_ERROR(w.status);
     bytes = w.total_bytes;
     return Status::kSuccess;
   }
 
-  // The largest workspace any leaf operation asks for with this chunk size
+  // The largest workspace any leaf operation asks for with this chunk size and slice width
   // (queried with shape-only arguments; see detail::shape_only_pointer).
-  Status scratch_for_chunk(int64_t chunk, size_t& need) const {
+  Status scratch_for(int64_t chunk, int64_t width, size_t& need) const {
     using detail::shape_only_pointer;
     need = 0;
     const Stream stream{};
     const int E = shape_.experts;
-    const int64_t S = layout_.num_segments(), d = shape_.d, f = shape_.f, fd = f * d;
+    const int64_t S = layout_.num_segments(), d = shape_.d, f = shape_.f;
     // Each query writes its size into a fresh local, folded into need.
     auto take = [&](auto&& query) {
       size_t bytes = 0;
@@ -440,50 +571,57 @@ class MoeFfnPlan {
       r.dW_r = shape_only_pointer<T>(); r.d_bias = shape_only_pointer<float>(); r.dx = shape_only_pointer<T>();
       LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template router_backward<T>(r, nullptr, b, stream); }));
     }
-    // Merges run on full chunks and on the last, possibly smaller, one.
+    // Merges run on full chunks and on the last, possibly smaller, one; on full slices and on the
+    // last, possibly narrower, one; each matrix's view.
     const int64_t counts[2] = {chunk, S % chunk};
+    const Slice slices[2] = {Slice{0, width}, Slice{0, f % width}};
     for (int64_t count : counts) {
       if (count == 0) continue;
-      MergeForwardArgs<T, float> mf;
-      mf.num_segments = count; mf.experts = E; mf.params = fd;
-      mf.W = shape_only_pointer<const T>(); mf.expert_stride = fd;
-      mf.weights = shape_only_pointer<const float>();
-      mf.Wbar = shape_only_pointer<T>(); mf.segment_stride = fd;
-      LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template merge_forward<T>(mf, nullptr, b, stream); }));
-      MergeBackwardArgs<T, float> mb;
-      mb.num_segments = count; mb.experts = E; mb.params = fd;
-      mb.G = shape_only_pointer<const T>(); mb.grad_segment_stride = fd;
-      mb.W = shape_only_pointer<const T>(); mb.expert_stride = fd;
-      mb.weights = shape_only_pointer<const float>();
-      mb.dW = shape_only_pointer<T>(); mb.dW_expert_stride = fd;
-      mb.d_weights = shape_only_pointer<float>();
-      mb.deterministic = true;
-      // kAuto resolves per call (the alignment of the caller's W decides too): room for either
-      // method it may pick. It never picks one that cannot run these shapes (the GEMMs past
-      // cuBLAS' int limits), so that one's refusal is not the plan's.
-      const MergeBackwardMethod chosen = options_.merge_backward;
-      for (const MergeBackwardMethod m : {MergeBackwardMethod::kFused, MergeBackwardMethod::kGemm}) {
-        if (chosen != MergeBackwardMethod::kAuto && chosen != m) continue;
-        const Status st = take([&](size_t& b) { return merge_backward_leaf(m)(mb, nullptr, b, stream); });
-        if (st != Status::kSuccess && (chosen != MergeBackwardMethod::kAuto || m == MergeBackwardMethod::kFused))
-          return st;
+      for (const Slice& J : slices) {
+        if (J.width == 0) continue;
+        for (int m = 0; m < 3; ++m) {
+          const MergeForwardArgs<T, float> mf = merge_forward_args(m, J, count, shape_only_pointer<const T>(),
+                                                                   shape_only_pointer<const float>(),
+                                                                   shape_only_pointer<T>());
+          LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template merge_forward<T>(mf, nullptr, b, stream); }));
+          const MergeBackwardArgs<T, float> mb = merge_backward_args(
+              m, J, count, shape_only_pointer<const T>(), shape_only_pointer<const T>(),
+              shape_only_pointer<const float>(), shape_only_pointer<T>(), shape_only_pointer<float>());
+          // kAuto resolves per call (the alignment of the caller's W decides too): room for either
+          // method it may pick. It never picks one that cannot run these shapes (the GEMMs past
+          // cuBLAS' int limits), so that one's refusal is not the plan's.
+          const MergeBackwardMethod chosen = options_.merge_backward;
+          for (const MergeBackwardMethod meth : {MergeBackwardMethod::kFused, MergeBackwardMethod::kGemm}) {
+            if (chosen != MergeBackwardMethod::kAuto && chosen != meth) continue;
+            const Status st = take([&](size_t& b) { return merge_backward_leaf(meth)(mb, nullptr, b, stream); });
+            if (st != Status::kSuccess && (chosen != MergeBackwardMethod::kAuto || meth == MergeBackwardMethod::kFused))
+              return st;
+          }
+        }
       }
     }
     const int64_t tmax = layout_.segment_len < layout_.seq_len ? layout_.segment_len : layout_.seq_len;
     SwigluForwardArgs<T> sf;
-    sf.rows = chunk * tmax; sf.cols = f;
-    sf.a = shape_only_pointer<const T>(); sf.a_stride = f;
-    sf.u = shape_only_pointer<const T>(); sf.u_stride = f;
-    sf.m = shape_only_pointer<T>(); sf.m_stride = f;
+    sf.rows = chunk * tmax; sf.cols = width;
+    sf.a = shape_only_pointer<const T>(); sf.a_stride = width;
+    sf.u = shape_only_pointer<const T>(); sf.u_stride = width;
+    sf.m = shape_only_pointer<T>(); sf.m_stride = width;
     LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template swiglu_forward<T>(sf, nullptr, b, stream); }));
     SwigluBackwardArgs<T> sb;
-    sb.rows = chunk * tmax; sb.cols = f;
-    sb.a = shape_only_pointer<const T>(); sb.a_stride = f;
-    sb.u = shape_only_pointer<const T>(); sb.u_stride = f;
-    sb.dm = shape_only_pointer<const T>(); sb.dm_stride = f;
-    sb.da = shape_only_pointer<T>(); sb.da_stride = f;
-    sb.du = shape_only_pointer<T>(); sb.du_stride = f;
+    sb.rows = chunk * tmax; sb.cols = width;
+    sb.a = shape_only_pointer<const T>(); sb.a_stride = width;
+    sb.u = shape_only_pointer<const T>(); sb.u_stride = width;
+    sb.dm = shape_only_pointer<const T>(); sb.dm_stride = width;
+    sb.da = shape_only_pointer<T>(); sb.da_stride = width;
+    sb.du = shape_only_pointer<T>(); sb.du_stride = width;
     LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template swiglu_backward<T>(sb, nullptr, b, stream); }));
+    if (width < f) {
+      RoundToStorageArgs<T> ra;
+      ra.rows = chunk * tmax; ra.cols = d;
+      ra.src = shape_only_pointer<const float>(); ra.src_stride = d;
+      ra.dst = shape_only_pointer<T>(); ra.dst_stride = d;
+      LORY_RETURN_IF_ERROR(take([&](size_t& b) { return round_leaf(ra, nullptr, b, stream); }));
+    }
     return Status::kSuccess;
   }
 
@@ -576,32 +714,62 @@ class MoeFfnPlan {
 
   // One strided-batched GEMM over a segment group. Operands are located by
   // family: kTokens rows of the caller's [B*L, .] tensors, kAct rows of the
-  // chunk's activations (which start at token_begin(s0)), kWeights the chunk's
-  // merged weights / gradients ([C, P/3] per matrix).
-  Status gemm(const detail::MoeSegmentGroup& g, int64_t s0, bool trans_a, bool trans_b, int64_t m, int64_t n,
-              int64_t k, const T* A, Op fa, const T* B, Op fb, T* C, Op fc, float beta, Stream stream) const {
-    StridedBatchedGemm<T> gm;
+  // chunk's activations of slice J (which start at token_begin(s0)), kWeights
+  // the chunk's merged weights / gradients of slice J ([C, w d] per matrix),
+  // kAcc rows of the fp32 accumulator ([tokens of the chunk, d]). C is T, or
+  // float for the accumulator.
+  template <class TC>
+  Status gemm(const detail::MoeSegmentGroup& g, int64_t s0, const Slice& J, bool trans_a, bool trans_b, int64_t m,
+              int64_t n, int64_t k, const T* A, Op fa, const T* B, Op fb, TC* C, Op fc, float beta,
+              Stream stream) const {
+    StridedBatchedGemm<T, TC> gm;
     gm.m = m; gm.n = n; gm.k = k; gm.batch = g.count;
     gm.trans_a = trans_a; gm.trans_b = trans_b;
     gm.alpha = 1.f; gm.beta = beta;
     int64_t off = 0, stride = 0, cols = 0;
-    locate(g, s0, fa, off, stride, cols);
+    locate(g, s0, J, fa, off, stride, cols);
     gm.A = A + off; gm.stride_a = stride;
     gm.lda = fa == Op::kWeights ? (trans_a ? m : k) : cols;
-    locate(g, s0, fb, off, stride, cols);
+    locate(g, s0, J, fb, off, stride, cols);
     gm.B = B + off; gm.stride_b = stride;
     gm.ldb = fb == Op::kWeights ? (trans_b ? k : n) : cols;
-    locate(g, s0, fc, off, stride, cols);
+    locate(g, s0, J, fc, off, stride, cols);
     gm.C = C + off; gm.stride_c = stride;
     gm.ldc = fc == Op::kWeights ? n : cols;
-    return Backend::template gemm<T>(gm, stream);
+    if constexpr (std::is_same<TC, T>::value || kSlicesF) {
+      return Backend::template gemm<T>(gm, stream);
+    } else {
+      // Unreachable: without 2-D merge views the plan runs one slice and has no accumulator.
+      return detail::fail(Status::kErrorInvalidArgument, "C", "an fp32 GEMM output needs a slicing backend");
+    }
+  }
+
+  // The backend's fp32 -> T rounding, as a leaf operation (slicing backends only).
+  static Status round_leaf(const RoundToStorageArgs<T>& ra, void* ws, size_t& bytes, Stream stream) {
+    if constexpr (kSlicesF) {
+      return Backend::template round_to_storage<T>(ra, ws, bytes, stream);
+    } else {
+      // Unreachable: without 2-D merge views the plan runs one slice and has no accumulator.
+      return detail::fail(Status::kErrorInvalidArgument, "dst", "rounding an accumulator needs a slicing backend");
+    }
+  }
+
+  // dst rows of chunk [s0, s1) (the caller's [B*L, d] y or dx) = the accumulator, rounded once.
+  Status round_chunk(const float* acc, T* dst, int64_t s0, int64_t s1, const Workspace& w, Stream stream) const {
+    RoundToStorageArgs<T> ra;
+    ra.rows = chunk_tokens(s0, s1);
+    ra.cols = shape_.d;
+    ra.src = acc; ra.src_stride = shape_.d;
+    ra.dst = dst + layout_.token_begin(s0) * shape_.d; ra.dst_stride = shape_.d;
+    return leaf(round_leaf, ra, w, stream);
   }
 
   // Offset of the group's first batch entry, batch stride and row width (for
-  // token-major operands: d for the caller's tensors, f for activations).
-  void locate(const detail::MoeSegmentGroup& g, int64_t s0, Op family, int64_t& off, int64_t& stride,
+  // token-major operands: d for the caller's tensors and the accumulator, w for activations).
+  void locate(const detail::MoeSegmentGroup& g, int64_t s0, const Slice& J, Op family, int64_t& off, int64_t& stride,
               int64_t& cols) const {
-    const int64_t d = shape_.d, f = shape_.f;
+    const int64_t d = shape_.d, jw = J.width;
+    const int64_t rel = layout_.token_begin(g.first) - layout_.token_begin(s0);  // chunk-relative token
     switch (family) {
       case Op::kTokens:
         cols = d;
@@ -609,56 +777,101 @@ class MoeFfnPlan {
         stride = g.token_stride * d;
         return;
       case Op::kAct:
-        cols = f;
-        off = (layout_.token_begin(g.first) - layout_.token_begin(s0)) * f;
-        stride = g.token_stride * f;
+        cols = jw;
+        off = rel * jw;
+        stride = g.token_stride * jw;
+        return;
+      case Op::kAcc:
+        cols = d;
+        off = rel * d;
+        stride = g.token_stride * d;
         return;
       case Op::kWeights:
         cols = 0;
-        off = (g.first - s0) * f * d;
-        stride = g.segment_step * f * d;
+        off = (g.first - s0) * jw * d;
+        stride = g.segment_step * jw * d;
         return;
     }
   }
 
-  Status merge_chunk(const MoeFfnParams<T, float>& p, const float* weights, int64_t s0, int64_t s1,
+  // Slice J of expert matrix m (0: W_g, 1: W_u, both [f, d]; 2: W_d, [d, f]) as a merge view:
+  // rows J of W_g / W_u are one flat run of w d elements at row j0; columns J of W_d are d rows of
+  // w elements, f apart. The merged slice is packed: [w, d] or [d, w] per segment, w d apart.
+  // Flat views (one slice: w = f) come back as rows = 1, the unsliced call.
+  void view_of(int m, const Slice& J, int64_t& rows, int64_t& params, int64_t& pitch, int64_t& offset) const {
+    const int64_t d = shape_.d;
+    if (m < 2) {
+      rows = 1; params = J.width * d; pitch = params; offset = J.j0 * d;
+    } else {
+      rows = d; params = J.width; pitch = shape_.f; offset = J.j0;
+    }
+  }
+  MergeForwardArgs<T, float> merge_forward_args(int m, const Slice& J, int64_t count, const T* W,
+                                                const float* weights, T* Wbar) const {
+    MergeForwardArgs<T, float> mf;
+    int64_t offset = 0;
+    view_of(m, J, mf.rows, mf.params, mf.W_row_pitch, offset);
+    mf.num_segments = count;
+    mf.experts = shape_.experts;
+    mf.W = detail::is_shape_only(W) ? W : W + offset;
+    mf.expert_stride = shape_.f * shape_.d;
+    mf.weights = weights;
+    mf.Wbar = Wbar;
+    mf.Wbar_row_pitch = mf.params;
+    mf.segment_stride = J.width * shape_.d;
+    return detail::flatten(mf);
+  }
+  MergeBackwardArgs<T, float> merge_backward_args(int m, const Slice& J, int64_t count, const T* G, const T* W,
+                                                  const float* weights, T* dW, float* d_weights) const {
+    MergeBackwardArgs<T, float> mb;
+    int64_t offset = 0;
+    view_of(m, J, mb.rows, mb.params, mb.W_row_pitch, offset);
+    mb.num_segments = count;
+    mb.experts = shape_.experts;
+    mb.G = G;
+    mb.G_row_pitch = mb.params;
+    mb.grad_segment_stride = J.width * shape_.d;
+    mb.W = detail::is_shape_only(W) ? W : W + offset;
+    mb.expert_stride = shape_.f * shape_.d;
+    mb.weights = weights;
+    mb.dW = dW ? (detail::is_shape_only(dW) ? dW : dW + offset) : nullptr;
+    mb.dW_row_pitch = mb.W_row_pitch;
+    mb.dW_expert_stride = shape_.f * shape_.d;
+    mb.d_weights = d_weights;
+    mb.deterministic = true;
+    return detail::flatten(mb);
+  }
+
+  Status merge_chunk(const MoeFfnParams<T, float>& p, const float* weights, int64_t s0, int64_t s1, const Slice& J,
                      const Workspace& w, Stream stream) const {
-    const int64_t fd = shape_.f * shape_.d;
     const T* W[3] = {p.W_g, p.W_u, p.W_d};
     T* Wbar[3] = {w.wbar_g, w.wbar_u, w.wbar_d};
-    for (int i = 0; i < 3; ++i) {
-      MergeForwardArgs<T, float> mf;
-      mf.num_segments = s1 - s0;
-      mf.experts = shape_.experts;
-      mf.params = fd;
-      mf.W = W[i];
-      mf.expert_stride = fd;
-      mf.weights = weights + s0 * shape_.experts;
-      mf.Wbar = Wbar[i];
-      mf.segment_stride = fd;
+    for (int m = 0; m < 3; ++m) {
+      const MergeForwardArgs<T, float> mf =
+          merge_forward_args(m, J, s1 - s0, W[m], weights + s0 * shape_.experts, Wbar[m]);
       LORY_RETURN_IF_ERROR(leaf(Backend::template merge_forward<T>, mf, w, stream));
     }
     return Status::kSuccess;
   }
 
-  // a = x Wbar_g^T, u = x Wbar_u^T: [rows, d] x [f, d]^T per segment.
-  Status gate_up_chunk(const T* x, int64_t s0, int64_t s1, const Workspace& w, Stream stream) const {
+  // a = x Wbar_g^T, u = x Wbar_u^T: [rows, d] x [w, d]^T per segment.
+  Status gate_up_chunk(const T* x, int64_t s0, int64_t s1, const Slice& J, const Workspace& w, Stream stream) const {
     return for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-      LORY_RETURN_IF_ERROR(gemm(g, s0, false, true, g.rows, shape_.f, shape_.d, x, Op::kTokens, w.wbar_g,
+      LORY_RETURN_IF_ERROR(gemm(g, s0, J, false, true, g.rows, J.width, shape_.d, x, Op::kTokens, w.wbar_g,
                                 Op::kWeights, w.act_a, Op::kAct, 0.f, stream));
-      return gemm(g, s0, false, true, g.rows, shape_.f, shape_.d, x, Op::kTokens, w.wbar_u, Op::kWeights,
+      return gemm(g, s0, J, false, true, g.rows, J.width, shape_.d, x, Op::kTokens, w.wbar_u, Op::kWeights,
                   w.act_u, Op::kAct, 0.f, stream);
     });
   }
 
   // m = silu(a) * u over every token of the chunk at once.
-  Status swiglu_chunk(int64_t s0, int64_t s1, const Workspace& w, Stream stream) const {
+  Status swiglu_chunk(int64_t s0, int64_t s1, const Slice& J, const Workspace& w, Stream stream) const {
     SwigluForwardArgs<T> sf;
     sf.rows = chunk_tokens(s0, s1);
-    sf.cols = shape_.f;
-    sf.a = w.act_a; sf.a_stride = shape_.f;
-    sf.u = w.act_u; sf.u_stride = shape_.f;
-    sf.m = w.act_m; sf.m_stride = shape_.f;
+    sf.cols = J.width;
+    sf.a = w.act_a; sf.a_stride = J.width;
+    sf.u = w.act_u; sf.u_stride = J.width;
+    sf.m = w.act_m; sf.m_stride = J.width;
     return leaf(Backend::template swiglu_forward<T>, sf, w, stream);
   }
 
@@ -669,9 +882,11 @@ class MoeFfnPlan {
   Status status_ = Status::kErrorInvalidArgument;
   ErrorDetail init_detail_;
   int64_t chunk_ = 0;
+  int64_t width_ = 0;
   size_t scratch_bytes_ = 0;
   size_t workspace_bytes_ = 0;
   size_t min_workspace_bytes_ = 0;
+  size_t unchunked_workspace_bytes_ = 0;
 };
 
 LORY_NAMESPACE_END

@@ -81,6 +81,20 @@ def test_chunked_plan_matches_unchunked(ext, gen, mode, chunk):
         assert_close("d" + name, g1[name], g0[name], 1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("budget", [60_000, 12_000], ids=["slices", "slices_and_chunks"])
+def test_sliced_plan_matches_unsliced(ext, gen, mode, budget):
+    """A budget below one chunk of all segments unsliced (about 181 kB here) splits f into slices
+    (60 kB: all 8 segments, slices of 16 of f = 64) and, lower, the segments into chunks too
+    (12 kB: one segment per chunk): the unlimited result to float32 summation order."""
+    p = make_layer(gen, 2, 32, 8, 16, 64, 4, mode=mode, dtype=torch.float32)
+    y0, g0 = run(lory_fn(), p)
+    y1, g1 = run(lory_fn(workspace_budget_bytes=budget), p)
+    assert_close("y", y1, y0, 1e-5)
+    for name in g0:
+        assert_close("d" + name, g1[name], g0[name], 1e-5)
+
+
 @pytest.mark.parametrize("method", ["fused", "gemm"])
 def test_merge_backward_method_is_the_gpus_choice(ext, gen, method):
     """merge_backward picks how CUDA runs the merge backward; the CPU ops have one way, so every

@@ -62,11 +62,14 @@ TEST_CASE("release a: plan workspace sizes past size_t are kErrorInvalidSize, ne
     MoeFfnOptions o;
     o.workspace_budget_bytes = size_t(1) << 20;
     CpuPlan plan(lay, sh, RoutingMode::kCausalSegment, o);
-    // One segment per chunk already needs 36 GiB (S * E routing weights, f d merged weights, T f
-    // activations): too small a budget, reported with the true minimum, not a wrapped chunk.
+    // One segment per chunk already needs 36 GiB unsliced (S * E routing weights, f d merged
+    // weights, T f activations), over 4 GiB at the narrowest slice (the S * E fp32 routing
+    // gradients): too small a budget, reported with the true minimum, not a wrapped chunk.
     REQUIRE(plan.can_implement() == Status::kErrorWorkspaceTooSmall);
     CHECK(blamed(Status::kErrorWorkspaceTooSmall) == "options.workspace_budget_bytes");
-    REQUIRE(plan.min_workspace_size() > (size_t(36) << 30));
+    REQUIRE(plan.workspace_size_for_chunk(1) > (size_t(36) << 30));
+    REQUIRE(plan.min_workspace_size() == plan.workspace_size_for(1, lory::detail::kSliceGranule));
+    REQUIRE(plan.min_workspace_size() > (size_t(4) << 30));
     REQUIRE(plan.chunk_segments() <= lay.num_segments());
   }
   // Chunk 1 fits (about 20 GiB), chunk S wraps around: the budget search must treat a size past
@@ -87,8 +90,10 @@ TEST_CASE("release a: plan workspace sizes past size_t are kErrorInvalidSize, ne
     REQUIRE(c >= 1);
     REQUIRE(plan.workspace_size() <= o.workspace_budget_bytes);
     REQUIRE(plan.workspace_size() >= plan.min_workspace_size());
-    REQUIRE(plan.workspace_size_for_chunk(c) == plan.workspace_size());
+    REQUIRE(plan.workspace_size_for(c, plan.slice_width()) == plan.workspace_size());
+    // No larger chunk fits, unsliced or at the narrowest slice.
     REQUIRE(plan.workspace_size_for_chunk(c + 1) > o.workspace_budget_bytes);
+    REQUIRE(plan.workspace_size_for(c + 1, lory::detail::kSliceGranule) > o.workspace_budget_bytes);
     REQUIRE(plan.workspace_size_for_chunk(big.num_segments()) == 0);  // overflows: reported as 0
   }
 }
@@ -539,6 +544,7 @@ TEST_CASE("release j: a budget of workspace_size_for_chunk(c) gives exactly chun
         if (c > 1) REQUIRE(unlimited.workspace_size_for_chunk(c) > unlimited.workspace_size_for_chunk(c - 1));
         MoeFfnOptions o;
         o.workspace_budget_bytes = unlimited.workspace_size_for_chunk(c);
+        o.slice_width = s.sh.f;  // unsliced: a free width could take more segments in narrower slices
         CpuPlan p(s.lay, s.sh, mode, o);
         REQUIRE(p.can_implement() == Status::kSuccess);
         REQUIRE(p.chunk_segments() == c);

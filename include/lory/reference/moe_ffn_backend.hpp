@@ -13,6 +13,7 @@
 #include "lory/merge.hpp"
 #include "lory/moe_ffn_plan.hpp"
 #include "lory/reference/merge.hpp"
+#include "lory/reference/round_to_storage.hpp"
 #include "lory/reference/router.hpp"
 #include "lory/reference/swiglu.hpp"
 #include "lory/router.hpp"
@@ -23,6 +24,8 @@ namespace reference {
 
 struct MoeFfnCpuBackend {
   struct Stream {};  // the CPU runs everything in order; nothing to name
+  // The merge twins take 2-D views: the plan may slice f (lory/moe_ffn_plan.hpp).
+  static constexpr bool kMergeViews2d = true;
 
   template <class T>
   static Status can_implement(const SegmentLayout&, const FfnShape&) { return Status::kSuccess; }
@@ -58,14 +61,15 @@ struct MoeFfnCpuBackend {
   }
 
   // Plain loop GEMM with the row-major semantics of StridedBatchedGemm, fp32
-  // accumulation, one rounding to T per output (as cuBLAS with CUBLAS_COMPUTE_32F).
-  template <class T>
-  static Status gemm(const StridedBatchedGemm<T>& g, Stream) {
+  // accumulation, one rounding to TC per output (as cuBLAS with CUBLAS_COMPUTE_32F);
+  // TC = float keeps the fp32 sum (the plan's accumulators).
+  template <class T, class TC = T>
+  static Status gemm(const StridedBatchedGemm<T, TC>& g, Stream) {
     LORY_RETURN_IF_ERROR(validate(g));
     for (int64_t b = 0; b < g.batch; ++b) {
       const T* A = g.A + b * g.stride_a;
       const T* B = g.B + b * g.stride_b;
-      T* C = g.C + b * g.stride_c;
+      TC* C = g.C + b * g.stride_c;
       for (int64_t i = 0; i < g.m; ++i)
         for (int64_t j = 0; j < g.n; ++j) {
           float acc = 0.f;
@@ -74,13 +78,19 @@ struct MoeFfnCpuBackend {
             const T bv = g.trans_b ? B[j * g.ldb + p] : B[p * g.ldb + j];
             acc += load_as<float>(av) * load_as<float>(bv);
           }
-          T& out = C[i * g.ldc + j];
+          TC& out = C[i * g.ldc + j];
           // beta == 0 never reads C (it may hold garbage or NaN).
           const float prior = g.beta == 0.f ? 0.f : g.beta * load_as<float>(out);
-          out = store_as<T>(g.alpha * acc + prior);
+          out = store_as<TC>(g.alpha * acc + prior);
         }
     }
     return Status::kSuccess;
+  }
+
+  // dst = src rounded once to T (the twin: store_as, round to nearest even).
+  template <class T>
+  static Status round_to_storage(const RoundToStorageArgs<T>& a, void* ws, size_t& ws_bytes, Stream) {
+    return run(a, ws, ws_bytes, [&] { return reference::round_to_storage(a); });
   }
 
  private:

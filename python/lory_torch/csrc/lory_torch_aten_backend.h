@@ -1,10 +1,14 @@
 // lory PyTorch extension: a CPU backend of the layer plan (lory/moe_ffn_plan.hpp)
 // whose heavy leaves run through ATen, so the CPU ops get PyTorch's threaded
 // BLAS instead of the library's plain-loop twins:
-//   gemm            at::bmm / at::baddbmm on views of the plan's buffers
-//   merge_forward   Wbar [S, P] = weights [S, E] @ W [E, P]         (one at::mm)
-//   merge_backward  dW [E, P] (+)= weights^T @ G,  d_weights [S, E] (+)= G @ W^T
+//   gemm            at::bmm / at::baddbmm on views of the plan's buffers (C is float: T is)
+//   merge_forward   Wbar [S, P] = weights [S, E] @ W [E, P]         (one at::mm; 2-D views:
+//                   one at::bmm over the rows)
+//   merge_backward  dW [E, P] (+)= weights^T @ G,  d_weights [S, E] (+)= G @ W^T (2-D views:
+//                   at::bmm over the rows for dW, d_weights summed row by row)
 //   swiglu          at::silu / at::silu_backward
+//   round_to_storage  a copy (float32 storage: nothing to round)
+// The merges take 2-D views (kMergeViews2d), so the plan may slice f under a tight budget.
 // The router leaves stay the library's twins (O(tokens * d), never the bottleneck).
 // Every leaf validates its arguments with the library's validate() first, as the
 // CPU twins do; the plan has already run its own checks.
@@ -43,14 +47,22 @@ template <class T, class R>
 lory::Status aten_merge_forward(const lory::MergeForwardArgs<T, R>& a) {
   static_assert(std::is_same_v<T, R>, "lory_torch: the ATen merge needs one dtype for W and the weights");
   LORY_RETURN_IF_ERROR(lory::validate(a));
-  const int64_t S = a.num_segments, E = a.experts, P = a.params;
-  at::Tensor Wbar = view(a.Wbar, {S, P}, {a.segment_stride, 1});
-  at::mm_out(Wbar, view(a.weights, {S, E}, {E, 1}), view(a.W, {E, P}, {a.expert_stride, 1}));
+  const int64_t S = a.num_segments, E = a.experts, P = a.params, rows = a.rows;
+  if (rows == 1) {
+    at::Tensor Wbar = view(a.Wbar, {S, P}, {a.segment_stride, 1});
+    at::mm_out(Wbar, view(a.weights, {S, E}, {E, 1}), view(a.W, {E, P}, {a.expert_stride, 1}));
+    return lory::Status::kSuccess;
+  }
+  // Row r of every view at once: Wbar[:, r, :] = weights @ W[:, r, :].
+  at::Tensor Wbar = view(a.Wbar, {rows, S, P}, {a.Wbar_row_pitch, a.segment_stride, 1});
+  at::bmm_out(Wbar, view(a.weights, {S, E}, {E, 1}).expand({rows, S, E}),
+              view(a.W, {rows, E, P}, {a.W_row_pitch, a.expert_stride, 1}));
   return lory::Status::kSuccess;
 }
 
 struct AtenCpuBackend {
   struct Stream {};  // ATen's CPU ops run in order on the calling thread (plus its pool)
+  static constexpr bool kMergeViews2d = true;  // the merges below take 2-D views
 
   template <class T>
   static lory::Status can_implement(const lory::SegmentLayout&, const lory::FfnShape&) {
@@ -78,9 +90,29 @@ struct AtenCpuBackend {
   static lory::Status merge_backward(const lory::MergeBackwardArgs<T, float>& a, lory::MergeBackwardMethod, void* ws,
                                      size_t& ws_bytes, Stream) {
     return run(a, ws, ws_bytes, [&] {
-      const int64_t S = a.num_segments, E = a.experts, P = a.params;
-      const at::Tensor G = view(a.G, {S, P}, {a.grad_segment_stride, 1});
+      const int64_t S = a.num_segments, E = a.experts, P = a.params, rows = a.rows;
       const at::Tensor w = view(a.weights, {S, E}, {E, 1});
+      if (rows > 1) {
+        // 2-D views, row r of every view at once: dW[:, r, :] (+)= weights^T @ G[:, r, :];
+        // d_weights (+)= sum over r of G[:, r, :] @ W[:, r, :]^T.
+        const at::Tensor G = view(a.G, {rows, S, P}, {a.G_row_pitch, a.grad_segment_stride, 1});
+        if (a.dW) {
+          at::Tensor dW = view(a.dW, {rows, E, P}, {a.dW_row_pitch, a.dW_expert_stride, 1});
+          const at::Tensor wt = w.t().expand({rows, E, S});
+          if (a.accumulate_dW) dW.baddbmm_(wt, G);
+          else at::bmm_out(dW, wt, G);
+        }
+        if (a.d_weights) {
+          at::Tensor dw = view(a.d_weights, {S, E}, {E, 1});
+          const at::Tensor W = view(a.W, {rows, E, P}, {a.W_row_pitch, a.expert_stride, 1});
+          for (int64_t r = 0; r < rows; ++r) {
+            if (r == 0 && !a.accumulate_d_weights) at::mm_out(dw, G[r], W[r].t());
+            else dw.addmm_(G[r], W[r].t());
+          }
+        }
+        return lory::Status::kSuccess;
+      }
+      const at::Tensor G = view(a.G, {S, P}, {a.grad_segment_stride, 1});
       if (a.dW) {
         at::Tensor dW = view(a.dW, {E, P}, {a.dW_expert_stride, 1});
         if (a.accumulate_dW) dW.addmm_(w.t(), G);
@@ -116,6 +148,16 @@ struct AtenCpuBackend {
       at::Tensor da = view(p.da, {r, c}, {p.da_stride, 1}), du = view(p.du, {r, c}, {p.du_stride, 1});
       at::silu_backward_out(da, dm * u, a);
       at::mul_out(du, dm, at::silu(a));
+      return lory::Status::kSuccess;
+    });
+  }
+
+  // dst = src (float32 storage: the plan's fp32 accumulators need no rounding).
+  template <class T>
+  static lory::Status round_to_storage(const lory::RoundToStorageArgs<T>& a, void* ws, size_t& ws_bytes, Stream) {
+    static_assert(std::is_same_v<T, float>, "lory_torch: the ATen backend runs float32 storage");
+    return run(a, ws, ws_bytes, [&] {
+      view(a.dst, {a.rows, a.cols}, {a.dst_stride, 1}).copy_(view(a.src, {a.rows, a.cols}, {a.src_stride, 1}));
       return lory::Status::kSuccess;
     });
   }
