@@ -20,6 +20,23 @@ import sys
 DEFAULT_RENAMES = ["merge_weights_to_storage_kernel=merge_backward_gemm_round_weights_kernel"]
 
 
+def anon(name):
+    """nvcc names an anonymous namespace _GLOBAL__N__<hashes and the file's name>, the hashes following
+    the source path, which differs between two checkouts: each such (length-prefixed) identifier
+    becomes the namespace ANON_<file>, hash-free."""
+    out, i = [], 0
+    for m in re.finditer(r"(\d+)_GLOBAL__N__", name):
+        if m.start() < i:
+            continue
+        n = int(m.group(1))
+        ident = name[m.start(1) + len(m.group(1)):m.start(1) + len(m.group(1)) + n]
+        f = re.match(r"_GLOBAL__N__[0-9a-f]{8}_\d+_(\w+?_cu)", ident)
+        new = "ANON_" + (f.group(1) if f else "")
+        out.append(name[i:m.start()] + f"{len(new)}{new}")
+        i = m.start(1) + len(m.group(1)) + n
+    return "".join(out) + name[i:]
+
+
 def parse(path):
     """{(mangled, arch): set of report tuples} for every entry function compiled in the log."""
     reports = collections.defaultdict(set)
@@ -34,7 +51,7 @@ def parse(path):
         m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
         if m:
             close()
-            cur, fields = (m.group(1), m.group(2)), {}
+            cur, fields = (anon(m.group(1)), m.group(2)), {}
             continue
         if cur is None:
             continue
