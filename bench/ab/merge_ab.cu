@@ -9,9 +9,10 @@
 // that as a percent of a device-to-device copy measured in the same process, and the percent of
 // the read/write roofline (the traffic's reads at the read-only rate plus its writes at the
 // write-only rate, both measured in the same process, over the time taken).
-// Revisions whose merge.cuh has the tensor-core forward's tuning knobs (LORY_MERGE_FORWARD_TC_TUNING)
-// time each forward variant (lory::detail::for_each_merge_forward_tc_variant) after the default.
-// Revisions whose merge.cuh has the tensor-core backward's tuning knobs (LORY_MERGE_BACKWARD_TC_TUNING)
+// Revisions with the tensor-core forward's tuning knobs (LORY_MERGE_FORWARD_TC_TUNING: defined by
+// their merge.cuh, or by tests/common/merge_variants.cuh from the layered headers on) time each
+// forward variant (lory::detail::for_each_merge_forward_tc_variant) after the default.
+// Revisions with the tensor-core backward's tuning knobs (LORY_MERGE_BACKWARD_TC_TUNING)
 // also time each variant (lory::detail::for_each_merge_backward_tc_variant) on every backward case,
 // one line each, named at the end of the line; those with the wgmma variant (LORY_MERGE_BACKWARD_WGMMA,
 // sm_90a) time it last, over every case, after all the others. Revisions with lory/merge_gemm.cuh
@@ -27,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "../../tests/common/merge_variants.cuh"  // the variants and their feature macros (adds nothing for older revisions)
 #include "../bandwidth_peaks.cuh"
 #include "lory/merge.cuh"
 #if __has_include("lory/merge_gemm.cuh")

@@ -32,27 +32,10 @@
 #define LORY_FORCEINLINE inline
 #endif
 
-// Device code (kernels, their device functions and launchers) is compiled by
-// nvcc, or by the host compiler under the test suite's CPU emulator of the
-// kernels (tests/emu/cuda_emu.hpp defines LORY_CUDA_EMULATION).
-#if defined(__CUDACC__) || defined(LORY_CUDA_EMULATION)
-#define LORY_HAS_DEVICE_CODE 1
-#else
-#define LORY_HAS_DEVICE_CODE 0
-#endif
-
-// Kernels get hidden visibility so that a shared object embedding lory (a
-// PyTorch extension, say) does not export or collide on kernel symbols.
-#if defined(LORY_CUDA_EMULATION)
-#define LORY_KERNEL
-#elif defined(__CUDACC__)
-#if defined(_WIN32)
-#define LORY_KERNEL __global__
-#else
-#define LORY_KERNEL __global__ __attribute__((visibility("hidden")))
-#endif
-#endif
-
 // CUB is always named through its own qualifier macro, so that lory follows
 // whatever wrapping the including project chose for CUB (PyTorch wraps it).
 #define LORY_CUB CUB_NS_QUALIFIER
+
+// LORY_HAS_DEVICE_CODE, LORY_KERNEL and the other macros that differ under the test suite's CPU
+// emulator of the kernels (tests/emu/cuda_emu.hpp): all in one header.
+#include "lory/detail/emulation.hpp"

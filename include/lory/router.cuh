@@ -27,7 +27,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#if !defined(LORY_CUDA_EMULATION)
+#if defined(__CUDACC__)  // CUB's block primitives need nvcc (the emulator has a stand-in: LORY_BLOCK_REDUCE)
 #include <cub/block/block_reduce.cuh>
 #endif
 
@@ -158,11 +158,7 @@ struct BlockTokenSum {
 // held in shared memory (one router row). Fixed-order block reductions.
 template <int kThreads>
 struct BlockRowSoftmax {
-#if defined(LORY_CUDA_EMULATION)
-  using Reduce = ::lory_emu::BlockReduce<float, kThreads>;  // CUB's block primitives need nvcc
-#else
-  using Reduce = LORY_CUB::BlockReduce<float, kThreads>;
-#endif
+  using Reduce = LORY_BLOCK_REDUCE(float, kThreads);  // cub::BlockReduce (lory/detail/emulation.hpp)
   struct TempStorage {
     typename Reduce::TempStorage reduce;
     float first, second;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/catch.hpp"
+#include "common/merge_variants.cuh"
 #include "lory/merge.cuh"
 
 namespace {

@@ -22,6 +22,7 @@
 #include "common/test_util.hpp"
 #include "lory/merge.cuh"
 #include "lory/merge_gemm.cuh"
+#include "common/merge_variants.cuh"
 #include "lory/reference/merge.hpp"
 
 namespace {

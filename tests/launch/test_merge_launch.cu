@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "common/catch.hpp"
+#include "common/merge_variants.cuh"
 #include "lory/merge.cuh"
 #include "lory/merge_gemm.cuh"
 

@@ -24,48 +24,8 @@ template <class T> struct is_mma_b16 { static constexpr bool value = false; };
 template <> struct is_mma_b16<__half> { static constexpr bool value = true; };
 template <> struct is_mma_b16<__nv_bfloat16> { static constexpr bool value = true; };
 
-// The tensor-core instructions exist on sm_80 and newer (and in the CPU emulator).
-#if defined(LORY_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
-#define LORY_MMA_AVAILABLE 1
-#else
-#define LORY_MMA_AVAILABLE 0
-#endif
 
-#if defined(LORY_CUDA_EMULATION)
-
-LORY_FORCEINLINE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
-  const ::lory_emu::LdmatrixIn in{row_addr};
-  ::lory_emu::Regs4 out;
-  ::lory_emu::warp_collective(&in, &out, &::lory_emu::ldmatrix_x4_combine<false>);
-  for (int i = 0; i < 4; ++i) r[i] = out.r[i];
-}
-LORY_FORCEINLINE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
-  const ::lory_emu::LdmatrixIn in{row_addr};
-  ::lory_emu::Regs4 out;
-  ::lory_emu::warp_collective(&in, &out, &::lory_emu::ldmatrix_x4_combine<true>);
-  for (int i = 0; i < 4; ++i) r[i] = out.r[i];
-}
-template <class T>
-LORY_FORCEINLINE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  static_assert(is_mma_b16<T>::value, "mma_16816: 16-bit operands only");
-  ::lory_emu::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {d[0], d[1], d[2], d[3]}};
-  ::lory_emu::MmaOut out;
-  ::lory_emu::warp_collective(&in, &out, &::lory_emu::mma_16816_combine<std::is_same<T, __nv_bfloat16>::value>);
-  for (int i = 0; i < 4; ++i) d[i] = out.d[i];
-}
-// cp.async: the emulator queues the copy and performs it at the thread's matching wait_group
-// (a legal schedule: global memory does not change meanwhile), so a read before the wait and the
-// barrier after it sees stale shared memory.
-LORY_FORCEINLINE void cp_async_16(void* smem_dst, const void* src, int src_bytes) {
-  ::lory_emu::cp_async(smem_dst, src, 16, src_bytes);
-}
-LORY_FORCEINLINE void cp_async_commit() { ::lory_emu::cp_async_commit(); }
-template <int N>
-LORY_FORCEINLINE void cp_async_wait() {
-  ::lory_emu::cp_async_wait(N);
-}
-
-#elif defined(__CUDACC__)
+#if defined(__CUDACC__)  // the hardware intrinsics (the emulator's: lory/detail/emulation.hpp)
 
 LORY_DEVICE LORY_FORCEINLINE uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -139,7 +99,7 @@ LORY_DEVICE LORY_FORCEINLINE void cp_async_wait() {
 #endif
 }
 
-#endif  // LORY_CUDA_EMULATION / __CUDACC__
+#endif  // __CUDACC__
 
 #if LORY_HAS_DEVICE_CODE
 

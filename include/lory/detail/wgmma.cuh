@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "lory/config.hpp"
+#include "lory/detail/cuda.cuh"
 #include "lory/detail/merge_mma.cuh"
 #include "lory/detail/wgmma_asm.cuh"
 #include "lory/dtype.hpp"
@@ -32,13 +33,6 @@
 
 LORY_NAMESPACE_BEGIN
 namespace detail {
-
-// wgmma exists on sm_90a only (the arch-specific feature set), and in the CPU emulator.
-#if defined(LORY_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
-#define LORY_WGMMA_AVAILABLE 1
-#else
-#define LORY_WGMMA_AVAILABLE 0
-#endif
 
 // The N values wgmma_ss / wgmma_rs are instantiated for.
 LORY_HOST_DEVICE constexpr bool wgmma_supports_n(int n) {
@@ -48,12 +42,9 @@ LORY_HOST_DEVICE constexpr bool wgmma_supports_n(int n) {
 // Whether the current device runs sm_90a code: compute capability 9.0 exactly (H100, H200).
 inline Status device_has_wgmma(bool& has) {
   has = false;
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kErrorNoDevice;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-    return Status::kErrorCudaLaunch;
-  has = major == 9 && minor == 0;
+  DeviceInfo dev;
+  LORY_RETURN_IF_ERROR(current_device_info(dev));
+  has = dev.major == 9 && dev.minor == 0;
   return Status::kSuccess;
 }
 
@@ -65,35 +56,7 @@ LORY_HOST_DEVICE constexpr uint64_t wgmma_desc_bits(uint32_t smem_offset, uint32
          (uint64_t((sbo >> 4) & 0x3fffu) << 32);
 }
 
-#if defined(LORY_CUDA_EMULATION)
-
-// Shared-memory addresses are offsets into the block's dynamic shared memory.
-LORY_FORCEINLINE uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
-  return wgmma_desc_bits(::lory_emu::smem_offset(smem), lbo, sbo);
-}
-LORY_FORCEINLINE void wgmma_fence_operands() {}
-template <int N>
-LORY_FORCEINLINE void wgmma_pin(float (&)[N]) {}
-LORY_FORCEINLINE void wgmma_fence() {}
-LORY_FORCEINLINE void wgmma_commit() { ::lory_emu::wgmma_commit(); }
-template <int N>
-LORY_FORCEINLINE void wgmma_wait() {
-  ::lory_emu::wgmma_wait(N);
-}
-// D (+)= A B. The emulator computes the product at issue and writes it to the accumulators at the
-// wait that covers its group; until then they hold NaN, so an early read shows.
-template <class T, int N>
-LORY_FORCEINLINE void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(is_mma_b16<T>::value && wgmma_supports_n(N), "wgmma_ss: f16/bf16, N in wgmma_supports_n");
-  ::lory_emu::wgmma_issue(d, N, std::is_same<T, __nv_bfloat16>::value, desc_a, nullptr, desc_b, accumulate);
-}
-template <class T, int N>
-LORY_FORCEINLINE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
-  static_assert(is_mma_b16<T>::value && wgmma_supports_n(N), "wgmma_rs: f16/bf16, N in wgmma_supports_n");
-  ::lory_emu::wgmma_issue(d, N, std::is_same<T, __nv_bfloat16>::value, 0, a, desc_b, accumulate);
-}
-
-#elif defined(__CUDACC__)
+#if defined(__CUDACC__)  // the hardware intrinsics (the emulator's: lory/detail/emulation.hpp)
 
 LORY_DEVICE LORY_FORCEINLINE uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
   return wgmma_desc_bits(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), lbo, sbo);
@@ -146,7 +109,7 @@ LORY_DEVICE LORY_FORCEINLINE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a
 #endif
 }
 
-#endif  // LORY_CUDA_EMULATION / __CUDACC__
+#endif  // __CUDACC__
 
 }  // namespace detail
 LORY_NAMESPACE_END

@@ -1,0 +1,111 @@
+// lory (private), merge layer "kernel + launcher": the backward as two cuBLAS GEMMs (the GEMM method of
+// lory/merge_gemm.cuh): merge_backward_gemm_round_weights_kernel (the fp32 routing weights rounded
+// to the storage dtype, the GEMMs' common input type) and merge_backward_gemm.
+//
+// With row-major tensors seen as cuBLAS' column-major transposes:
+//   dW^T [P, E]        = G^T [P, S] x weights [S, E]      (m = P, n = E, k = S; beta 1 to accumulate)
+//   d_weights^T [E, S] = W [E, P] x G^T [P, S]            (m = E, n = S, k = P; fp32 output)
+// For 16-bit storage the weights are first rounded to the storage dtype into the workspace (fp16
+// needs |weights| < 65504, as the fused tensor-core kernels do).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "lory/config.hpp"
+#include "lory/detail/cublas.cuh"
+#include "lory/detail/cuda.cuh"
+#include "lory/detail/merge/params.cuh"
+#include "lory/detail/merge/policy.cuh"
+#include "lory/detail/validate.hpp"
+#include "lory/dtype.hpp"
+#include "lory/merge.hpp"
+#include "lory/status.hpp"
+
+LORY_NAMESPACE_BEGIN
+namespace detail {
+
+// kAuto runs the fused kernel up to this many experts on its tensor-core path, the GEMMs above
+// (docs/gpu-results.md has the measurements that set it: the GEMMs well ahead from E = 16, the two
+// within a few percent at E = 8, where the fused kernel also reads G only once).
+constexpr int kMergeBackwardFusedMaxExperts = 8;
+
+#if LORY_HAS_DEVICE_CODE
+// out[i] = weights[i] rounded to T: the GEMM method's routing weights in the storage dtype.
+template <class T>
+LORY_KERNEL void __launch_bounds__(kMergeThreads)
+    merge_backward_gemm_round_weights_kernel(const float* in, int64_t n, T* out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_float<T>(in[i]);
+}
+#endif  // LORY_HAS_DEVICE_CODE
+
+// Workspace of the GEMM method: the weights in the storage dtype (none for fp32 storage).
+template <class T>
+size_t merge_backward_gemm_workspace(const MergeBackwardArgs<T, float>& a) {
+  const size_t converted = std::is_same<T, float>::value ? 0 : size_t(a.num_segments) * size_t(a.experts) * sizeof(T);
+  return converted > kMergeMinWorkspaceBytes ? converted : kMergeMinWorkspaceBytes;
+}
+
+// cuBLAS' int limits: every size and leading dimension of the two GEMMs (P <= each stride).
+template <class T>
+bool merge_backward_gemm_fits(const MergeBackwardArgs<T, float>& a) {
+  return fits_int(a.num_segments) && fits_int(a.params) && fits_int(a.grad_segment_stride) &&
+         (!a.dW || fits_int(a.dW_expert_stride)) && (!a.d_weights || fits_int(a.expert_stride));
+}
+
+template <class T>
+Status merge_backward_gemm_can_implement(const MergeBackwardArgs<T, float>& a) {
+  LORY_RETURN_IF_ERROR(merge_backward_can_implement(a));
+  return merge_backward_gemm_fits(a) ? Status::kSuccess : Status::kErrorInvalidSize;
+}
+
+#if LORY_HAS_DEVICE_CODE
+template <class T>
+Status merge_backward_gemm(const MergeBackwardArgs<T, float>& a, void* workspace, size_t& workspace_bytes,
+                           cublasHandle_t cublas, cudaStream_t stream) {
+  LORY_RETURN_IF_ERROR(merge_backward_gemm_can_implement(a));
+  bool size_query = false;
+  // The weights rounded to T are the workspace's only use: T's alignment, no more (a workspace that
+  // suits the fused kernel's fp32 partials suits this too).
+  const bool rounds = !std::is_same<T, float>::value && a.dW;
+  LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, merge_backward_gemm_workspace(a), size_query,
+                                          rounds ? alignof(T) : 1));
+  if (size_query) return Status::kSuccess;
+  LORY_RETURN_IF_ERROR(check_cublas_handle(cublas, stream));
+
+  constexpr cudaDataType_t type = cublas_dtype<T>::value;
+  const int S = static_cast<int>(a.num_segments), E = a.experts, P = static_cast<int>(a.params);
+  const float one = 1.f, zero = 0.f;
+  if (a.dW) {
+    const void* weights = a.weights;  // fp32 storage: the caller's weights as they are
+    if constexpr (!std::is_same<T, float>::value) {
+      const int64_t n = a.num_segments * a.experts;
+      T* converted = static_cast<T*>(workspace);
+      const int64_t grid = std::min<int64_t>((n + kMergeThreads - 1) / kMergeThreads, 1024);
+      launch_kernel(merge_backward_gemm_round_weights_kernel<T>, dim3(static_cast<unsigned>(grid)), dim3(kMergeThreads), 0,
+                    stream, a.weights, n, converted);
+      LORY_RETURN_IF_ERROR(check_launch());
+      weights = converted;
+    }
+    if (cublasGemmEx(cublas, CUBLAS_OP_N, CUBLAS_OP_T, P, E, S, &one, a.G, type, static_cast<int>(a.grad_segment_stride),
+                     weights, type, E, a.accumulate_dW ? &one : &zero, a.dW, type,
+                     static_cast<int>(a.dW_expert_stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+      return Status::kErrorCublas;
+  }
+  if (a.d_weights) {
+    if (cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, S, P, &one, a.W, type, static_cast<int>(a.expert_stride), a.G,
+                     type, static_cast<int>(a.grad_segment_stride), a.accumulate_d_weights ? &one : &zero, a.d_weights,
+                     CUDA_R_32F, E, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+      return Status::kErrorCublas;
+  }
+  return Status::kSuccess;
+}
+
+#endif  // LORY_HAS_DEVICE_CODE
+
+}  // namespace detail
+LORY_NAMESPACE_END
