@@ -60,10 +60,19 @@
 // kernel, template flag). A P-tail shorter than a vector is always scalar.
 // All global offsets are 64-bit.
 //
+// 2-D views (lory/merge.hpp's rows and row pitches): the kernels work on P = rows * params
+// elements per expert (segment) -- tiles, slices, workspace and shared memory count over it -- and
+// address element j of operand X at X + (j / params) * pitch + j % params (MergeRowView in
+// detail/merge/view.cuh: a magic-number divide once per thread and tile, skipped on a flat view).
+// Vectors need params and every non-flat pitch to be multiples of the vector as well, so that none
+// straddles a row; else the scalar path runs (and the backward's tensor cores, which need vectors,
+// give way to the CUDA cores as for a misaligned view).
+//
 // The layers (include/lory/detail/merge/; each file's first lines say what it holds):
 //   policy.cuh          constants, shared-memory limits, tuning knobs, the default tunings
 //   params.cuh          the kernels' parameter structs; merge_*_can_implement
-//   vec_io.cuh          device helpers: 16-byte row vectors with tails
+//   view.cuh            2-D views: element addressing, 16-byte vector I/O with tails
+//   vec_io.cuh          device helpers: zero vectors, conversions to and from fp32
 //   forward_simt.cuh, forward_tc.cuh                        forward kernels (CUDA cores, mma.sync)
 //   backward_simt.cuh, backward_tc.cuh, backward_wgmma.cuh  backward kernels (CUDA cores, mma.sync, wgmma)
 //   backward_partial.cuh, backward_pipeline.cuh             the backward kernels' shared pieces

@@ -85,3 +85,92 @@ TEST_CASE("merge kernels without sm_80 code: kAuto runs the CUDA cores, forced t
   CHECK(std::memcmp(dW_after.data(), W.data.data(), W.data.size() * sizeof(T)) == 0);
   CHECK(dde.download(de_init.size()) == de_init);
 }
+
+// The 2-D views' divide by the columns per row (detail::MergeDivmod: multiply-high and shifts)
+// against the division it replaces, at the edges (divisors 1, powers of two and their neighbours,
+// up to 2^62; numerators up to 2^63 - 1) and at random.
+TEST_CASE("merge 2-D views: the magic-number divmod is exact", "[emu][merge][view2d]") {
+  using lory::detail::MergeDivmod;
+  auto rng = make_rng("merge-divmod");
+  std::vector<int64_t> divisors = {1, 2, 3, 5, 7, 8, 9, 24, 33, 129, 1000, 4095, 4096, 4097, 6144, 1 << 20};
+  for (int k = 1; k < 63; ++k)
+    for (int64_t d : {(int64_t(1) << k) - 1, int64_t(1) << k, (int64_t(1) << k) + 1}) divisors.push_back(d);
+  for (int i = 0; i < 200; ++i) divisors.push_back(int64_t(rng() >> (1 + rng() % 62)) + 1);
+  int64_t wrong = 0;
+  for (int64_t d : divisors) {
+    const MergeDivmod m = MergeDivmod::make(d);
+    std::vector<int64_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, INT64_MAX, INT64_MAX - 1, INT64_MAX / d * d,
+                               INT64_MAX / d * d - 1};
+    for (int i = 0; i < 200; ++i) ns.push_back(int64_t(rng() >> (1 + rng() % 63)));
+    for (int64_t n : ns)
+      if (n >= 0) wrong += m.div(n) != n / d;
+  }
+  CHECK(wrong == 0);
+  // MergeRowView: element j of rows of 33 at a pitch of 40.
+  const auto v = lory::detail::MergeRowView::make(5, 33, 40);
+  CHECK(!v.flat);
+  for (int64_t j = 0; j < 5 * 33; ++j) CHECK(v.offset(j) == (j / 33) * 40 + j % 33);
+  CHECK(lory::detail::MergeRowView::make(5, 33, 33).flat);
+  CHECK(lory::detail::MergeRowView::make(1, 33, 0).flat);
+}
+
+// Bad 2-D arguments with real (emulated) buffers: the status, and not one byte written.
+TEST_CASE("merge 2-D views: bad rows and pitches write nothing", "[emu][merge][view2d]") {
+  using T = __nv_bfloat16;
+  auto rng = make_rng("view2d-refused");
+  const View2DCase c{9, 8, 4, 72, 8, 16, 24, 0};
+  BwdProblem<T> prob(c, BwdMode{}, rng);
+  auto W = make_view2d<T>(c.E, c.rows, c.cols, c.cols + c.w_pad, kView2DGap, 0, rng, true);
+  auto out = make_view2d<T>(c.S, c.rows, c.cols, c.cols + c.g_pad, kView2DGap, 0, rng, false);
+  DeviceBuffer<T> dW(W.data), dout(out.data);
+  lory::MergeForwardArgs<T, float> f = forward_args<T>(FwdCase{c.S, c.E, c.cols, 0, 0, 0}, dW.get(), W.stride,
+                                                       prob.dweights.get(), dout.get(), out.stride);
+  f.rows = c.rows;
+  f.W_row_pitch = W.pitch;
+  f.Wbar_row_pitch = out.pitch;
+  lory::MergeBackwardArgs<T, float> b = prob.a;
+  size_t fbytes = 0, bbytes = 0;
+  REQUIRE(lory::merge_forward(f, nullptr, fbytes, nullptr) == Status::kSuccess);
+  REQUIRE(lory::merge_backward(b, nullptr, bbytes, nullptr) == Status::kSuccess);
+  std::vector<unsigned char> poison(std::max(fbytes, bbytes), 0xA5);
+  DeviceBuffer<unsigned char> ws(poison);
+  struct FwdBad {
+    lory::MergeForwardArgs<T, float> a;
+    Status want;
+  };
+  std::vector<FwdBad> fwd_bad;
+  auto fa = f;
+  fa.W_row_pitch = c.cols - 1;
+  fwd_bad.push_back({fa, Status::kErrorInvalidShape});
+  fa = f;
+  fa.Wbar_row_pitch = c.cols - 8;
+  fwd_bad.push_back({fa, Status::kErrorInvalidShape});
+  fa = f;
+  fa.rows = INT64_MAX / 4;
+  fwd_bad.push_back({fa, Status::kErrorInvalidSize});
+  fa = f;
+  fa.segment_stride = (c.rows - 1) * out.pitch + c.cols - 1;  // one element short of the view
+  fwd_bad.push_back({fa, Status::kErrorInvalidShape});
+  for (const auto& k : fwd_bad) {
+    size_t n = fbytes;
+    CHECK(lory::merge_forward(k.a, ws.get(), n, nullptr) == k.want);
+  }
+  std::vector<lory::MergeBackwardArgs<T, float>> bwd_bad(4, b);
+  bwd_bad[0].G_row_pitch = c.cols - 1;
+  bwd_bad[1].dW_row_pitch = 0;
+  bwd_bad[2].W_row_pitch = INT64_MAX / 2;
+  bwd_bad[3].dW_expert_stride = (c.rows - 1) * prob.dW.pitch + c.cols - 1;
+  const Status bwd_want[] = {Status::kErrorInvalidShape, Status::kErrorInvalidShape, Status::kErrorInvalidSize,
+                             Status::kErrorInvalidShape};
+  for (size_t i = 0; i < bwd_bad.size(); ++i) {
+    size_t n = bbytes;
+    CHECK(lory::merge_backward(bwd_bad[i], ws.get(), n, nullptr) == bwd_want[i]);
+  }
+  LORY_TEST_SYNC();
+  const auto out_after = dout.download(out.data.size());
+  CHECK(std::memcmp(out_after.data(), out.data.data(), out.data.size() * sizeof(T)) == 0);
+  const auto dW_after = prob.ddW.download(prob.dW.data.size());
+  CHECK(std::memcmp(dW_after.data(), prob.dW.data.data(), dW_after.size() * sizeof(T)) == 0);
+  CHECK(count_nan(prob.dde.download(prob.de.size())) == static_cast<int64_t>(prob.de.size()));
+  CHECK(ws.download(poison.size()) == poison);
+}

@@ -35,16 +35,22 @@ constexpr int64_t kGuard = 37;
 // Enough P-tiles that every persistent block loops over many (fewer under the emulator's 2 SMs).
 constexpr int64_t kManyTilesP = kEmulated ? 20000 : 300000;
 
-// A [rows, cols] view with row stride `stride` starting `offset` elements into its buffer.
+// A [rows, cols] view with row stride `stride` starting `offset` elements into its buffer. With
+// vrows > 1 each row is itself a 2-D view (lory/merge.hpp's rows and row pitch): vrows rows of
+// cols elements, `pitch` apart; its flattened element j sits at (j / cols) * pitch + j % cols.
 template <class T>
 struct HostView {
   int64_t rows = 0, cols = 0, stride = 0, offset = 0;
+  int64_t vrows = 1, pitch = 0;
   std::vector<T> data;
   T* view() { return data.data() + offset; }
   const T* view() const { return data.data() + offset; }
+  int64_t at(int64_t r, int64_t j) const { return r * stride + (vrows == 1 ? j : (j / cols) * pitch + j % cols); }
   bool inside(int64_t i) const {
     const int64_t k = i - offset;
-    return k >= 0 && k < rows * stride && k % stride < cols;
+    if (k < 0 || k >= rows * stride) return false;
+    const int64_t w = k % stride;
+    return vrows == 1 ? w < cols : w < (vrows - 1) * pitch + cols && w % pitch < cols;
   }
 };
 
@@ -90,6 +96,27 @@ void check_view(const HostView<T>& got, const HostView<T>& want, double tol, con
 
 template <class T>
 T* device_view(DeviceBuffer<T>& buf, const HostView<T>& v) { return buf.get() + v.offset; }
+
+// n 2-D views of vrows x cols at `pitch`, `pad` elements between one view's end and the next's
+// start, as make_view's: random (or poison) inside, poison in the gaps between rows and views.
+template <class T>
+HostView<T> make_view2d(int64_t n, int64_t vrows, int64_t cols, int64_t pitch, int64_t pad, int64_t offset,
+                        std::mt19937_64& rng, bool random_inside) {
+  HostView<T> v;
+  v.rows = n;
+  v.cols = cols;
+  v.vrows = vrows;
+  v.pitch = pitch;
+  v.stride = (vrows - 1) * pitch + cols + pad;
+  v.offset = offset;
+  v.data.assign(static_cast<size_t>(offset + n * v.stride + kGuard), poison_value<T>());
+  if (random_inside) {
+    std::uniform_real_distribution<double> dist(-1.0, 1.0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < vrows * cols; ++j) v.view()[v.at(r, j)] = lory::from_double<T>(dist(rng));
+  }
+  return v;
+}
 
 template <class T>
 const char* dtype_tag() { return lory::dtype_name(lory::dtype_of<T>::value); }
@@ -189,6 +216,25 @@ struct BwdCase {
   int64_t offset;  // 1 = misaligned base pointers
 };
 
+// A merge over 2-D views (lory/merge.hpp's rows and row pitches): every expert and segment is
+// rows x cols, at a row pitch of cols + pad per operand (a pad of 0: that operand's view is flat),
+// with 8 poisoned elements after each expert's (segment's) view. The forward's Wbar takes g_pad.
+struct View2DCase {
+  int64_t S;
+  int E;
+  int64_t rows, cols;
+  int64_t w_pad, g_pad, dw_pad;
+  int64_t offset;  // 1 = misaligned base pointers
+  std::string name() const {
+    return "S" + std::to_string(S) + "/E" + std::to_string(E) + "/" + std::to_string(rows) + "x" + std::to_string(cols) +
+           "/pads" + std::to_string(w_pad) + "," + std::to_string(g_pad) + "," + std::to_string(dw_pad) + "/off" +
+           std::to_string(offset);
+  }
+  // Whether 16-bit storage gets 16-byte vectors on every operand.
+  bool vec16() const { return offset == 0 && cols % 8 == 0 && w_pad % 8 == 0 && g_pad % 8 == 0 && dw_pad % 8 == 0; }
+};
+constexpr int64_t kView2DGap = 8;  // poisoned elements between one expert's (segment's) view and the next
+
 // Extra pads of W (8 or 3) and dW (16 or 1) over G's: three distinct strides (a mixed-up stride
 // shows), all multiples of 16 bytes when G's is, so that aligned cases reach the vector paths.
 inline int64_t bwd_pad_extra(const BwdCase& c, int64_t aligned_extra, int64_t unaligned_extra) {
@@ -231,9 +277,29 @@ struct BwdProblem {
         ddW(dW.data),
         dweights(weights),
         dde(de) {
-    a.num_segments = c.S;
-    a.experts = c.E;
-    a.params = c.P;
+    set_args(c.S, c.E, c.P, m);
+  }
+  BwdProblem(const View2DCase& c, const BwdMode& m, std::mt19937_64& rng)
+      : G(make_view2d<T>(c.S, c.rows, c.cols, c.cols + c.g_pad, kView2DGap, c.offset, rng, true)),
+        W(make_view2d<T>(c.E, c.rows, c.cols, c.cols + c.w_pad, kView2DGap, c.offset, rng, true)),
+        dW(make_view2d<T>(c.E, c.rows, c.cols, c.cols + c.dw_pad, kView2DGap, c.offset, rng, m.accumulate_dW)),
+        weights(random_simplex_rows(c.S, c.E, rng)),
+        de(make_de(BwdCase{c.S, c.E, 1, 0, 0}, m, rng)),
+        dG(G.data),
+        dWd(W.data),
+        ddW(dW.data),
+        dweights(weights),
+        dde(de) {
+    set_args(c.S, c.E, c.cols, m);
+    a.rows = c.rows;
+    a.G_row_pitch = G.pitch;
+    a.W_row_pitch = W.pitch;
+    a.dW_row_pitch = dW.pitch;
+  }
+  void set_args(int64_t S, int E, int64_t P, const BwdMode& m) {
+    a.num_segments = S;
+    a.experts = E;
+    a.params = P;
     a.G = device_view(dG, G);
     a.grad_segment_stride = G.stride;
     a.W = m.want_de ? device_view(dWd, W) : nullptr;
@@ -258,18 +324,17 @@ struct BwdProblem {
 template <class T>
 using BwdLaunch = std::function<Status(const lory::MergeBackwardArgs<T, float>&, void*, size_t&)>;
 
-// Case c in mode m through `launch` (named `how` in the tag that seeds the data), against the
-// double twin. `repeats` > 1 checks that the outputs are bitwise identical run to run.
+// The body of a backward test on a problem: launch (`repeats` times, bitwise identical), then
+// `reference` fills the host arguments' outputs (set up as copies of the initial outputs), and the
+// results are checked against them: dW in its view (and nothing outside it written), d_weights
+// element by element, untouched outputs where skipped.
 template <class T>
-BwdResult<T> run_backward_with(const BwdCase& c, const BwdMode& m, const std::string& how, const BwdLaunch<T>& launch,
-                               int repeats = 1,
-                               const std::function<void(const lory::MergeBackwardArgs<T, float>&)>& check_args = {}) {
-  const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
-                          std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
-                          "/off" + std::to_string(c.offset) + "/" + how + "/" + m.name();
-  INFO(tag);
-  auto rng = make_rng(tag);
-  BwdProblem<T> prob(c, m, rng);
+using BwdReference = std::function<void(lory::MergeBackwardArgs<T, float>&, const BwdProblem<T>&)>;
+template <class T>
+BwdResult<T> run_backward_problem(BwdProblem<T>& prob, const BwdMode& m, const std::string& tag,
+                                  const BwdLaunch<T>& launch, int repeats,
+                                  const std::function<void(const lory::MergeBackwardArgs<T, float>&)>& check_args,
+                                  const BwdReference<T>& reference) {
   auto& G = prob.G;
   auto& W = prob.W;
   auto& dW = prob.dW;
@@ -308,7 +373,9 @@ BwdResult<T> run_backward_with(const BwdCase& c, const BwdMode& m, const std::st
   h.weights = weights.data();
   h.dW = m.want_dW ? want_dW.view() : nullptr;
   h.d_weights = m.want_de ? want_de.data() : nullptr;
-  REQUIRE(lory::reference::merge_backward<double>(h) == Status::kSuccess);
+  reference(h, prob);
+  const int64_t S = a.num_segments, P = a.rows * a.params;
+  const int E = a.experts;
 
   HostView<T> got_dW = dW;
   got_dW.data = first.dW;
@@ -322,25 +389,43 @@ BwdResult<T> run_backward_with(const BwdCase& c, const BwdMode& m, const std::st
     // fp32, the twin in double. A dot product can cancel to almost nothing (one segment, one
     // expert, a few params), so the bound is relative to the magnitude of its terms,
     // sum_p |G[s, p] W[e, p]| (plus the old value when accumulating), element by element.
-    std::vector<double> g(first.de.begin(), first.de.begin() + c.S * c.E), w(want_de.begin(), want_de.begin() + c.S * c.E);
+    std::vector<double> g(first.de.begin(), first.de.begin() + S * E), w(want_de.begin(), want_de.begin() + S * E);
     INFO(tag << " d_weights");
     CHECK(count_nan(g) == 0);
     int64_t off = 0;
-    for (int64_t s = 0; s < c.S; ++s)
-      for (int e = 0; e < c.E; ++e) {
-        const size_t i = static_cast<size_t>(s * c.E + e);
+    for (int64_t s = 0; s < S; ++s)
+      for (int e = 0; e < E; ++e) {
+        const size_t i = static_cast<size_t>(s * E + e);
         double mag = m.accumulate_de ? std::fabs(double(de[i])) : 0.0;
-        for (int64_t q = 0; q < c.P; ++q)
-          mag += std::fabs(double(lory::to_float(G.view()[s * G.stride + q])) *
-                           double(lory::to_float(W.view()[e * W.stride + q])));
+        for (int64_t q = 0; q < P; ++q)
+          mag += std::fabs(double(lory::to_float(G.view()[G.at(s, q)])) *
+                           double(lory::to_float(W.view()[W.at(e, q)])));
         off += std::fabs(g[i] - w[i]) > 2e-5 * mag;
       }
     CHECK(off == 0);
-    CHECK(count_nan(first.de.data() + c.S * c.E, kGuard) == kGuard);
+    CHECK(count_nan(first.de.data() + S * E, kGuard) == kGuard);
   } else {
     CHECK(std::memcmp(first.de.data(), de.data(), de.size() * sizeof(float)) == 0);
   }
   return first;
+}
+
+// Case c in mode m through `launch` (named `how` in the tag that seeds the data), against the
+// double twin. `repeats` > 1 checks that the outputs are bitwise identical run to run.
+template <class T>
+BwdResult<T> run_backward_with(const BwdCase& c, const BwdMode& m, const std::string& how, const BwdLaunch<T>& launch,
+                               int repeats = 1,
+                               const std::function<void(const lory::MergeBackwardArgs<T, float>&)>& check_args = {}) {
+  const std::string tag = std::string("bwd/") + dtype_tag<T>() + "/S" + std::to_string(c.S) + "/E" +
+                          std::to_string(c.E) + "/P" + std::to_string(c.P) + "/pad" + std::to_string(c.pad) +
+                          "/off" + std::to_string(c.offset) + "/" + how + "/" + m.name();
+  INFO(tag);
+  auto rng = make_rng(tag);
+  BwdProblem<T> prob(c, m, rng);
+  return run_backward_problem<T>(prob, m, tag, launch, repeats, check_args,
+                                 [](lory::MergeBackwardArgs<T, float>& h, const BwdProblem<T>&) {
+                                   REQUIRE(lory::reference::merge_backward<double>(h) == Status::kSuccess);
+                                 });
 }
 
 // The fused kernel on `path` with tuning `Tuning`.
@@ -443,6 +528,136 @@ void run_backward_modes(const std::vector<BwdCase>& cases, std::initializer_list
   }
 }
 
+// ---------------------------------------------------------------------------
+// 2-D views: each expert's and segment's P = rows * cols elements are rows of cols at a row pitch
+// (a column slice of a larger matrix). The poison between rows and after each view must stay in
+// the outputs; the reference is written here in double over the flattened element index.
+// ---------------------------------------------------------------------------
+template <class T, class Tuning = lory::detail::MergeForwardTcDefault>
+void run_forward_2d(const View2DCase& c, MergePath path) {
+  const std::string tag = std::string("fwd2d/") + dtype_tag<T>() + "/" + c.name() + "/path" +
+                          std::to_string(static_cast<int>(path)) +
+                          tuning_tag<Tuning, lory::detail::MergeForwardTcDefault>();
+  INFO(tag);
+  auto rng = make_rng(tag);
+  auto W = make_view2d<T>(c.E, c.rows, c.cols, c.cols + c.w_pad, kView2DGap, c.offset, rng, true);
+  auto out = make_view2d<T>(c.S, c.rows, c.cols, c.cols + c.g_pad, kView2DGap, c.offset, rng, false);
+  auto weights = random_simplex_rows(c.S, c.E, rng);
+  DeviceBuffer<T> dW(W.data), dout(out.data);
+  DeviceBuffer<float> dweights(weights);
+  lory::MergeForwardArgs<T, float> a = forward_args<T>(FwdCase{c.S, c.E, c.cols, 0, 0, 0}, device_view(dW, W), W.stride,
+                                                       dweights.get(), device_view(dout, out), out.stride);
+  a.rows = c.rows;
+  a.W_row_pitch = W.pitch;
+  a.Wbar_row_pitch = out.pitch;
+  size_t bytes = 0;
+  REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, nullptr, bytes, nullptr, path) == Status::kSuccess);
+  auto ws = stale_workspace(bytes);
+  REQUIRE(lory::detail::merge_forward_on_path<T, Tuning>(a, ws.get(), bytes, nullptr, path) == Status::kSuccess);
+  LORY_TEST_SYNC();
+
+  HostView<T> got = out;
+  got.data = dout.download(out.data.size());
+  HostView<T> want = out;
+  for (int64_t s = 0; s < c.S; ++s)
+    for (int64_t j = 0; j < c.rows * c.cols; ++j) {
+      double acc = 0;
+      for (int e = 0; e < c.E; ++e) acc += double(weights[s * c.E + e]) * lory::to_double(W.view()[W.at(e, j)]);
+      want.view()[want.at(s, j)] = lory::from_double<T>(acc);
+    }
+  check_view(got, want, tolerance<T>(), tag);
+}
+
+// The backward over 2-D views through `launch`, against the double reference below.
+template <class T>
+BwdResult<T> run_backward_2d_with(const View2DCase& c, const BwdMode& m, const std::string& how,
+                                  const BwdLaunch<T>& launch, int repeats = 1,
+                                  const std::function<void(const lory::MergeBackwardArgs<T, float>&)>& check_args = {}) {
+  const std::string tag = std::string("bwd2d/") + dtype_tag<T>() + "/" + c.name() + "/" + how + "/" + m.name();
+  INFO(tag);
+  auto rng = make_rng(tag);
+  BwdProblem<T> prob(c, m, rng);
+  return run_backward_problem<T>(prob, m, tag, launch, repeats, check_args,
+                                 [&c](lory::MergeBackwardArgs<T, float>& h, const BwdProblem<T>& pr) {
+                                   const int64_t P = c.rows * c.cols;
+                                   HostView<T> dW = pr.dW;  // h.dW points into a copy in dW's layout
+                                   for (int e = 0; h.dW && e < c.E; ++e)
+                                     for (int64_t j = 0; j < P; ++j) {
+                                       double acc = h.accumulate_dW ? lory::to_double(h.dW[dW.at(e, j)]) : 0.0;
+                                       for (int64_t s = 0; s < c.S; ++s)
+                                         acc += double(h.weights[s * c.E + e]) * lory::to_double(pr.G.view()[pr.G.at(s, j)]);
+                                       h.dW[dW.at(e, j)] = lory::from_double<T>(acc);
+                                     }
+                                   for (int64_t s = 0; h.d_weights && s < c.S; ++s)
+                                     for (int e = 0; e < c.E; ++e) {
+                                       double acc = 0;
+                                       for (int64_t j = 0; j < P; ++j)
+                                         acc += lory::to_double(pr.G.view()[pr.G.at(s, j)]) *
+                                                lory::to_double(pr.W.view()[pr.W.at(e, j)]);
+                                       float& o = h.d_weights[s * c.E + e];
+                                       o = static_cast<float>(h.accumulate_d_weights ? double(o) + acc : acc);
+                                     }
+                                 });
+}
+
+template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
+BwdResult<T> run_backward_2d(const View2DCase& c, const BwdMode& m, MergePath path, int repeats = 1) {
+  const std::string how = "path" + std::to_string(static_cast<int>(path)) +
+                          tuning_tag<Tuning, lory::detail::MergeBackwardTcDefault>();
+  return run_backward_2d_with<T>(
+      c, m, how,
+      [&](const lory::MergeBackwardArgs<T, float>& a, void* ws, size_t& bytes) {
+        return lory::detail::merge_backward_on_path<T, Tuning>(a, ws, bytes, nullptr, path);
+      },
+      repeats,
+      [&](const lory::MergeBackwardArgs<T, float>& a) {
+        // 16-byte vectors (so the tensor cores) exactly where no vector straddles a row.
+        if (path == MergePath::kTensorCore) CHECK(lory::detail::merge_backward_uses_tc(a, path) == c.vec16());
+      });
+}
+
+// Odd cols (the scalar path), cols a multiple of the vector (the vector path), pitches above cols
+// with poison between rows, flat and non-flat operands mixed, ragged tails against every tile
+// width, E in {1, 3, 8, 20, 32}, and a flat 2-D view (all pads 0: the launchers run it as 1-D).
+const std::vector<View2DCase>& view2d_cases() {
+  static const std::vector<View2DCase> cases = {
+      {5, 3, 7, 33, 2, 5, 1, 0},       // odd cols: scalar, every pitch different
+      {70, 8, 6, 64, 8, 16, 24, 0},    // vector path; S past a 64-segment pass
+      {33, 32, 5, 136, 8, 0, 16, 0},   // W and dW strided, Wbar / G flat; P = 680 ragged on every tile
+      {3, 1, 9, 24, 8, 8, 8, 0},       // E = 1
+      {45, 20, 4, 200, 8, 24, 8, 1},   // misaligned base pointers: scalar
+      {17, 32, 3, 8, 56, 8, 16, 0},    // one vector per row, wide gaps
+      {21, 3, 3, 129, 3, 0, 1, 0},     // odd cols across tile boundaries
+      {9, 8, 4, 72, 0, 0, 0, 0},       // flat 2-D view
+  };
+  return cases;
+}
+// Past the on-chip d_weights partial (S * E > 16384): the workspace partials, E = 32.
+constexpr View2DCase kView2DWorkspaceCase{600, 32, 3, 40, 8, 16, 0, 0};
+
+template <class T, class Tuning = lory::detail::MergeBackwardTcDefault>
+void run_backward_2d_modes(std::initializer_list<int> matrix, MergePath path) {
+  for (const auto& c : view2d_cases()) run_backward_2d<T, Tuning>(c, BwdMode{}, path);
+  for (bool det : {true, false}) {
+    BwdMode m;
+    m.deterministic = det;
+    run_backward_2d<T, Tuning>(kView2DWorkspaceCase, m, path);
+  }
+  for (int ci : matrix) {
+    for (bool det : {true, false})
+      for (int outs = 0; outs < 3; ++outs)
+        for (bool acc : {false, true}) {
+          BwdMode m;
+          m.deterministic = det;
+          m.want_dW = outs != 2;
+          m.want_de = outs != 1;
+          m.accumulate_dW = acc;
+          m.accumulate_de = acc;
+          run_backward_2d<T, Tuning>(view2d_cases()[ci], m, path);
+        }
+  }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("merge_forward (CUDA cores) matches the CPU twin", "[gpu][merge]", float, __half, __nv_bfloat16) {
@@ -515,7 +730,7 @@ TEST_CASE("merge_backward (wgmma variant) is refused off sm_90 and touches nothi
   }
   using T = __nv_bfloat16;
   auto rng = make_rng("wgmma-refused");
-  BwdProblem<T> prob({70, 32, 520, 0, 0}, BwdMode{}, rng);
+  BwdProblem<T> prob(BwdCase{70, 32, 520, 0, 0}, BwdMode{}, rng);
   const auto& a = prob.a;
   using Wgmma = lory::detail::MergeBackwardWgmma;
   size_t bytes = 0;
@@ -627,7 +842,7 @@ TEST_CASE("merge_backward (cuBLAS GEMM method) refuses a bad handle or workspace
   using T = __nv_bfloat16;
   using lory::MergeBackwardMethod;
   auto rng = make_rng("gemm-refused");
-  BwdProblem<T> prob({70, 32, 520, 0, 0}, BwdMode{}, rng);
+  BwdProblem<T> prob(BwdCase{70, 32, 520, 0, 0}, BwdMode{}, rng);
   const auto& a = prob.a;
   size_t bytes = 0;
   REQUIRE(lory::merge_backward(a, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
@@ -664,4 +879,83 @@ TEST_CASE("merge_backward (cuBLAS GEMM method) refuses a bad handle or workspace
   CHECK(std::memcmp(got_dW.data(), prob.dW.data.data(), got_dW.size() * sizeof(T)) == 0);
   CHECK(count_nan(prob.dde.download(prob.de.size())) == static_cast<int64_t>(prob.de.size()));
   CHECK(ws.download(bytes + 16) == poison);
+}
+
+// 2-D views (a column slice of a larger matrix merged in place): every kernel path and the GEMM
+// method, against a double reference; the poison between rows stays in Wbar and dW.
+TEMPLATE_TEST_CASE("merge_forward over 2-D views (CUDA cores, launcher's choice)", "[gpu][merge][view2d]", float,
+                   __half, __nv_bfloat16) {
+  for (const auto& c : view2d_cases()) {
+    run_forward_2d<TestType>(c, MergePath::kSimt);
+    run_forward_2d<TestType>(c, MergePath::kAuto);
+  }
+}
+
+TEMPLATE_TEST_CASE("merge_forward over 2-D views (tensor cores and their variants)", "[gpu][merge][view2d]", __half,
+                   __nv_bfloat16) {
+  for (const auto& c : view2d_cases()) run_forward_2d<TestType>(c, MergePath::kTensorCore);
+  if constexpr (std::is_same<TestType, __nv_bfloat16>::value) {
+    lory::detail::for_each_merge_forward_tc_variant([](auto tag) {
+      using V = typename decltype(tag)::type;
+      for (const auto& c : view2d_cases()) run_forward_2d<TestType, V>(c, MergePath::kTensorCore);
+    });
+  }
+}
+
+TEMPLATE_TEST_CASE("merge_backward over 2-D views (CUDA cores) in every mode", "[gpu][merge][view2d]", float, __half,
+                   __nv_bfloat16) {
+  run_backward_2d_modes<TestType>({0, 2}, MergePath::kSimt);
+}
+
+TEMPLATE_TEST_CASE("merge_backward over 2-D views (tensor cores) in every mode", "[gpu][merge][view2d]", __half,
+                   __nv_bfloat16) {
+  run_backward_2d_modes<TestType>({1, 2}, MergePath::kTensorCore);
+  for (const auto& c : view2d_cases()) run_backward_2d<TestType>(c, BwdMode{}, MergePath::kAuto);
+}
+
+TEMPLATE_TEST_CASE("merge_backward over 2-D views (tensor-core variants)", "[gpu][merge][view2d]", __nv_bfloat16) {
+  lory::detail::for_each_merge_backward_tc_variant([](auto tag) {
+    using V = typename decltype(tag)::type;
+    run_backward_2d_modes<TestType, V>({2}, MergePath::kTensorCore);
+  });
+}
+
+TEMPLATE_TEST_CASE("merge_backward over 2-D views (wgmma variant)", "[gpu][merge][view2d][sm90]", __nv_bfloat16) {
+  lory_test::require_wgmma();
+  using Wgmma = lory::detail::MergeBackwardWgmma;
+  run_backward_2d_modes<TestType, Wgmma>({1, 2}, MergePath::kTensorCore);
+  BwdMode m;
+  m.accumulate_de = true;
+  run_backward_2d<TestType, Wgmma>(kView2DWorkspaceCase, m, MergePath::kTensorCore, 2);
+}
+
+TEMPLATE_TEST_CASE("merge_backward over 2-D views (cuBLAS GEMM method, kAuto)", "[gpu][merge][view2d]", float,
+                   __half, __nv_bfloat16) {
+  using lory::MergeBackwardMethod;
+  DefaultStreamHandle handle;
+  auto run = [&](const View2DCase& c, const BwdMode& m, MergeBackwardMethod method, int repeats = 1) {
+    run_backward_2d_with<TestType>(c, m, std::string("method-") + lory::merge_backward_method_name(method),
+                                   [&](const lory::MergeBackwardArgs<TestType, float>& a, void* ws, size_t& bytes) {
+                                     return lory::merge_backward(a, method, ws, bytes, handle.h, nullptr);
+                                   },
+                                   repeats);
+  };
+  for (const auto& c : view2d_cases()) {
+    run(c, BwdMode{}, MergeBackwardMethod::kGemm);
+    run(c, BwdMode{}, MergeBackwardMethod::kAuto);
+  }
+  for (int ci : {0, 2})
+    for (int outs = 0; outs < 3; ++outs)
+      for (bool acc : {false, true}) {
+        BwdMode m;
+        m.want_dW = outs != 2;
+        m.want_de = outs != 1;
+        m.accumulate_dW = acc;
+        m.accumulate_de = acc;
+        run(view2d_cases()[ci], m, MergeBackwardMethod::kGemm);
+      }
+  BwdMode m;
+  m.accumulate_de = true;
+  m.accumulate_dW = true;
+  run(kView2DWorkspaceCase, m, MergeBackwardMethod::kGemm, 2);  // bitwise reproducible
 }

@@ -1,6 +1,6 @@
 // The CUDA MoE FFN plan (router, merge and SwiGLU kernels + cuBLAS) against the
 // plain double twin of the whole layer, per storage dtype and routing mode,
-// with one chunk and with several, overwriting and accumulating.
+// with one chunk and with several, in slices of f, overwriting and accumulating.
 #include <cublas_v2.h>
 
 #include <cstdint>
@@ -57,7 +57,8 @@ void run_and_check(const LayerProblem<T>& H, const InitialGrads<T>* init, MoeFfn
                    cublasHandle_t handle) {
   const lory::MoeFfnCudaPlan<T> plan(H.lay, H.sh, H.mode, opt);
   REQUIRE(plan.can_implement() == Status::kSuccess);
-  INFO("chunk " << plan.chunk_segments() << " of " << H.lay.num_segments() << " segments, workspace "
+  INFO("chunk " << plan.chunk_segments() << " of " << H.lay.num_segments() << " segments, " << plan.num_slices()
+                << " slices of " << plan.slice_width() << ", workspace "
                 << plan.workspace_size() << " bytes, accumulate " << (init != nullptr));
   const auto ref = run_reference(H, init);
   const DeviceInputs<T> in(H);
@@ -106,6 +107,17 @@ void check_dtype(const char* tag) {
       named.merge_backward = run++ % 2 ? lory::MergeBackwardMethod::kGemm : lory::MergeBackwardMethod::kFused;
       INFO("merge backward " << lory::merge_backward_method_name(named.merge_backward));
       run_and_check(H, &init, named, ctx.stream, ctx.handle);
+      // Slices of f (2-D merge views of W_d's columns, fp32 y / dx rounded once): the narrowest
+      // budget with every segment in one chunk, and a fixed width with a ragged last slice, each
+      // with the other merge-backward method.
+      MoeFfnOptions sliced;
+      sliced.workspace_budget_bytes = probe.min_workspace_size_unchunked();
+      sliced.merge_backward = named.merge_backward;
+      run_and_check(H, &init, sliced, ctx.stream, ctx.handle);
+      MoeFfnOptions fixed;
+      fixed.slice_width = s.sh.f > 48 ? 48 : 16;
+      fixed.merge_backward = run % 2 ? lory::MergeBackwardMethod::kFused : lory::MergeBackwardMethod::kGemm;
+      run_and_check<T>(H, nullptr, fixed, ctx.stream, ctx.handle);
     }
 }
 

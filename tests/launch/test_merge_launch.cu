@@ -3,6 +3,7 @@
 // query works. Pointers are bogus non-null values that must never be
 // dereferenced (validation has to fail first); no success path here may reach
 // the CUDA runtime.
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -560,4 +561,159 @@ TEMPLATE_TEST_CASE("merge_backward method: GEMM workspace query and refusals", "
   wide = a;
   wide.expert_stride = int64_t(INT_MAX) + 9;
   CHECK(call(wide, MergeBackwardMethod::kGemm, nullptr, bytes) == Status::kErrorInvalidSize);
+}
+
+// 2-D views (rows x params at a row pitch per operand): a pitch below params, rows not positive,
+// rows * pitch past int64 and an expert (segment) stride below the view's extent are refused,
+// naming the argument, before anything is touched (the pointers are bogus).
+TEMPLATE_TEST_CASE("merge 2-D views: bad rows and pitches are refused before launching", "[launch][merge][view2d]",
+                   float, __half, __nv_bfloat16) {
+  using T = TestType;
+  // d = 6 rows of a 1000-column slice of a [6, 4096] matrix per expert.
+  auto f = good_forward<T>();
+  f.rows = 6;
+  f.W_row_pitch = f.Wbar_row_pitch = 4096;
+  f.expert_stride = f.segment_stride = 6 * 4096;
+  REQUIRE(lory::merge_forward_can_implement(f) == Status::kSuccess);
+  auto b = good_backward<T>();
+  b.rows = 6;
+  b.G_row_pitch = b.W_row_pitch = b.dW_row_pitch = 4096;
+  b.grad_segment_stride = b.expert_stride = b.dW_expert_stride = 6 * 4096;
+  REQUIRE(lory::merge_backward_can_implement(b) == Status::kSuccess);
+  auto arg = [] { return std::string(lory::last_error_detail().argument); };
+
+  auto x = f;
+  x.W_row_pitch = 999;
+  CHECK(fwd(x) == Status::kErrorInvalidShape);
+  CHECK(arg() == "W_row_pitch");
+  x = f;
+  x.Wbar_row_pitch = 0;
+  CHECK(fwd(x) == Status::kErrorInvalidShape);
+  CHECK(arg() == "Wbar_row_pitch");
+  x = f;
+  x.rows = 0;
+  CHECK(fwd(x) == Status::kErrorInvalidSize);
+  CHECK(arg() == "rows");
+  x = f;
+  x.rows = INT64_MAX / 2;  // rows * pitch overflows
+  CHECK(fwd(x) == Status::kErrorInvalidSize);
+  CHECK(arg() == "W_row_pitch");
+  x = f;
+  x.expert_stride = 5 * 4096 + 999;  // one element short of the view
+  CHECK(fwd(x) == Status::kErrorInvalidShape);
+  CHECK(arg() == "expert_stride");
+  x = f;
+  x.segment_stride = 5 * 4096 + 999;
+  CHECK(fwd(x) == Status::kErrorInvalidShape);
+  CHECK(arg() == "segment_stride");
+  x = f;
+  x.rows = 1;  // one row: the pitches are not used
+  x.W_row_pitch = x.Wbar_row_pitch = 0;
+  CHECK(lory::merge_forward_can_implement(x) == Status::kSuccess);
+
+  for (const char* which : {"G_row_pitch", "W_row_pitch", "dW_row_pitch"}) {
+    INFO(which);
+    auto y = b;
+    int64_t& pitch = std::string(which) == "G_row_pitch" ? y.G_row_pitch
+                     : std::string(which) == "W_row_pitch" ? y.W_row_pitch
+                                                           : y.dW_row_pitch;
+    pitch = 999;
+    CHECK(bwd(y) == Status::kErrorInvalidShape);
+    CHECK(arg() == which);
+    pitch = INT64_MAX / 4;  // (rows - 1) * pitch overflows
+    CHECK(bwd(y) == Status::kErrorInvalidSize);
+    CHECK(arg() == which);
+  }
+  auto y = b;
+  y.rows = -1;
+  CHECK(bwd(y) == Status::kErrorInvalidSize);
+  y = b;
+  y.grad_segment_stride = 5 * 4096 + 999;
+  CHECK(bwd(y) == Status::kErrorInvalidShape);
+  CHECK(arg() == "grad_segment_stride");
+  y = b;
+  y.dW_expert_stride = 5 * 4096 + 999;
+  CHECK(bwd(y) == Status::kErrorInvalidShape);
+  CHECK(arg() == "dW_expert_stride");
+  // A skipped output's view does not count.
+  y = b;
+  y.dW = nullptr;
+  y.dW_row_pitch = 3;
+  CHECK(lory::merge_backward_can_implement(y) == Status::kSuccess);
+  y = b;
+  y.d_weights = nullptr;
+  y.W_row_pitch = 3;
+  CHECK(lory::merge_backward_can_implement(y) == Status::kSuccess);
+  // Views that overlap through their rows: W's rows reach into Wbar's.
+  x = f;
+  x.Wbar = const_cast<T*>(x.W) + 5 * 4096 + 500;
+  CHECK(fwd(x) == Status::kErrorInvalidArgument);
+  CHECK(arg() == "Wbar");
+}
+
+// The workspace queries count over the flattened views: P = rows * params.
+TEMPLATE_TEST_CASE("merge 2-D views: workspace queries over rows * params", "[launch][merge][view2d]", float, __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  using lory::MergeBackwardMethod;
+  auto b = good_backward<T>();
+  b.params = 100;
+  b.rows = 10007;
+  b.G_row_pitch = b.W_row_pitch = b.dW_row_pitch = 4096;
+  b.grad_segment_stride = b.expert_stride = b.dW_expert_stride = b.rows * 4096;
+  auto flat = good_backward<T>();
+  flat.params = flat.grad_segment_stride = flat.expert_stride = flat.dW_expert_stride = b.rows * b.params;
+  size_t bytes = 0, flat_bytes = 0;
+  REQUIRE(lory::merge_backward(b, nullptr, bytes, nullptr) == Status::kSuccess);
+  REQUIRE(lory::merge_backward(flat, nullptr, flat_bytes, nullptr) == Status::kSuccess);
+  CHECK(bytes == flat_bytes);  // the same tiles, so the same partials
+  CHECK(bytes > lory::detail::align_up(size_t(b.num_segments) * b.experts * sizeof(float)));
+
+  // The GEMM method: non-flat views add the rows' fp32 d_weights partials, placed first.
+  REQUIRE(lory::merge_backward(b, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  const size_t partials = lory::detail::align_up(size_t(b.rows) * b.num_segments * b.experts * sizeof(float));
+  const size_t converted = std::is_same<T, float>::value ? 0 : size_t(b.num_segments) * b.experts * sizeof(T);
+  CHECK(bytes == partials + converted);
+  auto no_de = b;
+  no_de.d_weights = nullptr;
+  REQUIRE(lory::merge_backward(no_de, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) ==
+          Status::kSuccess);
+  CHECK(bytes == std::max(converted, lory::detail::kMergeMinWorkspaceBytes));
+  // A flat 2-D view (every pitch == params) is one GEMM per product: no partials.
+  auto f2 = b;
+  f2.G_row_pitch = f2.W_row_pitch = f2.dW_row_pitch = b.params;
+  REQUIRE(lory::merge_backward(f2, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) == Status::kSuccess);
+  CHECK(bytes == std::max(converted, lory::detail::kMergeMinWorkspaceBytes));
+  // Rows past cuBLAS' int (a batch count) or a flattened P past it: the GEMMs cannot take the call,
+  // and kAuto gives it to the fused kernel.
+  auto many = f2;
+  many.rows = int64_t(INT_MAX) / 50;  // rows * params past INT_MAX
+  many.grad_segment_stride = many.expert_stride = many.dW_expert_stride = many.rows * many.params;
+  CHECK(lory::merge_backward(many, MergeBackwardMethod::kGemm, nullptr, bytes, nullptr, nullptr) ==
+        Status::kErrorInvalidSize);
+  CHECK(lory::resolve_merge_backward_method(many, MergeBackwardMethod::kAuto) == MergeBackwardMethod::kFused);
+
+  // The forward's dynamic-tile counters count tiles over rows * params too.
+  if constexpr (!std::is_same<T, float>::value) {
+    auto f = good_forward<T>();
+    f.num_segments = 30000;
+    f.experts = 16;
+    f.params = 512;
+    f.rows = 3;
+    f.W_row_pitch = f.Wbar_row_pitch = 640;
+    f.expert_stride = f.segment_stride = 3 * 640;
+    auto g = f;  // the same P as one flat row
+    g.rows = 1;
+    g.params = g.expert_stride = g.segment_stride = 3 * 512;
+    auto h = g;  // one row of the view only
+    h.params = 512;
+    using Dyn = lory::detail::MergeForwardTcVariantDynamic;
+    constexpr auto tc = lory::detail::MergePath::kTensorCore;
+    size_t fb = 0, gb = 0, hb = 0;
+    REQUIRE(lory::detail::merge_forward_on_path<T, Dyn>(f, nullptr, fb, nullptr, tc) == Status::kSuccess);
+    REQUIRE(lory::detail::merge_forward_on_path<T, Dyn>(g, nullptr, gb, nullptr, tc) == Status::kSuccess);
+    REQUIRE(lory::detail::merge_forward_on_path<T, Dyn>(h, nullptr, hb, nullptr, tc) == Status::kSuccess);
+    CHECK(fb == gb);
+    CHECK(fb != hb);
+  }
 }

@@ -123,7 +123,7 @@ struct MergeBackwardCopier {
   LORY_DEVICE LORY_FORCEINLINE void start_tile() {
     const int64_t col = at.tile * Cfg::kTileN + g_col;
     g_bytes = col < p.P ? int(sizeof(T)) * (p.P - col < V ? int(p.P - col) : V) : 0;
-    g_src = p.G + g_row * p.g_stride + (col < p.P ? col : 0);
+    g_src = p.G + g_row * p.g_stride + p.g_view.offset(col < p.P ? col : 0);
   }
   LORY_DEVICE LORY_FORCEINLINE void issue() {
     if (at.tile < p.tiles) {
@@ -143,13 +143,21 @@ struct MergeBackwardCopier {
     }
     cp_async_commit();
   }
+  // A thread's W-tile vectors share one column (w_vec_col has a period dividing the block), so one
+  // view offset.
+  LORY_HOST_DEVICE static constexpr bool w_cols_shared() {
+    for (int i = 0; i < kMergeThreads; ++i)
+      if (Cfg::w_vec_col(i + kMergeThreads) != Cfg::w_vec_col(i)) return false;
+    return true;
+  }
   LORY_DEVICE LORY_FORCEINLINE void fetch_w(int64_t w_tile) {
+    static_assert(w_cols_shared(), "one W-tile column per thread");
+    const int64_t col = w_tile * Cfg::kTileN + Cfg::w_vec_col(threadIdx.x);
+    const int64_t off = p.w_view.offset(col);
 #pragma unroll
     for (int j = 0; j < Cfg::kWVecs; ++j) {
-      const int i = threadIdx.x + j * kMergeThreads;
-      const int e = Cfg::w_vec_row(i);
-      w_pre[j] = e < p.E ? load_row_vec<T, true>(p.W + e * p.w_stride, w_tile * Cfg::kTileN + Cfg::w_vec_col(i), p.P)
-                         : zero_vec16<T>();
+      const int e = Cfg::w_vec_row(threadIdx.x + j * kMergeThreads);
+      w_pre[j] = e < p.E ? load_view_vec<T, true>(p.W + e * p.w_stride, p.w_view, off, col, p.P) : zero_vec16<T>();
     }
   }
   LORY_DEVICE LORY_FORCEINLINE void store_w(T* w_s) const {
@@ -211,13 +219,14 @@ LORY_DEVICE LORY_FORCEINLINE void store_dw_from_stage(const MergeBackwardParams<
 #pragma unroll
   for (int v = 0; v < V; ++v) f[v] = src[v];
   T* dst = p.dW + e * p.dw_stride;
+  const int64_t off = p.dw_view.offset(col);
   if (p.accumulate_dW) {
     float old[V];
-    vec_to_float(load_row_vec<T, true>(dst, col, p.P), old);
+    vec_to_float(load_view_vec<T, true>(dst, p.dw_view, off, col, p.P), old);
 #pragma unroll
     for (int v = 0; v < V; ++v) f[v] += old[v];
   }
-  store_row_vec<T, true>(dst, col, p.P, float_to_vec<T>(f));
+  store_view_vec<T, true>(dst, p.dw_view, off, col, p.P, float_to_vec<T>(f));
 }
 #endif  // LORY_HAS_DEVICE_CODE
 

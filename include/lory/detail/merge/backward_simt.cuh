@@ -80,14 +80,16 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
   }
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const int64_t tile_col = tile * cg * V;
-    const int64_t col = tile_col + c * V;
+    const int64_t col = tile_col + c * V;  // every global vector of this thread (cg divides the block)
     __syncthreads();  // w_tile free; partial zeroing visible
     if (p.want_de) {
+      const int64_t off = p.w_view.offset(col);
       for (int i = threadIdx.x; i < E * cg; i += kMergeThreads) {
-        const int e = i / cg, cc = i % cg;
-        w_tile[e * row_vecs + cc] = load_row_vec<T, kVecIO>(p.W + e * p.w_stride, tile_col + cc * V, p.P);
+        const int e = i / cg;
+        w_tile[e * row_vecs + c] = load_view_vec<T, kVecIO>(p.W + e * p.w_stride, p.w_view, off, col, p.P);
       }
     }
+    const int64_t g_off = p.g_view.offset(col);
     float acc[kEPT][V];
 #pragma unroll
     for (int k = 0; k < kEPT; ++k)
@@ -98,8 +100,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
       const int sc = p.S - s0 < kChunk ? static_cast<int>(p.S - s0) : kChunk;
       __syncthreads();  // g_tile and w_chunk free
       for (int i = threadIdx.x; i < sc * cg; i += kMergeThreads) {
-        const int r = i / cg, cc = i % cg;
-        g_tile[r * row_vecs + cc] = load_row_vec<T, kVecIO>(p.G + (s0 + r) * p.g_stride, tile_col + cc * V, p.P);
+        const int r = i / cg;
+        g_tile[r * row_vecs + c] = load_view_vec<T, kVecIO>(p.G + (s0 + r) * p.g_stride, p.g_view, g_off, col, p.P);
       }
       if (want_dw) {
         for (int i = threadIdx.x; i < sc * E; i += kMergeThreads) w_chunk[i] = p.weights[s0 * E + i];
@@ -141,6 +143,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
       }
     }
     if (want_dw) {
+      const int64_t dw_off = p.dw_view.offset(col);
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
         const int e = r0 + k * rows;
@@ -148,11 +151,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
           T* dst = p.dW + e * p.dw_stride;
           if (p.accumulate_dW) {
             float old[V];
-            vec_to_float(load_row_vec<T, kVecIO>(dst, col, p.P), old);
+            vec_to_float(load_view_vec<T, kVecIO>(dst, p.dw_view, dw_off, col, p.P), old);
 #pragma unroll
             for (int v = 0; v < V; ++v) acc[k][v] += old[v];
           }
-          store_row_vec<T, kVecIO>(dst, col, p.P, float_to_vec<T>(acc[k]));
+          store_view_vec<T, kVecIO>(dst, p.dw_view, dw_off, col, p.P, float_to_vec<T>(acc[k]));
         }
       }
     }

@@ -17,6 +17,7 @@
 #include "lory/detail/merge/params.cuh"
 #include "lory/detail/merge/policy.cuh"
 #include "lory/detail/merge/vec_io.cuh"
+#include "lory/detail/merge/view.cuh"
 #include "lory/detail/validate.hpp"
 #include "lory/merge.hpp"
 #include "lory/status.hpp"
@@ -28,13 +29,45 @@ namespace detail {
 // Forward
 // ===========================================================================
 
-// The forward's kernel parameters from the user's arguments (the launcher adds the tiling).
+// The kernels' views of a call's operands: P = rows * params elements per expert (segment), each
+// operand's rows at its own pitch (detail/merge/view.cuh; a flat view costs nothing), and
+// whether every operand takes 16-byte vector I/O (no vector may straddle a row).
 template <class T>
-MergeForwardParams<T> make_merge_forward_params(const MergeForwardArgs<T, float>& a) {
+struct MergeForwardViews {
+  int64_t P;
+  MergeRowView w, out;
+  bool vec;  // 16-byte vector I/O on both operands
+  explicit MergeForwardViews(const MergeForwardArgs<T, float>& a)
+      : P(a.rows * a.params),
+        w(MergeRowView::make(a.rows, a.params, a.W_row_pitch)),
+        out(MergeRowView::make(a.rows, a.params, a.Wbar_row_pitch)),
+        vec(merge_view_vec_ok(a.W, a.expert_stride, w) && merge_view_vec_ok(a.Wbar, a.segment_stride, out)) {}
+};
+template <class T>
+struct MergeBackwardViews {
+  int64_t P;
+  MergeRowView g, w, dw;
+  bool vec;  // 16-byte vector I/O on every operand the call uses
+  explicit MergeBackwardViews(const MergeBackwardArgs<T, float>& a)
+      : P(a.rows * a.params),
+        g(MergeRowView::make(a.rows, a.params, a.G_row_pitch)),
+        w(MergeRowView::make(a.rows, a.params, a.W_row_pitch)),
+        dw(MergeRowView::make(a.rows, a.params, a.dW_row_pitch)),
+        vec(merge_view_vec_ok(a.G, a.grad_segment_stride, g) &&
+            (!a.d_weights || merge_view_vec_ok(a.W, a.expert_stride, w)) &&
+            (!a.dW || merge_view_vec_ok(a.dW, a.dW_expert_stride, dw))) {}
+};
+
+// The forward's kernel parameters from the user's arguments and their views (the launcher adds the
+// tiling).
+template <class T>
+MergeForwardParams<T> make_merge_forward_params(const MergeForwardArgs<T, float>& a, const MergeForwardViews<T>& views) {
   MergeForwardParams<T> prm{};
   prm.S = a.num_segments;
   prm.E = a.experts;
-  prm.P = a.params;
+  prm.P = views.P;
+  prm.w_view = views.w;
+  prm.out_view = views.out;
   prm.W = a.W;
   prm.w_stride = a.expert_stride;
   prm.weights = a.weights;
@@ -79,7 +112,7 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
   // A dynamic-tile tuning's counters, wherever the tensor cores may run (an upper bound for kAuto).
   const size_t counter_bytes =
       path != MergePath::kSimt && merge_tc_supports<T>(a.experts)
-          ? merge_forward_tc_counter_bytes<T, Tuning>(a.num_segments, a.experts, a.params)
+          ? merge_forward_tc_counter_bytes<T, Tuning>(a.num_segments, a.experts, a.rows * a.params)
           : 0;
   bool size_query = false;
   LORY_RETURN_IF_ERROR(workspace_protocol(workspace, workspace_bytes, std::max(kMergeMinWorkspaceBytes, counter_bytes),
@@ -107,8 +140,9 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
     if (path == MergePath::kAuto)
       path = (mma && merge_tc_supports<T>(a.experts) && a.experts >= 8) ? MergePath::kTensorCore : MergePath::kSimt;
   }
-  MergeForwardParams<T> prm = make_merge_forward_params(a);
-  const bool vec = merge_vec_io(a.W, a.expert_stride, a.Wbar, a.segment_stride);
+  const MergeForwardViews<T> views(a);
+  MergeForwardParams<T> prm = make_merge_forward_params(a, views);
+  const bool vec = views.vec;
   if (path == MergePath::kTensorCore) {
     prm.col_vecs = 32;
     return vec ? merge_forward_tc<T, true, Tuning>(prm, workspace, limits, stream)
@@ -126,16 +160,22 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
 // takes 16-byte vector I/O (base and stride of G, of W where d_weights is wanted, of dW where it
 // is), and whether the tensor-core kernel is the candidate (kAuto or kTensorCore, 16-bit storage,
 // E <= 64, vector I/O). At launch, a device or build without sm_80 runs CUDA cores instead.
+// The operands' views (2-D views flattened to P = rows * params) travel with the route.
 struct MergeBackwardRoute {
   bool vec = false;
   bool tensor_core = false;
+  int64_t P = 0;
+  MergeRowView g, w, dw;
 };
 template <class T>
 MergeBackwardRoute route_merge_backward(const MergeBackwardArgs<T, float>& a, MergePath path) {
+  const MergeBackwardViews<T> views(a);
   MergeBackwardRoute r;
-  r.vec = merge_vec_io(a.G, a.grad_segment_stride, a.G, a.grad_segment_stride) &&
-          (!a.d_weights || merge_vec_io(a.W, a.expert_stride, a.W, a.expert_stride)) &&
-          (!a.dW || merge_vec_io(a.dW, a.dW_expert_stride, a.dW, a.dW_expert_stride));
+  r.vec = views.vec;
+  r.P = views.P;
+  r.g = views.g;
+  r.w = views.w;
+  r.dw = views.dw;
   r.tensor_core = path != MergePath::kSimt && merge_tc_supports<T>(a.experts) && r.vec;
   return r;
 }
@@ -179,7 +219,7 @@ Status merge_backward_workspace(const MergeBackwardArgs<T, float>& a, const Merg
   const int64_t S = a.num_segments, SE = a.num_segments * a.experts;  // fits: validate() checked S * stride
   const int E = a.experts;
   const bool tc = route.tensor_core, want_de = a.d_weights != nullptr;
-  const int max_blocks = merge_backward_max_blocks(merge_backward_tiles<T>(a.params, E, tc));
+  const int max_blocks = merge_backward_max_blocks(merge_backward_tiles<T>(route.P, E, tc));
   const bool use_partials = want_de && (a.deterministic || !merge_backward_partial_fits(S, E, tc));
   auto tc_off_chip = [&] {
     const MergeSmemLimits& least = kMergeLeastSmemLimits;
@@ -227,7 +267,7 @@ MergeBackwardPlan plan_merge_backward(const MergeBackwardArgs<T, float>& a, cons
   plan.tensor_core = tensor_core;
   plan.vec = route.vec;
   plan.col_vecs = Cfg::col_vecs(E);
-  plan.tiles = merge_backward_tiles<T>(a.params, E, tensor_core);
+  plan.tiles = merge_backward_tiles<T>(route.P, E, tensor_core);
   plan.max_blocks = merge_backward_max_blocks(plan.tiles);
   plan.want_de = a.d_weights != nullptr;
   plan.partial_in_smem = plan.want_de && merge_backward_partial_fits(S, E, tensor_core);
@@ -252,12 +292,15 @@ MergeBackwardPlan plan_merge_backward(const MergeBackwardArgs<T, float>& a, cons
 // The backward's kernel parameters from the user's arguments and the plan (the tensor-core launch
 // adds the split weights).
 template <class T>
-MergeBackwardParams<T> make_merge_backward_params(const MergeBackwardArgs<T, float>& a, const MergeBackwardPlan& plan,
-                                                  void* workspace) {
+MergeBackwardParams<T> make_merge_backward_params(const MergeBackwardArgs<T, float>& a, const MergeBackwardRoute& route,
+                                                  const MergeBackwardPlan& plan, void* workspace) {
   MergeBackwardParams<T> prm{};
   prm.S = a.num_segments;
   prm.E = a.experts;
-  prm.P = a.params;
+  prm.P = route.P;
+  prm.g_view = route.g;
+  prm.w_view = route.w;
+  prm.dw_view = route.dw;
   prm.G = a.G;
   prm.g_stride = a.grad_segment_stride;
   prm.W = plan.want_de ? a.W : nullptr;
@@ -315,7 +358,7 @@ Status merge_backward_fused(const MergeBackwardArgs<T, float>& a, const MergeBac
     if (tc) LORY_RETURN_IF_ERROR(check_wgmma_kernel(reinterpret_cast<const void*>(merge_backward_wgmma_kernel<T, 1, 2>)));
   }
 
-  MergeBackwardParams<T> prm = make_merge_backward_params(a, plan, workspace);
+  MergeBackwardParams<T> prm = make_merge_backward_params(a, route, plan, workspace);
   if (prm.d_weights_atomic && !a.accumulate_d_weights &&
       cudaMemsetAsync(a.d_weights, 0, size_t(a.num_segments) * a.experts * sizeof(float), stream) != cudaSuccess)
     return Status::kErrorCudaLaunch;

@@ -67,30 +67,41 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
   }
   // The first kPre vectors of each thread's share of the next W tile travel in
   // registers while the current tile is computed.
-  auto load_w = [&](int64_t tile, int i) {
-    const int e = i / cg, cc = i % cg;
-    return load_row_vec<T, kVecIO>(p.W + e * p.w_stride, tile * cg * V + cc * V, p.P);
+  // Vector i of a W tile is at column vector i % cg == c of expert i / cg (cg divides the block):
+  // all of a thread's vectors of a tile share the view offset w_off(tile).
+  auto w_off = [&](int64_t tile) { return p.w_view.offset(tile * cg * V + c * V); };
+  auto load_w = [&](int64_t tile, int64_t off, int i) {
+    const int e = i / cg;
+    return load_view_vec<T, kVecIO>(p.W + e * p.w_stride, p.w_view, off, tile * cg * V + c * V, p.P);
   };
   const int tid = static_cast<int>(threadIdx.x);
   Vec16<T> pre[kPre];
+  if (blockIdx.x < p.tiles) {
+    const int64_t off = w_off(blockIdx.x);
 #pragma unroll
-  for (int j = 0; j < kPre; ++j)
-    if (tid + j * kMergeThreads < E * cg && blockIdx.x < p.tiles) pre[j] = load_w(blockIdx.x, tid + j * kMergeThreads);
+    for (int j = 0; j < kPre; ++j)
+      if (tid + j * kMergeThreads < E * cg) pre[j] = load_w(blockIdx.x, off, tid + j * kMergeThreads);
+  }
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     __syncthreads();  // the previous tile's readers are done with w_tile
 #pragma unroll
     for (int j = 0; j < kPre; ++j)
       if (tid + j * kMergeThreads < E * cg) w_tile[tid + j * kMergeThreads] = pre[j];
-    for (int i = tid + kPre * kMergeThreads; i < E * cg; i += kMergeThreads) w_tile[i] = load_w(tile, i);
+    if (tid + kPre * kMergeThreads < E * cg) {
+      const int64_t off = w_off(tile);
+      for (int i = tid + kPre * kMergeThreads; i < E * cg; i += kMergeThreads) w_tile[i] = load_w(tile, off, i);
+    }
     __syncthreads();
     const int64_t next = tile + gridDim.x;
     if (next < p.tiles) {
+      const int64_t off = w_off(next);
 #pragma unroll
       for (int j = 0; j < kPre; ++j)
-        if (tid + j * kMergeThreads < E * cg) pre[j] = load_w(next, tid + j * kMergeThreads);
+        if (tid + j * kMergeThreads < E * cg) pre[j] = load_w(next, off, tid + j * kMergeThreads);
     }
     const int64_t col = tile * cg * V + c * V;
+    const int64_t out_off = p.out_view.offset(col);
     for (int64_t s0 = s_begin; s0 < s_end; s0 += rows) {
       // A segment group wholly past the slice has nothing to compute (a short slice,
       // e.g. S below one pass, would otherwise spend most FMAs on zero weights).
@@ -119,7 +130,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
 #pragma unroll
       for (int m = 0; m < kSegs; ++m) {
         const int64_t s = s0 + g * kSegs + m;
-        if (s < s_end) store_row_vec<T, kVecIO>(p.out + s * p.out_stride, col, p.P, float_to_vec<T>(acc[m]));
+        if (s < s_end) store_view_vec<T, kVecIO>(p.out + s * p.out_stride, p.out_view, out_off, col, p.P, float_to_vec<T>(acc[m]));
       }
     }
   }

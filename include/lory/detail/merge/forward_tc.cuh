@@ -85,16 +85,18 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
   }
   // A W tile into a buffer. Expert rows k >= E are zero: they meet zero weights, and 0 * garbage
   // could be NaN. Vector path: cp.async (zero-filled past E and past P), one commit group.
+  static_assert(kMergeThreads % kRowVecs == 0, "a thread's W-tile vectors share one column");
   auto fill_w = [&](int64_t tile, T* dst) {
+    const int64_t col = tile * Cfg::kTileN + (threadIdx.x % kRowVecs) * V;
+    const int64_t off = p.w_view.offset(col);
     for (int i = threadIdx.x; i < kK * kRowVecs; i += kMergeThreads) {
       const int k = i / kRowVecs, v = i % kRowVecs;
-      const int64_t col = tile * Cfg::kTileN + v * V;
       T* d = dst + k * kWRow + v * V;
       if constexpr (kVecIO) {
-        cp_async_row_vec(d, k < p.E ? p.W + k * p.w_stride : p.W, k < p.E, col, p.P);
+        cp_async_view_vec(d, k < p.E ? p.W + k * p.w_stride : p.W, off, k < p.E, col, p.P);
       } else {
         *reinterpret_cast<Vec16<T>*>(d) =
-            k < p.E ? load_row_vec<T, false>(p.W + k * p.w_stride, col, p.P) : zero_vec16<T>();
+            k < p.E ? load_view_vec<T, false>(p.W + k * p.w_stride, p.w_view, off, col, p.P) : zero_vec16<T>();
       }
     }
     if constexpr (kVecIO) cp_async_commit();
@@ -148,6 +150,8 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
         b[ks][2 * np + 1][1] = r[3];
       }
 
+    const int64_t out_col = tile_col + warp_n * Cfg::kWarpN + (lane % 8) * V;  // this lane's stores
+    const int64_t out_off = p.out_view.offset(out_col);
 #pragma unroll 1
     for (int64_t r0 = warp_m * 16; r0 < slice_rows; r0 += Cfg::kRowsPerPass) {
       float acc[8][4];
@@ -181,8 +185,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
         const int64_t s = s_begin + r0 + row;
         if (s < s_end) {
           const Vec16<T> x = *reinterpret_cast<const Vec16<T>*>(stage + row * kStageRow + chunk * V);
-          store_row_vec<T, kVecIO, Knobs::kStreamStores>(p.out + s * p.out_stride,
-                                                          tile_col + warp_n * Cfg::kWarpN + chunk * V, p.P, x);
+          store_view_vec<T, kVecIO, Knobs::kStreamStores>(p.out + s * p.out_stride, p.out_view, out_off, out_col, p.P, x);
         }
       }
       __syncwarp();  // the staging tile is rewritten by the next m-tile

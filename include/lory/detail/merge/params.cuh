@@ -6,6 +6,7 @@
 
 #include "lory/config.hpp"
 #include "lory/detail/cuda.cuh"
+#include "lory/detail/merge/view.cuh"
 #include "lory/detail/validate.hpp"
 #include "lory/merge.hpp"
 #include "lory/status.hpp"
@@ -28,6 +29,7 @@ struct MergeForwardParams {
   int64_t tiles;           // ceil(P / tile width)
   int64_t segs_per_slice;  // S range of one blockIdx.y
   unsigned long long* tile_counters = nullptr;  // one per slice, zeroed (tensor cores, dynamic tiles)
+  MergeRowView w_view, out_view;  // P = rows * cols of each expert / segment (detail/merge/view.cuh)
 };
 
 // Backward: one kernel launch's parameters (every backward kernel).
@@ -56,6 +58,7 @@ struct MergeBackwardParams {
   // merge_backward_split_weights_kernel.
   const T* a_split;
   int64_t a_stride;
+  MergeRowView g_view, w_view, dw_view;  // P = rows * cols of each segment / expert (detail/merge/view.cuh)
 };
 
 
