@@ -1,6 +1,7 @@
 // The CUDA MoE FFN plan without a GPU: construction, validation and workspace
 // queries only. Nothing here may touch the device (no handle, no allocation,
 // no launch): every forward / backward call below must fail validation first.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -21,21 +22,35 @@ void check_workspace_queries(const SegmentLayout& lay, const FfnShape& sh, Routi
   const int64_t S = lay.num_segments();
   REQUIRE(plan.chunk_segments() == S);
   REQUIRE(plan.workspace_size() == plan.workspace_size_for_chunk(S));
-  REQUIRE(plan.min_workspace_size() == plan.workspace_size_for_chunk(1));
+  // The smallest budget: one segment per chunk, unsliced or in the narrowest slices (16 columns).
+  const int64_t narrow = sh.f < 16 ? sh.f : 16;
+  REQUIRE(plan.min_workspace_size() == std::min(plan.workspace_size_for_chunk(1), plan.workspace_size_for(1, narrow)));
+  REQUIRE(plan.min_workspace_size_unchunked() ==
+          std::min(plan.workspace_size_for_chunk(S), plan.workspace_size_for(S, narrow)));
   // At least the chunk's merged weights and its five activation buffers.
   const int64_t tmax = lay.segment_len < lay.seq_len ? lay.segment_len : lay.seq_len;
   const size_t floor_bytes = (3 * S * sh.d * sh.f + 5 * S * tmax * sh.f) * sizeof(T);
   REQUIRE(plan.workspace_size() >= floor_bytes);
   for (int64_t c = 2; c <= S; ++c) REQUIRE(plan.workspace_size_for_chunk(c) >= plan.workspace_size_for_chunk(c - 1));
 
+  // Unsliced (slice_width = f), a budget of half the segments' workspace gives half the segments.
   MoeFfnOptions o;
+  o.slice_width = sh.f;
   o.workspace_budget_bytes = plan.workspace_size_for_chunk(S / 2 > 0 ? S / 2 : 1);
   const Plan half(lay, sh, mode, o);
   REQUIRE(half.can_implement() == Status::kSuccess);
   REQUIRE(half.chunk_segments() == (S / 2 > 0 ? S / 2 : 1));
   REQUIRE(half.workspace_size() <= o.workspace_budget_bytes);
-  o.workspace_budget_bytes = plan.min_workspace_size() - 1;
-  REQUIRE(Plan(lay, sh, mode, o).can_implement() == Status::kErrorWorkspaceTooSmall);
+  // Free to slice, the smallest budget that keeps every segment in one chunk does so, in slices.
+  MoeFfnOptions s;
+  s.workspace_budget_bytes = plan.min_workspace_size_unchunked();
+  const Plan sliced(lay, sh, mode, s);
+  REQUIRE(sliced.can_implement() == Status::kSuccess);
+  REQUIRE(sliced.chunk_segments() == S);
+  REQUIRE(sliced.workspace_size() <= s.workspace_budget_bytes);
+  if (sh.f > 16) REQUIRE(sliced.num_slices() > 1);
+  s.workspace_budget_bytes = plan.min_workspace_size() - 1;
+  REQUIRE(Plan(lay, sh, mode, s).can_implement() == Status::kErrorWorkspaceTooSmall);
 }
 
 }  // namespace
@@ -56,14 +71,26 @@ TEST_CASE("CUDA MoE FFN plan: paper shapes fit a workspace budget", "[launch][pl
   const Plan all(lay, sh, RoutingMode::kCausalSegment);
   REQUIRE(all.can_implement() == Status::kSuccess);
   REQUIRE(all.chunk_segments() == 128);
-  MoeFfnOptions o;
-  o.workspace_budget_bytes = size_t(1) << 30;  // 1 GiB
-  const Plan bounded(lay, sh, RoutingMode::kCausalSegment, o);
-  REQUIRE(bounded.can_implement() == Status::kSuccess);
-  REQUIRE(bounded.chunk_segments() >= 1);
-  REQUIRE(bounded.chunk_segments() < 128);
-  REQUIRE(bounded.workspace_size() <= o.workspace_budget_bytes);
-  REQUIRE(bounded.workspace_size_for_chunk(bounded.chunk_segments() + 1) > o.workspace_budget_bytes);
+  REQUIRE(all.num_slices() == 1);
+  // 1 and 2 GiB: every segment in one chunk (each expert weight read once per pass), f in slices.
+  for (int gib : {1, 2}) {
+    MoeFfnOptions o;
+    o.workspace_budget_bytes = size_t(gib) << 30;
+    const Plan bounded(lay, sh, RoutingMode::kCausalSegment, o);
+    INFO(gib << " GiB: " << bounded.num_slices() << " slices of " << bounded.slice_width());
+    REQUIRE(bounded.can_implement() == Status::kSuccess);
+    REQUIRE(bounded.chunk_segments() == 128);
+    REQUIRE(bounded.num_slices() == (gib == 1 ? 8 : 4));
+    REQUIRE(bounded.workspace_size() <= o.workspace_budget_bytes);
+    // Unsliced, the same budget buys only a chunk of the segments.
+    o.slice_width = sh.f;
+    const Plan chunked(lay, sh, RoutingMode::kCausalSegment, o);
+    REQUIRE(chunked.can_implement() == Status::kSuccess);
+    REQUIRE(chunked.chunk_segments() >= 1);
+    REQUIRE(chunked.chunk_segments() < 128);
+    REQUIRE(chunked.workspace_size() <= o.workspace_budget_bytes);
+    REQUIRE(chunked.workspace_size_for_chunk(chunked.chunk_segments() + 1) > o.workspace_budget_bytes);
+  }
 }
 
 TEST_CASE("CUDA MoE FFN plan rejects bad arguments before any launch", "[launch][plan]") {

@@ -101,7 +101,6 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
         if (tid + j * kMergeThreads < E * cg) pre[j] = load_w(next, off, tid + j * kMergeThreads);
     }
     const int64_t col = tile * cg * V + c * V;
-    const int64_t out_off = p.out_view.offset(col);
     for (int64_t s0 = s_begin; s0 < s_end; s0 += rows) {
       // A segment group wholly past the slice has nothing to compute (a short slice,
       // e.g. S below one pass, would otherwise spend most FMAs on zero weights).
@@ -127,6 +126,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
           for (int v = 0; v < V; ++v) acc[m][v] = fmaf(a, wf[v], acc[m][v]);
         }
       }
+      const int64_t out_off = p.out_view.offset(col);  // here, not per tile: fewer registers over the FMAs
 #pragma unroll
       for (int m = 0; m < kSegs; ++m) {
         const int64_t s = s0 + g * kSegs + m;

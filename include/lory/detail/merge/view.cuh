@@ -4,11 +4,12 @@
 //
 // The kernels see every operand as P = rows * cols consecutive elements per expert (segment) and
 // tile over P as before. Element j of operand X sits at X_base + (j / cols) * pitch + j % cols
-// (MergeRowView::offset). A view is flat when rows == 1 or pitch == cols: then offset(j) == j, and
-// the launchers turn a call whose views are all flat into one with rows = 1 and P = rows * cols
-// (merge_flat_rows), so a flat call runs as a 1-D one. A non-flat view divides by cols with a
-// precomputed magic number (MergeDivmod: one 64-bit multiply-high, two shifts; no division
-// instruction), once per 16-byte vector; a flat one skips it on a uniform branch.
+// (MergeRowView::offset). A view is flat when rows == 1 or pitch == cols: then offset(j) == j. The
+// divide by cols uses a precomputed magic number (MergeDivmod: one 64-bit multiply-high, two
+// shifts; no division instruction), once per thread and tile: all of a thread's vectors of a tile
+// sit at one column, so the kernels compute the offset once and address every row from it. The
+// scalar path of a flat view is the 1-D one (a uniform branch); of a non-flat view it walks the
+// row gaps. The GEMM method treats a call whose views are all flat as 1-D (merge_flat_rows).
 //
 // Vectors: a 16-byte vector never straddles two rows when cols and every non-flat pitch are
 // multiples of the vector (column offsets of vectors are multiples of it), so the vector path
@@ -74,12 +75,11 @@ struct MergeRowView {
     v.cols = MergeDivmod::make(cols);
     return v;
   }
-  // Where element j of the flattened view sits, from the view's start.
-  LORY_HOST_DEVICE LORY_FORCEINLINE int64_t offset(int64_t j) const {
-    if (flat) return j;
-    const int64_t q = cols.div(j);
-    return q * pitch + (j - q * cols.d);
-  }
+  // Where element j of the flattened view sits, from the view's start: (j / cols) * pitch + j % cols
+  // = j + (j / cols) * (pitch - cols), which is j on a flat view. No branch on `flat` here: with one,
+  // ptxas split the kernels' tile loops and raised the CUDA-core forward's registers sharply, where
+  // the divide costs a multiply-high per thread and tile (the kernels hoist the offset).
+  LORY_HOST_DEVICE LORY_FORCEINLINE int64_t offset(int64_t j) const { return j + cols.div(j) * (pitch - cols.d); }
 };
 
 // Whether an operand at `base` with expert (segment) stride `stride` allows 16-byte vectors:
