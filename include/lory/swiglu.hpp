@@ -68,7 +68,8 @@ Status validate(const SwigluForwardArgs<T>& a) {
 }
 
 // Aliasing: da may be a, u or dm itself, and du likewise (same pointer and stride: in place);
-// da and du must not overlap each other, and no other overlap is allowed.
+// da and du must not overlap each other, except side by side with one row stride (the column blocks
+// [da | du] of one [rows, 2 cols] matrix: no element shared), and no other overlap is allowed.
 template <class T>
 Status validate(const SwigluBackwardArgs<T>& a) {
   detail::clear_error_detail();
@@ -88,6 +89,8 @@ Status validate(const SwigluBackwardArgs<T>& a) {
       LORY_RETURN_IF_ERROR(detail::check_no_alias(ro, o.name, detail::view_range(i.p, a.rows, a.cols, i.stride), same));
     }
   }
+  if (a.da_stride == a.du_stride && detail::views_side_by_side(a.da, a.du, a.cols, a.da_stride))
+    return Status::kSuccess;
   return detail::check_no_alias(detail::view_range(a.du, a.rows, a.cols, a.du_stride), "du",
                                 detail::view_range(a.da, a.rows, a.cols, a.da_stride));
 }

@@ -293,6 +293,36 @@ TEST_CASE("SwiGLU twin on the gate and up halves of one fused buffer, and in pla
   REQUIRE(lory::reference::swiglu_backward<float>(bi) == Status::kSuccess);
   CHECK(std::memcmp(dm_io.data(), du.data(), du.size() * sizeof(float)) == 0);
   for (int64_t r = 0; r < rows; ++r) CHECK(std::memcmp(&a_io[r * 2 * f], &da[r * f], f * sizeof(float)) == 0);
+
+  // Outputs side by side: [da | du] as one [rows, 2f] matrix (the layer plan's fused backward
+  // layout). Allowed: the two views share no element; same bits as separate buffers, and the
+  // buffer's tail past the last row's du stays poisoned.
+  std::vector<float> dadu(rows * 2 * f + 3, std::numeric_limits<float>::quiet_NaN());
+  lory::SwigluBackwardArgs<float> bs{rows, f,           fused.data(), 2 * f, fused.data() + f, 2 * f,
+                                     dm.data(), f, dadu.data(), 2 * f, dadu.data() + f,  2 * f};
+  REQUIRE(lory::reference::swiglu_backward<float>(bs) == Status::kSuccess);
+  for (int64_t r = 0; r < rows; ++r) {
+    CHECK(std::memcmp(&dadu[r * 2 * f], &da[r * f], f * sizeof(float)) == 0);
+    CHECK(std::memcmp(&dadu[r * 2 * f + f], &du[r * f], f * sizeof(float)) == 0);
+  }
+  for (size_t i = rows * 2 * f; i < dadu.size(); ++i) CHECK(std::isnan(dadu[i]));
+  // du first, da second: side by side too.
+  bs.da = dadu.data() + f;
+  bs.du = dadu.data();
+  CHECK(lory::validate(bs) == Status::kSuccess);
+  // Refused: one shared column (du one column left), a row stride that folds du onto da, and
+  // different strides.
+  bs.da = dadu.data();
+  bs.du = dadu.data() + f - 1;
+  CHECK(lory::validate(bs) == Status::kErrorInvalidArgument);
+  CHECK(std::string(lory::last_error_detail().argument) == "du");
+  bs.du = dadu.data() + f;
+  bs.da_stride = bs.du_stride = 2 * f - 1;
+  CHECK(lory::validate(bs) == Status::kErrorInvalidArgument);
+  bs.da_stride = 2 * f;
+  bs.du_stride = 2 * f + 1;
+  bs.rows = rows - 1;
+  CHECK(lory::validate(bs) == Status::kErrorInvalidArgument);
 }
 
 TEST_CASE("SwiGLU twin backward matches central finite differences of the twin forward (float64)",

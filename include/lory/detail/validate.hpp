@@ -54,6 +54,18 @@ inline ByteRange array_range(const P* p, int64_t n) { return view_range(p, 1, n,
 inline bool overlaps(ByteRange a, ByteRange b) {
   return a.begin != a.end && b.begin != b.end && a.begin < b.end && b.begin < a.end;
 }
+// Whether two [rows, cols] views of P with the same row stride sit side by side in every row (the
+// column blocks of one wider matrix, as [da | du] of a [rows, 2 cols] one): their spans overlap but
+// no element is shared. Their starts must lie a whole number of elements apart.
+template <class P>
+inline bool views_side_by_side(const P* p, const P* q, int64_t cols, int64_t stride) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
+  const uintptr_t delta = a < b ? b - a : a - b;
+  if (cols <= 0 || stride <= 0 || delta % sizeof(P) != 0) return false;
+  const uintptr_t col = (delta / sizeof(P)) % static_cast<uintptr_t>(stride);
+  const uintptr_t c = static_cast<uintptr_t>(cols);
+  return col >= c && col + c <= static_cast<uintptr_t>(stride);
+}
 // An output may not share memory with an input (or another output) unless the call documents that
 // pair as allowed in place; `same_ok` allows exactly the same range (the documented in-place use).
 inline Status check_no_alias(ByteRange out, const char* out_name, ByteRange in, bool same_ok = false) {
