@@ -40,15 +40,18 @@
 // segments at the narrowest width makes chunks of segments, and then each chunk reads every expert
 // weight again. Per slice, in the loops below, the matrices are the slice's: Wbar_g, Wbar_u are
 // [w, d], Wbar_d is [d, w], the activations [tokens, w], and y / dx go to the accumulator.
+// The gate and up products are fused: Wbar_g and Wbar_u of a segment sit one above the other as
+// one [2w, d] matrix [Wbar_g; Wbar_u], and a, u (da, du) side by side as one [tokens, 2w] matrix,
+// so each slice reads x once and adds into dx once.
 //
 // Forward, per chunk of consecutive segments (after the router has written
 // hbar / probs / weights into the caller's buffers):
 //   Wbar_{g,u,d} = merge(W_{g,u,d}, weights)               -> workspace
-//   a = x Wbar_g^T, u = x Wbar_u^T, m = silu(a) * u, y = m Wbar_d^T   (per segment)
+//   [a | u] = x [Wbar_g; Wbar_u]^T, m = silu(a) * u, y = m Wbar_d^T   (per segment)
 // Backward, per chunk: recompute Wbar, a, u, m, then
 //   dm = dy Wbar_d;  G_d = dy^T m  (over Wbar_d, no longer needed)
-//   da, du = swiglu_backward(a, u, dm)
-//   dx = da Wbar_g + du Wbar_u;  G_g = da^T x, G_u = du^T x  (over Wbar_g, Wbar_u)
+//   da, du = swiglu_backward(a, u, dm)  ([da | du] over m and beside it)
+//   dx = [da | du] [Wbar_g; Wbar_u];  [G_g; G_u] = [da | du]^T x  (over [Wbar_g; Wbar_u])
 //   dW_{g,u,d} (+)= merge_backward(G), d_weights = sum over the three matrices
 // and after the last chunk the router backward adds the router path into dx.
 // Merged weights are never kept between passes (recomputing them costs E/T of
@@ -147,12 +150,15 @@ struct MoeSegmentGroup {
 // 256-byte aligned, in this order):
 //   d_weights [S, E] fp32                  dL/de when the caller passes no buffer
 //   scratch   leaf operations' own workspace (>= 256 bytes, so never null)
-//   wbar_g    [C, w, d] T                  merged W_g (slice rows); G_g in the backward
-//   wbar_u    [C, w, d] T                  merged W_u (slice rows); G_u in the backward
+//   wbar_gu   [C, 2w, d] T                 per segment [Wbar_g; Wbar_u]: rows [0, w) merged W_g
+//                                          (slice rows), rows [w, 2w) merged W_u; [G_g; G_u] in
+//                                          the backward
 //   wbar_d    [C, d, w] T                  merged W_d (slice columns); G_d in the backward
-//   act_a, act_u [C * Tmax, w] T           a = x Wbar_g^T, u = x Wbar_u^T
-//   act_m     [C * Tmax, w] T              m (forward); da (backward)
-//   act_dm, act_du [C * Tmax, w] T         backward only
+//   act_au    [C * Tmax, 2w] T             [a | u]: a = x Wbar_g^T in columns [0, w), u = x Wbar_u^T
+//                                          in [w, 2w)
+//   act_mdu   [C * Tmax, 2w] T             forward: m in columns [0, w); backward: [da | du]
+//                                          (du beside m, da over m once m is dead)
+//   act_dm    [C * Tmax, w] T              dm, backward only
 //   acc       [C * Tmax, d] fp32           y (forward), dx (backward) summed over the slices;
 //                                          only when sliced (w < f)
 // with C = chunk segments, w = slice width (f: one slice) and Tmax = min(T, L)
@@ -165,14 +171,11 @@ struct MoeSegmentGroup {
 template <class T>
 struct MoeFfnWorkspace {
   float* d_weights = nullptr;
-  T* wbar_g = nullptr;
-  T* wbar_u = nullptr;
+  T* wbar_gu = nullptr;
   T* wbar_d = nullptr;
-  T* act_a = nullptr;
-  T* act_u = nullptr;
-  T* act_m = nullptr;
+  T* act_au = nullptr;
+  T* act_mdu = nullptr;
   T* act_dm = nullptr;
-  T* act_du = nullptr;
   float* acc = nullptr;
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
@@ -189,14 +192,11 @@ struct MoeFfnWorkspace {
     w.d_weights = c.take<float>(lay.num_segments(), sh.experts);
     w.scratch_bytes = align_up(scratch_bytes < 256 ? 256 : scratch_bytes);
     w.scratch = c.take_bytes(w.scratch_bytes);
-    w.wbar_g = c.take<T>(chunk, wd);
-    w.wbar_u = c.take<T>(chunk, wd);
+    w.wbar_gu = c.take<T>(chunk, 2 * wd);
     w.wbar_d = c.take<T>(chunk, wd);
-    w.act_a = c.take<T>(chunk, tmax, width);
-    w.act_u = c.take<T>(chunk, tmax, width);
-    w.act_m = c.take<T>(chunk, tmax, width);
+    w.act_au = c.take<T>(chunk, tmax, 2 * width);
+    w.act_mdu = c.take<T>(chunk, tmax, 2 * width);
     w.act_dm = c.take<T>(chunk, tmax, width);
-    w.act_du = c.take<T>(chunk, tmax, width);
     if (width < sh.f) w.acc = c.take<float>(chunk, tmax, sh.d);
     w.status = c.total(w.total_bytes, /*exact_end=*/true);
     return w;
@@ -301,10 +301,10 @@ class MoeFfnPlan {
         const Status st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
           // y (+)= m Wbar_d^T: [rows, w] x [d, w]^T
           if (!sliced)
-            return gemm(g, s0, J, false, true, g.rows, shape_.d, J.width, w.act_m, Op::kAct, w.wbar_d, Op::kWeights,
-                        a.y, Op::kTokens, 0.f, stream);
-          return gemm(g, s0, J, false, true, g.rows, shape_.d, J.width, w.act_m, Op::kAct, w.wbar_d, Op::kWeights,
-                      w.acc, Op::kAcc, i == 0 ? 0.f : 1.f, stream);
+            return gemm(g, s0, J, false, true, g.rows, shape_.d, J.width, w.act_mdu, Op::kActPair, w.wbar_d,
+                        Op::kWeights, a.y, Op::kTokens, 0.f, stream);
+          return gemm(g, s0, J, false, true, g.rows, shape_.d, J.width, w.act_mdu, Op::kActPair, w.wbar_d,
+                      Op::kWeights, w.acc, Op::kAcc, i == 0 ? 0.f : 1.f, stream);
         });
         LORY_RETURN_IF_ERROR(st);
       }
@@ -342,49 +342,42 @@ class MoeFfnPlan {
         LORY_RETURN_IF_ERROR(st);
         // G_d = dy^T m: [d, rows] x [rows, w], K = tokens of the segment.
         st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-          return gemm(g, s0, J, true, false, d, jw, g.rows, a.dy, Op::kTokens, w.act_m, Op::kAct,
+          return gemm(g, s0, J, true, false, d, jw, g.rows, a.dy, Op::kTokens, w.act_mdu, Op::kActPair,
                       w.wbar_d, Op::kWeights, 0.f, stream);
         });
         LORY_RETURN_IF_ERROR(st);
-        // da (into act_m: m is dead once G_d exists), du.
+        // [da | du] into act_mdu: da over m (dead once G_d exists), du beside it.
         {
           SwigluBackwardArgs<T> sb;
           sb.rows = chunk_tokens(s0, s1);
           sb.cols = jw;
-          sb.a = w.act_a; sb.a_stride = jw;
-          sb.u = w.act_u; sb.u_stride = jw;
+          sb.a = w.act_au; sb.a_stride = 2 * jw;
+          sb.u = w.act_au + jw; sb.u_stride = 2 * jw;
           sb.dm = w.act_dm; sb.dm_stride = jw;
-          sb.da = w.act_m; sb.da_stride = jw;
-          sb.du = w.act_du; sb.du_stride = jw;
+          sb.da = w.act_mdu; sb.da_stride = 2 * jw;
+          sb.du = w.act_mdu + jw; sb.du_stride = 2 * jw;
           LORY_RETURN_IF_ERROR(leaf(Backend::template swiglu_backward<T>, sb, w, stream));
         }
-        T* const da = w.act_m;
-        // dx (+)= da Wbar_g + du Wbar_u for every group first: G_g, G_u then overwrite Wbar_g, Wbar_u.
+        // dx (+)= [da | du] [Wbar_g; Wbar_u]: [rows, 2w] x [2w, d], one sum over 2w terms, for every
+        // group first: [G_g; G_u] then overwrites [Wbar_g; Wbar_u].
         st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-          if (!sliced) {
-            LORY_RETURN_IF_ERROR(gemm(g, s0, J, false, false, g.rows, d, jw, da, Op::kAct, w.wbar_g, Op::kWeights,
-                                      a.dx, Op::kTokens, 0.f, stream));
-            return gemm(g, s0, J, false, false, g.rows, d, jw, w.act_du, Op::kAct, w.wbar_u, Op::kWeights,
-                        a.dx, Op::kTokens, 1.f, stream);
-          }
-          LORY_RETURN_IF_ERROR(gemm(g, s0, J, false, false, g.rows, d, jw, da, Op::kAct, w.wbar_g, Op::kWeights,
-                                    w.acc, Op::kAcc, i == 0 ? 0.f : 1.f, stream));
-          return gemm(g, s0, J, false, false, g.rows, d, jw, w.act_du, Op::kAct, w.wbar_u, Op::kWeights,
-                      w.acc, Op::kAcc, 1.f, stream);
+          if (!sliced)
+            return gemm(g, s0, J, false, false, g.rows, d, 2 * jw, w.act_mdu, Op::kActPair, w.wbar_gu,
+                        Op::kWeightsPair, a.dx, Op::kTokens, 0.f, stream);
+          return gemm(g, s0, J, false, false, g.rows, d, 2 * jw, w.act_mdu, Op::kActPair, w.wbar_gu,
+                      Op::kWeightsPair, w.acc, Op::kAcc, i == 0 ? 0.f : 1.f, stream);
         });
         LORY_RETURN_IF_ERROR(st);
-        // G_g = da^T x, G_u = du^T x: [w, rows] x [rows, d].
+        // [G_g; G_u] = [da | du]^T x: [2w, rows] x [rows, d].
         st = for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-          LORY_RETURN_IF_ERROR(gemm(g, s0, J, true, false, jw, d, g.rows, da, Op::kAct, a.x, Op::kTokens,
-                                    w.wbar_g, Op::kWeights, 0.f, stream));
-          return gemm(g, s0, J, true, false, jw, d, g.rows, w.act_du, Op::kAct, a.x, Op::kTokens,
-                      w.wbar_u, Op::kWeights, 0.f, stream);
+          return gemm(g, s0, J, true, false, 2 * jw, d, g.rows, w.act_mdu, Op::kActPair, a.x, Op::kTokens,
+                      w.wbar_gu, Op::kWeightsPair, 0.f, stream);
         });
         LORY_RETURN_IF_ERROR(st);
         // Merge backward: the slice's expert grads (overwrite on the first chunk unless
         // accumulating; slices are disjoint) and d_weights for the chunk's rows, summed in fp32
         // over the matrices and the slices.
-        const T* G[3] = {w.wbar_g, w.wbar_u, w.wbar_d};
+        const T* G[3] = {w.wbar_gu, w.wbar_gu + jw * d, w.wbar_d};
         const T* W[3] = {a.p.W_g, a.p.W_u, a.p.W_d};
         T* dW[3] = {a.dW_g, a.dW_u, a.dW_d};
         for (int m = 0; m < 3; ++m) {
@@ -422,8 +415,10 @@ class MoeFfnPlan {
 
  private:
   // Which buffer family a GEMM operand belongs to: it decides the operand's
-  // offset and batch stride for a segment group.
-  enum class Op { kTokens, kAct, kWeights, kAcc };
+  // offset and batch stride for a segment group. The pairs are the side-by-side buffers of the
+  // fused gate and up products: kActPair act_au / act_mdu ([tokens, 2w]; an operand may start at
+  // column w and use w of the 2w columns), kWeightsPair wbar_gu ([2w, d] per segment).
+  enum class Op { kTokens, kAct, kActPair, kWeights, kWeightsPair, kAcc };
 
   // Columns [j0, j0 + width) of f.
   struct Slice {
@@ -603,17 +598,17 @@ class MoeFfnPlan {
     const int64_t tmax = layout_.segment_len < layout_.seq_len ? layout_.segment_len : layout_.seq_len;
     SwigluForwardArgs<T> sf;
     sf.rows = chunk * tmax; sf.cols = width;
-    sf.a = shape_only_pointer<const T>(); sf.a_stride = width;
-    sf.u = shape_only_pointer<const T>(); sf.u_stride = width;
-    sf.m = shape_only_pointer<T>(); sf.m_stride = width;
+    sf.a = shape_only_pointer<const T>(); sf.a_stride = 2 * width;
+    sf.u = shape_only_pointer<const T>(); sf.u_stride = 2 * width;
+    sf.m = shape_only_pointer<T>(); sf.m_stride = 2 * width;
     LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template swiglu_forward<T>(sf, nullptr, b, stream); }));
     SwigluBackwardArgs<T> sb;
     sb.rows = chunk * tmax; sb.cols = width;
-    sb.a = shape_only_pointer<const T>(); sb.a_stride = width;
-    sb.u = shape_only_pointer<const T>(); sb.u_stride = width;
+    sb.a = shape_only_pointer<const T>(); sb.a_stride = 2 * width;
+    sb.u = shape_only_pointer<const T>(); sb.u_stride = 2 * width;
     sb.dm = shape_only_pointer<const T>(); sb.dm_stride = width;
-    sb.da = shape_only_pointer<T>(); sb.da_stride = width;
-    sb.du = shape_only_pointer<T>(); sb.du_stride = width;
+    sb.da = shape_only_pointer<T>(); sb.da_stride = 2 * width;
+    sb.du = shape_only_pointer<T>(); sb.du_stride = 2 * width;
     LORY_RETURN_IF_ERROR(take([&](size_t& b) { return Backend::template swiglu_backward<T>(sb, nullptr, b, stream); }));
     if (width < f) {
       RoundToStorageArgs<T> ra;
@@ -713,11 +708,11 @@ class MoeFfnPlan {
   }
 
   // One strided-batched GEMM over a segment group. Operands are located by
-  // family: kTokens rows of the caller's [B*L, .] tensors, kAct rows of the
-  // chunk's activations of slice J (which start at token_begin(s0)), kWeights
-  // the chunk's merged weights / gradients of slice J ([C, w d] per matrix),
-  // kAcc rows of the fp32 accumulator ([tokens of the chunk, d]). C is T, or
-  // float for the accumulator.
+  // family: kTokens rows of the caller's [B*L, .] tensors, kAct / kActPair rows
+  // of the chunk's activations of slice J (which start at token_begin(s0); w or
+  // 2w columns per row), kWeights / kWeightsPair the chunk's merged weights /
+  // gradients of slice J (w d or 2 w d per segment), kAcc rows of the fp32
+  // accumulator ([tokens of the chunk, d]). C is T, or float for the accumulator.
   template <class TC>
   Status gemm(const detail::MoeSegmentGroup& g, int64_t s0, const Slice& J, bool trans_a, bool trans_b, int64_t m,
               int64_t n, int64_t k, const T* A, Op fa, const T* B, Op fb, TC* C, Op fc, float beta,
@@ -729,13 +724,13 @@ class MoeFfnPlan {
     int64_t off = 0, stride = 0, cols = 0;
     locate(g, s0, J, fa, off, stride, cols);
     gm.A = A + off; gm.stride_a = stride;
-    gm.lda = fa == Op::kWeights ? (trans_a ? m : k) : cols;
+    gm.lda = is_weights(fa) ? (trans_a ? m : k) : cols;
     locate(g, s0, J, fb, off, stride, cols);
     gm.B = B + off; gm.stride_b = stride;
-    gm.ldb = fb == Op::kWeights ? (trans_b ? k : n) : cols;
+    gm.ldb = is_weights(fb) ? (trans_b ? k : n) : cols;
     locate(g, s0, J, fc, off, stride, cols);
     gm.C = C + off; gm.stride_c = stride;
-    gm.ldc = fc == Op::kWeights ? n : cols;
+    gm.ldc = is_weights(fc) ? n : cols;
     if constexpr (std::is_same<TC, T>::value || kSlicesF) {
       return Backend::template gemm<T>(gm, stream);
     } else {
@@ -764,11 +759,15 @@ class MoeFfnPlan {
     return leaf(round_leaf, ra, w, stream);
   }
 
-  // Offset of the group's first batch entry, batch stride and row width (for
-  // token-major operands: d for the caller's tensors and the accumulator, w for activations).
+  static bool is_weights(Op family) { return family == Op::kWeights || family == Op::kWeightsPair; }
+
+  // Offset of the group's first batch entry, batch stride and row width (for token-major operands:
+  // d for the caller's tensors and the accumulator, w for activations, 2w for the pairs).
   void locate(const detail::MoeSegmentGroup& g, int64_t s0, const Slice& J, Op family, int64_t& off, int64_t& stride,
               int64_t& cols) const {
-    const int64_t d = shape_.d, jw = J.width;
+    const int64_t d = shape_.d;
+    const bool pair = family == Op::kActPair || family == Op::kWeightsPair;
+    const int64_t jw = pair ? 2 * J.width : J.width;
     const int64_t rel = layout_.token_begin(g.first) - layout_.token_begin(s0);  // chunk-relative token
     switch (family) {
       case Op::kTokens:
@@ -777,6 +776,7 @@ class MoeFfnPlan {
         stride = g.token_stride * d;
         return;
       case Op::kAct:
+      case Op::kActPair:
         cols = jw;
         off = rel * jw;
         stride = g.token_stride * jw;
@@ -787,6 +787,7 @@ class MoeFfnPlan {
         stride = g.token_stride * d;
         return;
       case Op::kWeights:
+      case Op::kWeightsPair:
         cols = 0;
         off = (g.first - s0) * jw * d;
         stride = g.segment_step * jw * d;
@@ -796,8 +797,9 @@ class MoeFfnPlan {
 
   // Slice J of expert matrix m (0: W_g, 1: W_u, both [f, d]; 2: W_d, [d, f]) as a merge view:
   // rows J of W_g / W_u are one flat run of w d elements at row j0; columns J of W_d are d rows of
-  // w elements, f apart. The merged slice is packed: [w, d] or [d, w] per segment, w d apart.
-  // Flat views (one slice: w = f) come back as rows = 1, the unsliced call.
+  // w elements, f apart. The merged slice is packed: [w, d] or [d, w] per segment; W_g's and
+  // W_u's slices sit in wbar_gu, 2 w d apart per segment, W_d's in wbar_d, w d apart
+  // (segment_stride_of). Flat views (one slice: w = f) come back as rows = 1, the unsliced call.
   void view_of(int m, const Slice& J, int64_t& rows, int64_t& params, int64_t& pitch, int64_t& offset) const {
     const int64_t d = shape_.d;
     if (m < 2) {
@@ -806,6 +808,7 @@ class MoeFfnPlan {
       rows = d; params = J.width; pitch = shape_.f; offset = J.j0;
     }
   }
+  int64_t segment_stride_of(int m, const Slice& J) const { return (m < 2 ? 2 : 1) * J.width * shape_.d; }
   MergeForwardArgs<T, float> merge_forward_args(int m, const Slice& J, int64_t count, const T* W,
                                                 const float* weights, T* Wbar) const {
     MergeForwardArgs<T, float> mf;
@@ -818,7 +821,7 @@ class MoeFfnPlan {
     mf.weights = weights;
     mf.Wbar = Wbar;
     mf.Wbar_row_pitch = mf.params;
-    mf.segment_stride = J.width * shape_.d;
+    mf.segment_stride = segment_stride_of(m, J);
     return detail::flatten(mf);
   }
   MergeBackwardArgs<T, float> merge_backward_args(int m, const Slice& J, int64_t count, const T* G, const T* W,
@@ -830,7 +833,7 @@ class MoeFfnPlan {
     mb.experts = shape_.experts;
     mb.G = G;
     mb.G_row_pitch = mb.params;
-    mb.grad_segment_stride = J.width * shape_.d;
+    mb.grad_segment_stride = segment_stride_of(m, J);
     mb.W = detail::is_shape_only(W) ? W : W + offset;
     mb.expert_stride = shape_.f * shape_.d;
     mb.weights = weights;
@@ -845,7 +848,7 @@ class MoeFfnPlan {
   Status merge_chunk(const MoeFfnParams<T, float>& p, const float* weights, int64_t s0, int64_t s1, const Slice& J,
                      const Workspace& w, Stream stream) const {
     const T* W[3] = {p.W_g, p.W_u, p.W_d};
-    T* Wbar[3] = {w.wbar_g, w.wbar_u, w.wbar_d};
+    T* Wbar[3] = {w.wbar_gu, w.wbar_gu + J.width * shape_.d, w.wbar_d};
     for (int m = 0; m < 3; ++m) {
       const MergeForwardArgs<T, float> mf =
           merge_forward_args(m, J, s1 - s0, W[m], weights + s0 * shape_.experts, Wbar[m]);
@@ -854,13 +857,11 @@ class MoeFfnPlan {
     return Status::kSuccess;
   }
 
-  // a = x Wbar_g^T, u = x Wbar_u^T: [rows, d] x [w, d]^T per segment.
+  // [a | u] = x [Wbar_g; Wbar_u]^T: [rows, d] x [2w, d]^T per segment, one GEMM.
   Status gate_up_chunk(const T* x, int64_t s0, int64_t s1, const Slice& J, const Workspace& w, Stream stream) const {
     return for_each_group(s0, s1, [&](const detail::MoeSegmentGroup& g) {
-      LORY_RETURN_IF_ERROR(gemm(g, s0, J, false, true, g.rows, J.width, shape_.d, x, Op::kTokens, w.wbar_g,
-                                Op::kWeights, w.act_a, Op::kAct, 0.f, stream));
-      return gemm(g, s0, J, false, true, g.rows, J.width, shape_.d, x, Op::kTokens, w.wbar_u, Op::kWeights,
-                  w.act_u, Op::kAct, 0.f, stream);
+      return gemm(g, s0, J, false, true, g.rows, 2 * J.width, shape_.d, x, Op::kTokens, w.wbar_gu, Op::kWeightsPair,
+                  w.act_au, Op::kActPair, 0.f, stream);
     });
   }
 
@@ -869,9 +870,9 @@ class MoeFfnPlan {
     SwigluForwardArgs<T> sf;
     sf.rows = chunk_tokens(s0, s1);
     sf.cols = J.width;
-    sf.a = w.act_a; sf.a_stride = J.width;
-    sf.u = w.act_u; sf.u_stride = J.width;
-    sf.m = w.act_m; sf.m_stride = J.width;
+    sf.a = w.act_au; sf.a_stride = 2 * J.width;
+    sf.u = w.act_au + J.width; sf.u_stride = 2 * J.width;
+    sf.m = w.act_mdu; sf.m_stride = 2 * J.width;
     return leaf(Backend::template swiglu_forward<T>, sf, w, stream);
   }
 

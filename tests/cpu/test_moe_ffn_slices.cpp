@@ -338,8 +338,9 @@ double gamma32(int64_t n) {
 // Sliced (got) against unsliced (ref), element by element: two fp32 sums of the same K terms in two
 // orders differ by at most 2 gamma_{K + slices} M (M: the sum of |terms|; the slices add one
 // accumulator addition each), times 1 + slack for the fp32 / T intermediates against the double
-// ones M is computed from; rounding both to T adds u_T (|got| + |ref| + M) (u_T = 0 for float:
-// nothing is rounded after the sum; M covers the unsliced dx's intermediate rounding of da Wbar_g).
+// ones M is computed from; rounding both to T once adds u_T (|got| + |ref|) (u_T = 0 for float:
+// nothing is rounded after the sum). The unsliced dx is one GEMM over [da | du] too (the fused gate
+// and up products), so it has no intermediate rounding to T for M to cover.
 template <class T>
 void require_within_order_bound(const char* name, const std::vector<T>& got, const std::vector<T>& ref,
                                 const std::vector<double>& M, int64_t K, int64_t slices, double u_T, double slack) {
@@ -348,7 +349,7 @@ void require_within_order_bound(const char* name, const std::vector<T>& got, con
   for (size_t i = 0; i < got.size(); ++i) {
     const double g = lory::to_double(got[i]), r = lory::to_double(ref[i]);
     const double bound =
-        (2 * gamma32(K + slices) * M[i] + u_T * (std::fabs(g) + std::fabs(r) + M[i])) * (1 + slack);
+        (2 * gamma32(K + slices) * M[i] + u_T * (std::fabs(g) + std::fabs(r))) * (1 + slack);
     INFO("element " << i << ": " << g << " vs " << r << ", bound " << bound);
     REQUIRE(std::fabs(g - r) <= bound);
   }
@@ -373,7 +374,8 @@ void check_order_bound(double u_T, double slack, const char* tag) {
       REQUIRE(run(P, plan, got) == Status::kSuccess);
       const int64_t ns = plan.num_slices();
       require_within_order_bound("y", got.y, ref.y, My, sh.f, ns, u_T, slack);
-      require_within_order_bound("dx", got.dx, ref.dx, Mdx, 2 * sh.f, 2 * ns, u_T, slack);
+      // dx: one fused GEMM (k = 2w) per slice, so one accumulator addition per slice.
+      require_within_order_bound("dx", got.dx, ref.dx, Mdx, 2 * sh.f, ns, u_T, slack);
       require_within_order_bound("d_weights", got.d_weights, ref.d_weights, Mdw, 3 * sh.f * sh.d, 3 * ns, 0.0, slack);
       REQUIRE(got.dW_g == ref.dW_g);
       REQUIRE(got.dW_u == ref.dW_u);
