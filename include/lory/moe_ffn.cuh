@@ -77,35 +77,22 @@ struct MoeFfnCudaBackend {
                                size_t& ws_bytes, Stream s) {
     return LORY_NS_QUALIFIER::merge_backward(a, method, ws, ws_bytes, s.cublas, s.stream);
   }
-  // The SwiGLU launchers take no workspace: a size query answers 0.
+  // The SwiGLU and rounding launchers take no workspace: a size query validates and answers 0.
   template <class T>
   static Status swiglu_forward(const SwigluForwardArgs<T>& a, void* ws, size_t& ws_bytes, Stream s) {
-    if (!ws) {
-      LORY_RETURN_IF_ERROR(swiglu_forward_can_implement(a));
-      ws_bytes = 0;
-      return Status::kSuccess;
-    }
-    return LORY_NS_QUALIFIER::swiglu_forward(a, s.stream);
+    return without_workspace(ws, ws_bytes, [&] { return swiglu_forward_can_implement(a); },
+                             [&] { return LORY_NS_QUALIFIER::swiglu_forward(a, s.stream); });
   }
   template <class T>
   static Status swiglu_backward(const SwigluBackwardArgs<T>& a, void* ws, size_t& ws_bytes, Stream s) {
-    if (!ws) {
-      LORY_RETURN_IF_ERROR(swiglu_backward_can_implement(a));
-      ws_bytes = 0;
-      return Status::kSuccess;
-    }
-    return LORY_NS_QUALIFIER::swiglu_backward(a, s.stream);
+    return without_workspace(ws, ws_bytes, [&] { return swiglu_backward_can_implement(a); },
+                             [&] { return LORY_NS_QUALIFIER::swiglu_backward(a, s.stream); });
   }
-
-  // y and dx rounded once from the plan's fp32 accumulators. No workspace.
+  // y and dx rounded once from the plan's fp32 accumulators.
   template <class T>
   static Status round_to_storage(const RoundToStorageArgs<T>& a, void* ws, size_t& ws_bytes, Stream s) {
-    if (!ws) {
-      LORY_RETURN_IF_ERROR(round_to_storage_can_implement(a));
-      ws_bytes = 0;
-      return Status::kSuccess;
-    }
-    return LORY_NS_QUALIFIER::round_to_storage(a, s.stream);
+    return without_workspace(ws, ws_bytes, [&] { return round_to_storage_can_implement(a); },
+                             [&] { return LORY_NS_QUALIFIER::round_to_storage(a, s.stream); });
   }
 
   // One cuBLAS call for the whole batch. cuBLAS is column-major: a row-major
@@ -133,6 +120,14 @@ struct MoeFfnCudaBackend {
         g.C, c_type, static_cast<int>(g.ldc), static_cast<long long>(g.stride_c), static_cast<int>(g.batch),
         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? Status::kSuccess : Status::kErrorCublas;
+  }
+ private:
+  template <class Check, class Launch>
+  static Status without_workspace(void* ws, size_t& ws_bytes, Check&& check, Launch&& launch) {
+    if (ws) return launch();
+    LORY_RETURN_IF_ERROR(check());
+    ws_bytes = 0;
+    return Status::kSuccess;
   }
 };
 

@@ -2,7 +2,7 @@
 // lory/round_to_storage.hpp; CPU twin: lory/reference/round_to_storage.hpp). The layer plan rounds
 // its fp32 accumulators of y and dx with it when the FFN runs in slices of f.
 //
-// Elementwise and memory-bound, laid out as the SwiGLU kernels (lory/swiglu.cuh): 16-byte stores of
+// Elementwise and memory-bound, laid out as the SwiGLU kernels (detail/elementwise.cuh): 16-byte stores of
 // T (and 16-byte loads of the floats) when every pointer and row stride allows, scalar otherwise and
 // for a row's tail; contiguous operands run as one flat row. Round to nearest even, as the twin.
 #pragma once
@@ -11,14 +11,14 @@
 #include <cstdint>
 
 #include "lory/detail/cuda.cuh"
+#include "lory/detail/elementwise.cuh"
 #include "lory/round_to_storage.hpp"
-#include "lory/swiglu.cuh"
 
 LORY_NAMESPACE_BEGIN
 
 // Rows over grid.y, V-element chunks of a row over grid.x (both grid-strided, 64-bit offsets).
 template <class T, int V>
-LORY_KERNEL void __launch_bounds__(detail::kSwigluThreads) round_to_storage_kernel(RoundToStorageArgs<T> p) {
+LORY_KERNEL void __launch_bounds__(detail::kElementwiseThreads) round_to_storage_kernel(RoundToStorageArgs<T> p) {
   const int64_t chunks = ceil_div(p.cols, static_cast<int64_t>(V));
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     const float* src = p.src + r * p.src_stride;
@@ -60,7 +60,7 @@ Status round_to_storage(const RoundToStorageArgs<T>& args, cudaStream_t stream) 
   }
   constexpr int V = detail::Vec16<T>::kSize;
   const bool vec = detail::view_is_vec16(p.src, p.rows, p.src_stride) && detail::view_is_vec16(p.dst, p.rows, p.dst_stride);
-  return detail::launch_swiglu(round_to_storage_kernel<T, V>, round_to_storage_kernel<T, 1>, p, vec, V, stream);
+  return detail::launch_elementwise(round_to_storage_kernel<T, V>, round_to_storage_kernel<T, 1>, p, vec, V, stream);
 }
 
 LORY_NAMESPACE_END

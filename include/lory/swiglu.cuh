@@ -14,13 +14,12 @@
 #include <cstdint>
 
 #include "lory/detail/cuda.cuh"
+#include "lory/detail/elementwise.cuh"
 #include "lory/math.hpp"
 #include "lory/swiglu.hpp"
 
 LORY_NAMESPACE_BEGIN
 namespace detail {
-
-constexpr int kSwigluThreads = 256;
 
 // Element c of a row: V == 1 is the scalar path; otherwise a full vector of V
 // elements starting at c when it fits, else the scalar tail.
@@ -71,7 +70,7 @@ LORY_DEVICE LORY_FORCEINLINE void swiglu_backward_chunk(const T* a, const T* u, 
 // Rows over grid.y, V-element chunks of a row over grid.x (both grid-strided,
 // 64-bit offsets).
 template <class T, int V>
-LORY_KERNEL void __launch_bounds__(detail::kSwigluThreads)
+LORY_KERNEL void __launch_bounds__(detail::kElementwiseThreads)
     swiglu_forward_kernel(SwigluForwardArgs<T> p) {
   const int64_t chunks = ceil_div(p.cols, static_cast<int64_t>(V));
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
@@ -85,7 +84,7 @@ LORY_KERNEL void __launch_bounds__(detail::kSwigluThreads)
 }
 
 template <class T, int V>
-LORY_KERNEL void __launch_bounds__(detail::kSwigluThreads)
+LORY_KERNEL void __launch_bounds__(detail::kElementwiseThreads)
     swiglu_backward_kernel(SwigluBackwardArgs<T> p) {
   const int64_t chunks = ceil_div(p.cols, static_cast<int64_t>(V));
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
@@ -99,33 +98,6 @@ LORY_KERNEL void __launch_bounds__(detail::kSwigluThreads)
       detail::swiglu_backward_chunk<T, V>(a, u, dm, da, du, j * V, p.cols);
   }
 }
-
-namespace detail {
-
-// A view can use 16-byte accesses when its base is 16-byte aligned and every
-// row starts 16-byte aligned as well.
-template <class T>
-inline bool view_is_vec16(const T* p, int64_t rows, int64_t stride) {
-  return is_aligned16(p) && (rows == 1 || (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
-}
-
-inline dim3 swiglu_grid(int64_t rows, int64_t cols, int vec) {
-  const int64_t chunks = ceil_div(cols, static_cast<int64_t>(vec));
-  const int64_t bx = std::min<int64_t>(ceil_div<int64_t>(chunks, kSwigluThreads), int64_t(1) << 20);
-  const int64_t by = std::min<int64_t>(rows, 65535);
-  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by));
-}
-
-// Launches the 16-byte-vector kernel (V elements per thread) or the scalar one on the rows x cols grid.
-template <class Args>
-Status launch_swiglu(void (*vec_kernel)(Args), void (*scalar_kernel)(Args), const Args& p, bool vec, int V,
-                     cudaStream_t stream) {
-  launch_kernel(vec ? vec_kernel : scalar_kernel, swiglu_grid(p.rows, p.cols, vec ? V : 1), dim3(kSwigluThreads), 0,
-                stream, p);
-  return check_launch();
-}
-
-}  // namespace detail
 
 template <class T>
 Status swiglu_forward_can_implement(const SwigluForwardArgs<T>& args) {
@@ -153,7 +125,7 @@ Status swiglu_forward(const SwigluForwardArgs<T>& args, cudaStream_t stream) {
   const bool vec = detail::view_is_vec16(p.a, p.rows, p.a_stride) &&
                    detail::view_is_vec16(p.u, p.rows, p.u_stride) &&
                    detail::view_is_vec16(p.m, p.rows, p.m_stride);
-  return detail::launch_swiglu(swiglu_forward_kernel<T, V>, swiglu_forward_kernel<T, 1>, p, vec, V, stream);
+  return detail::launch_elementwise(swiglu_forward_kernel<T, V>, swiglu_forward_kernel<T, 1>, p, vec, V, stream);
 }
 
 // da = dm * u * silu'(a), du = dm * silu(a) over [rows, cols] views. No workspace.
@@ -172,7 +144,7 @@ Status swiglu_backward(const SwigluBackwardArgs<T>& args, cudaStream_t stream) {
                    detail::view_is_vec16(p.dm, p.rows, p.dm_stride) &&
                    detail::view_is_vec16(p.da, p.rows, p.da_stride) &&
                    detail::view_is_vec16(p.du, p.rows, p.du_stride);
-  return detail::launch_swiglu(swiglu_backward_kernel<T, V>, swiglu_backward_kernel<T, 1>, p, vec, V, stream);
+  return detail::launch_elementwise(swiglu_backward_kernel<T, V>, swiglu_backward_kernel<T, 1>, p, vec, V, stream);
 }
 
 LORY_NAMESPACE_END
