@@ -57,8 +57,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads)
 // (one batch per row).
 template <class T>
 int64_t merge_backward_gemm_rows(const MergeBackwardArgs<T, float>& a) {
-  return merge_flat_rows(a.rows, a.params,
-                         {a.G_row_pitch, a.d_weights ? a.W_row_pitch : 0, a.dW ? a.dW_row_pitch : 0});
+  return merge_view_is_flat(a) ? 1 : a.rows;
 }
 
 // Workspace of the GEMM method: the rows' fp32 d_weights partials (non-flat views), then the

@@ -9,7 +9,8 @@
 // shifts; no division instruction), once per thread and tile: all of a thread's vectors of a tile
 // sit at one column, so the kernels compute the offset once and address every row from it. The
 // scalar path of a flat view is the 1-D one (a uniform branch); of a non-flat view it walks the
-// row gaps. The GEMM method treats a call whose views are all flat as 1-D (merge_flat_rows).
+// row gaps. The GEMM method treats a call whose views are all flat as 1-D (merge_view_is_flat in
+// lory/merge.hpp).
 //
 // Vectors: a 16-byte vector never straddles two rows when cols and every non-flat pitch are
 // multiples of the vector (column offsets of vectors are multiples of it), so the vector path
@@ -17,7 +18,6 @@
 // walks the vector's elements, stepping over the gap between rows.
 #pragma once
 #include <cstdint>
-#include <initializer_list>
 
 #include "lory/config.hpp"
 #include "lory/detail/cuda.cuh"
@@ -88,15 +88,6 @@ template <class T>
 inline bool merge_view_vec_ok(const T* base, int64_t stride, const MergeRowView& v) {
   constexpr int64_t V = Vec16<T>::kSize;
   return is_aligned(base, 16) && stride % V == 0 && (v.flat || (v.cols.d % V == 0 && v.pitch % V == 0));
-}
-
-// A call's rows after flattening: 1 where every operand's pitch equals cols (pitches <= 0 stand
-// for operands the call does not use), else `rows`.
-inline int64_t merge_flat_rows(int64_t rows, int64_t cols, std::initializer_list<int64_t> pitches) {
-  if (rows <= 1) return 1;
-  for (int64_t p : pitches)
-    if (p > 0 && p != cols) return rows;
-  return 1;
 }
 
 #if LORY_HAS_DEVICE_CODE
