@@ -80,18 +80,23 @@ template <class T> int64_t count_nan(const T* p, int64_t n) {
 }
 template <class T> int64_t count_nan(const std::vector<T>& v) { return count_nan(v.data(), (int64_t)v.size()); }
 
-// ||out - ref|| / ||ref|| in double; NaN or Inf anywhere gives +inf (never passes).
-template <class T, class U>
-double rel_error(const T* out, const U* ref, int64_t n) {
+// ||out - ref|| / ||scale|| in double; NaN or Inf anywhere gives +inf (never passes). The scale is
+// ref itself (rel_error) or, where a sum can cancel to far below its terms, the sum of |terms|.
+template <class T, class U, class S>
+double scaled_error(const T* out, const U* ref, const S* scale, int64_t n) {
   double num = 0, den = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double o = lory::to_double(out[i]), r = lory::to_double(ref[i]);
-    if (!std::isfinite(o) || !std::isfinite(r)) return std::numeric_limits<double>::infinity();
+    const double o = lory::to_double(out[i]), r = lory::to_double(ref[i]), s = lory::to_double(scale[i]);
+    if (!std::isfinite(o) || !std::isfinite(r) || !std::isfinite(s)) return std::numeric_limits<double>::infinity();
     num += (o - r) * (o - r);
-    den += r * r;
+    den += s * s;
   }
   if (den == 0) return num == 0 ? 0.0 : std::numeric_limits<double>::infinity();
   return std::sqrt(num / den);
+}
+template <class T, class U>
+double rel_error(const T* out, const U* ref, int64_t n) {
+  return scaled_error(out, ref, ref, n);
 }
 template <class T, class U>
 double rel_error(const std::vector<T>& out, const std::vector<U>& ref) {
