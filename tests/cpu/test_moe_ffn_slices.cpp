@@ -458,7 +458,12 @@ TEST_CASE("plan slices: directional finite differences at small budgets", "[cpu]
       auto directional = [&](std::vector<double>& param, const std::vector<double>& grad, const char* name) {
         const std::vector<double> dir = random_vector<double>(param.size(), rng);
         const std::vector<double> p0 = param;
-        const double h = 1e-3;
+        // The leaves sum in fp32, so the loss carries a relative rounding of about 1e-7 that the
+        // difference divides by 2h; the router's gradient is small against the loss, and at h = 1e-3
+        // that rounding reached the bound (over 300 seeds, |an - fd| / scale for dW_r peaked at 1.6e-3
+        // with h = 1e-3 and at 2.2e-4 with h = 1e-2, where the truncation error of the other
+        // gradients stays below 4e-5).
+        const double h = 1e-2;
         for (size_t i = 0; i < param.size(); ++i) param[i] = p0[i] + h * dir[i];
         const double Lp = loss();
         for (size_t i = 0; i < param.size(); ++i) param[i] = p0[i] - h * dir[i];
