@@ -19,6 +19,9 @@ if [ $fresh = 1 ]; then
 else
   echo "resource check: skipped (incremental build; run scripts/test.sh --clean for it)"
 fi
+# One seed for the whole run (each test derives its own from it and its name), printed with the
+# summary so a failure seen in a log can be reproduced.
+export LORY_TEST_SEED="${LORY_TEST_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
 rc=0
 ctest --test-dir build --output-on-failure -j"$jobs" 2>&1 | tee build/ctest.log | tail -n 40 || rc=$?
 total=$(grep -oE 'tests failed out of [0-9]+' build/ctest.log | grep -oE '[0-9]+$' || echo 0)
@@ -27,5 +30,5 @@ skipped=$(grep -c '(Skipped)' build/ctest.log || true)
 passed=$((total - failed - skipped))
 [ "$total" -gt 0 ] || { echo "no tests ran"; exit 1; }
 emulated=$(grep -cE 'Test +#[0-9]+: emu[^ ]*:.* Passed' build/ctest.log || true)
-echo "tests: $passed passed, $failed failed, $skipped skipped ($emulated of the passed are GPU tests run under the CPU emulator of the kernels, not on a GPU)" | tee build/tests-summary.txt
+echo "tests: $passed passed, $failed failed, $skipped skipped ($emulated of the passed are GPU tests run under the CPU emulator of the kernels, not on a GPU; seed $LORY_TEST_SEED, LORY_TEST_SEED=$LORY_TEST_SEED scripts/test.sh reproduces it)" | tee build/tests-summary.txt
 exit $rc
