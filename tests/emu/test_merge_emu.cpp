@@ -3,7 +3,7 @@
 #include "gpu/test_merge.cu"
 
 #include <algorithm>
-#include <initializer_list>
+#include <vector>
 
 namespace {
 
@@ -12,6 +12,26 @@ struct Ptx75 {
   Ptx75() { lory_emu::set_kernel_ptx_version(75); }
   ~Ptx75() { lory_emu::set_kernel_ptx_version(0); }
 };
+
+// The CUDA-core forward's kernels of I/O mode io (weights in shared memory or not); every mode's
+// when io is not given.
+template <class T>
+std::vector<const void*> forward_simt_kernels() {
+  namespace ld = lory::detail;
+  using ld::MergeIo;
+  return {reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, MergeIo::kVec, true>),
+          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, MergeIo::kVec, false>),
+          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, MergeIo::kScalar, true>),
+          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, MergeIo::kScalar, false>),
+          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, MergeIo::kScalarRows, true>),
+          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, MergeIo::kScalarRows, false>)};
+}
+template <class T>
+std::vector<const void*> forward_simt_kernels(lory::detail::MergeIo io) {
+  const auto all = forward_simt_kernels<T>();
+  const size_t i = io == lory::detail::MergeIo::kVec ? 0 : io == lory::detail::MergeIo::kScalar ? 2 : 4;
+  return {all[i], all[i + 1]};
+}
 
 }  // namespace
 
@@ -22,9 +42,9 @@ TEST_CASE("merge kernels without sm_80 code: kAuto runs the CUDA cores, forced t
           "[emu][merge]") {
   using T = __nv_bfloat16;
   namespace ld = lory::detail;
-  // Which kernels ran: only CUDA-core ones (the forward's four instantiations; the backward's for
+  // Which kernels ran: only CUDA-core ones (the forward's six instantiations; the backward's for
   // its experts per thread, then the ordered reduction).
-  auto simt_only = [](const std::vector<const void*>& log, std::initializer_list<const void*> simt) {
+  auto simt_only = [](const std::vector<const void*>& log, const std::vector<const void*>& simt) {
     int found = 0;
     for (const void* k : log) {
       if (std::find(simt.begin(), simt.end(), k) != simt.end()) ++found;
@@ -36,15 +56,13 @@ TEST_CASE("merge kernels without sm_80 code: kAuto runs the CUDA cores, forced t
   const FwdCase fc{70, 16, 2048, 0, 0, 0};  // a tensor-core shape for kAuto on an sm_80 build
   lory_emu::take_launch_log();
   run_forward<T>(fc, MergePath::kAuto);
-  simt_only(lory_emu::take_launch_log(), {reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, true, true>),
-                                          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, true, false>),
-                                          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, false, true>),
-                                          reinterpret_cast<const void*>(ld::merge_forward_simt_kernel<T, false, false>)});
+  simt_only(lory_emu::take_launch_log(), forward_simt_kernels<T>());
   const BwdCase bc{45, 20, 1008, 0, 0};
   run_backward<T>(bc, BwdMode{}, MergePath::kAuto);
   using SimtCfg = ld::MergeBackwardSimtConfig<T>;
   REQUIRE(SimtCfg::experts_per_thread(bc.E, SimtCfg::col_vecs(bc.E)) == 4);
-  simt_only(lory_emu::take_launch_log(), {reinterpret_cast<const void*>(ld::merge_backward_simt_kernel<T, true, 4>)});
+  simt_only(lory_emu::take_launch_log(),
+            {reinterpret_cast<const void*>(ld::merge_backward_simt_kernel<T, ld::MergeIo::kVec, 4>)});
 
   auto rng = make_rng("ptx75");
   auto W = make_view<T>(fc.E, fc.P, 0, 0, rng, true);
@@ -173,4 +191,37 @@ TEST_CASE("merge 2-D views: bad rows and pitches write nothing", "[emu][merge][v
   CHECK(std::memcmp(dW_after.data(), prob.dW.data.data(), dW_after.size() * sizeof(T)) == 0);
   CHECK(count_nan(prob.dde.download(prob.de.size())) == static_cast<int64_t>(prob.de.size()));
   CHECK(ws.download(poison.size()) == poison);
+}
+
+// The CUDA-core forward runs the kernel of the call's I/O mode, decided once from the views: whole
+// 16-byte vectors; element by element at consecutive addresses (every view flat: the misaligned
+// case keeps its 1-D addressing and registers); or element by element at each one's 2-D view offset.
+// Each against the double reference, poison between rows and views kept.
+TEMPLATE_TEST_CASE("merge_forward (CUDA cores) runs the kernel of its I/O mode", "[emu][merge][view2d]", float,
+                   __nv_bfloat16) {
+  using T = TestType;
+  using lory::detail::MergeIo;
+  constexpr int64_t V = lory::detail::Vec16<T>::kSize;
+  struct Case {
+    View2DCase c;
+    MergeIo io;
+  };
+  const Case cases[] = {
+      {{5, 3, 4, 2 * V, 0, 0, 0, 0}, MergeIo::kVec},            // flat, aligned
+      {{5, 3, 4, 2 * V, V, 2 * V, 0, 0}, MergeIo::kVec},        // 2-D, pitches multiples of the vector
+      {{5, 3, 4, 2 * V, 0, 0, 0, 1}, MergeIo::kScalar},         // flat, misaligned
+      {{5, 3, 1, 2 * V + 1, 3, 1, 0, 0}, MergeIo::kScalar},     // one row: flat whatever the pitch
+      {{5, 3, 4, 2 * V, 3, 0, 0, 0}, MergeIo::kScalarRows},     // W 2-D at an odd pitch
+      {{5, 3, 4, 2 * V + 1, 0, 2, 0, 0}, MergeIo::kScalarRows}, // Wbar 2-D, odd columns
+      {{5, 3, 4, 2 * V, V, V, 0, 1}, MergeIo::kScalarRows},     // 2-D, misaligned
+  };
+  for (const Case& k : cases) {
+    INFO(k.c.name());
+    lory_emu::take_launch_log();
+    run_forward_2d<T>(k.c, MergePath::kSimt);
+    const auto log = lory_emu::take_launch_log();
+    const auto want = forward_simt_kernels<T>(k.io);
+    REQUIRE(log.size() == 1);
+    CHECK(std::find(want.begin(), want.end(), log[0]) != want.end());
+  }
 }

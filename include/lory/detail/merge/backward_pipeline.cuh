@@ -157,7 +157,7 @@ struct MergeBackwardCopier {
 #pragma unroll
     for (int j = 0; j < Cfg::kWVecs; ++j) {
       const int e = Cfg::w_vec_row(threadIdx.x + j * kMergeThreads);
-      w_pre[j] = e < p.E ? load_view_vec<T, true>(p.W + e * p.w_stride, p.w_view, off, col, p.P) : zero_vec16<T>();
+      w_pre[j] = e < p.E ? load_view_vec<T, MergeIo::kVec>(p.W + e * p.w_stride, p.w_view, off, col, p.P) : zero_vec16<T>();
     }
   }
   LORY_DEVICE LORY_FORCEINLINE void store_w(T* w_s) const {
@@ -222,11 +222,11 @@ LORY_DEVICE LORY_FORCEINLINE void store_dw_from_stage(const MergeBackwardParams<
   const int64_t off = p.dw_view.offset(col);
   if (p.accumulate_dW) {
     float old[V];
-    vec_to_float(load_view_vec<T, true>(dst, p.dw_view, off, col, p.P), old);
+    vec_to_float(load_view_vec<T, MergeIo::kVec>(dst, p.dw_view, off, col, p.P), old);
 #pragma unroll
     for (int v = 0; v < V; ++v) f[v] += old[v];
   }
-  store_view_vec<T, true>(dst, p.dw_view, off, col, p.P, float_to_vec<T>(f));
+  store_view_vec<T, MergeIo::kVec>(dst, p.dw_view, off, col, p.P, float_to_vec<T>(f));
 }
 #endif  // LORY_HAS_DEVICE_CODE
 

@@ -54,7 +54,7 @@ struct MergeBackwardSimtConfig {
 // 32 (16) floats, so inside the row. tests/emu/test_smem_banks.cpp counts the wavefronts of this and
 
 #if LORY_HAS_DEVICE_CODE
-template <class T, bool kVecIO, int kEPT>
+template <class T, MergeIo kIo, int kEPT>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(const MergeBackwardParams<T> p) {
   using Cfg = MergeBackwardSimtConfig<T>;
   constexpr int V = Cfg::kVec, kChunk = Cfg::kChunk;
@@ -86,7 +86,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
       const int64_t off = p.w_view.offset(col);
       for (int i = threadIdx.x; i < E * cg; i += kMergeThreads) {
         const int e = i / cg;
-        w_tile[e * row_vecs + c] = load_view_vec<T, kVecIO>(p.W + e * p.w_stride, p.w_view, off, col, p.P);
+        w_tile[e * row_vecs + c] = load_view_vec<T, kIo>(p.W + e * p.w_stride, p.w_view, off, col, p.P);
       }
     }
     const int64_t g_off = p.g_view.offset(col);
@@ -101,7 +101,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
       __syncthreads();  // g_tile and w_chunk free
       for (int i = threadIdx.x; i < sc * cg; i += kMergeThreads) {
         const int r = i / cg;
-        g_tile[r * row_vecs + c] = load_view_vec<T, kVecIO>(p.G + (s0 + r) * p.g_stride, p.g_view, g_off, col, p.P);
+        g_tile[r * row_vecs + c] = load_view_vec<T, kIo>(p.G + (s0 + r) * p.g_stride, p.g_view, g_off, col, p.P);
       }
       if (want_dw) {
         for (int i = threadIdx.x; i < sc * E; i += kMergeThreads) w_chunk[i] = p.weights[s0 * E + i];
@@ -151,11 +151,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, 1) merge_backward_simt_kernel(
           T* dst = p.dW + e * p.dw_stride;
           if (p.accumulate_dW) {
             float old[V];
-            vec_to_float(load_view_vec<T, kVecIO>(dst, p.dw_view, dw_off, col, p.P), old);
+            vec_to_float(load_view_vec<T, kIo>(dst, p.dw_view, dw_off, col, p.P), old);
 #pragma unroll
             for (int v = 0; v < V; ++v) acc[k][v] += old[v];
           }
-          store_view_vec<T, kVecIO>(dst, p.dw_view, dw_off, col, p.P, float_to_vec<T>(acc[k]));
+          store_view_vec<T, kIo>(dst, p.dw_view, dw_off, col, p.P, float_to_vec<T>(acc[k]));
         }
       }
     }

@@ -37,11 +37,13 @@ struct MergeForwardViews {
   int64_t P;
   MergeRowView w, out;
   bool vec;  // 16-byte vector I/O on both operands
+  MergeIo io;
   explicit MergeForwardViews(const MergeForwardArgs<T, float>& a)
       : P(a.rows * a.params),
         w(MergeRowView::make(a.rows, a.params, a.W_row_pitch)),
         out(MergeRowView::make(a.rows, a.params, a.Wbar_row_pitch)),
-        vec(merge_view_vec_ok(a.W, a.expert_stride, w) && merge_view_vec_ok(a.Wbar, a.segment_stride, out)) {}
+        vec(merge_view_vec_ok(a.W, a.expert_stride, w) && merge_view_vec_ok(a.Wbar, a.segment_stride, out)),
+        io(merge_io(vec, w.flat && out.flat)) {}
 };
 template <class T>
 struct MergeBackwardViews {
@@ -78,27 +80,37 @@ MergeForwardParams<T> make_merge_forward_params(const MergeForwardArgs<T, float>
 
 #if LORY_HAS_DEVICE_CODE
 // The CUDA-core forward: the slice's weights in shared memory where a pass's rows fit, else read
-// through L1.
+// through L1; io: views.io (all three I/O modes are kernels of their own here).
+template <class T, bool kWeightsSmem>
+Status launch_merge_forward_simt_io(const MergeForwardParams<T>& prm, MergeIo io, int64_t tile_width, int64_t rows,
+                                    int64_t max_rows, cudaStream_t stream) {
+  using Cfg = MergeForwardSimtConfig<T>;
+  const int E = prm.E, cg = prm.col_vecs;
+  auto smem_of = [E, cg](int64_t r) { return Cfg::smem_bytes(E, cg, r, kWeightsSmem); };
+  switch (io) {
+    case MergeIo::kVec:
+      return launch_merge_forward<T>(merge_forward_simt_kernel<T, MergeIo::kVec, kWeightsSmem>, prm, tile_width, rows,
+                                     max_rows, smem_of, stream);
+    case MergeIo::kScalar:
+      return launch_merge_forward<T>(merge_forward_simt_kernel<T, MergeIo::kScalar, kWeightsSmem>, prm, tile_width,
+                                     rows, max_rows, smem_of, stream);
+    case MergeIo::kScalarRows:
+      break;
+  }
+  return launch_merge_forward<T>(merge_forward_simt_kernel<T, MergeIo::kScalarRows, kWeightsSmem>, prm, tile_width,
+                                 rows, max_rows, smem_of, stream);
+}
 template <class T>
-Status launch_merge_forward_simt(MergeForwardParams<T> prm, bool vec, cudaStream_t stream) {
+Status launch_merge_forward_simt(MergeForwardParams<T> prm, MergeIo io, cudaStream_t stream) {
   using Cfg = MergeForwardSimtConfig<T>;
   prm.col_vecs = Cfg::col_vecs(prm.E);
   const int E = prm.E, cg = prm.col_vecs;
   const int64_t tile_width = int64_t(cg) * Cfg::kVec;
   const int64_t rows = Cfg::rows_per_pass(cg);
-  if (Cfg::weights_in_smem(E, cg, kMergeForwardWeightsSmem)) {
-    auto smem_of = [E, cg](int64_t r) { return Cfg::smem_bytes(E, cg, r, true); };
-    const int64_t max_rows = kMergeForwardWeightsSmem / Cfg::bytes_per_segment(E);
-    return vec ? launch_merge_forward<T>(merge_forward_simt_kernel<T, true, true>, prm, tile_width, rows, max_rows,
-                                         smem_of, stream)
-               : launch_merge_forward<T>(merge_forward_simt_kernel<T, false, true>, prm, tile_width, rows, max_rows,
-                                         smem_of, stream);
-  }
-  auto smem_of = [E, cg](int64_t r) { return Cfg::smem_bytes(E, cg, r, false); };
-  return vec ? launch_merge_forward<T>(merge_forward_simt_kernel<T, true, false>, prm, tile_width, rows, INT64_MAX,
-                                       smem_of, stream)
-             : launch_merge_forward<T>(merge_forward_simt_kernel<T, false, false>, prm, tile_width, rows, INT64_MAX,
-                                       smem_of, stream);
+  if (Cfg::weights_in_smem(E, cg, kMergeForwardWeightsSmem))
+    return launch_merge_forward_simt_io<T, true>(prm, io, tile_width, rows,
+                                                 kMergeForwardWeightsSmem / Cfg::bytes_per_segment(E), stream);
+  return launch_merge_forward_simt_io<T, false>(prm, io, tile_width, rows, INT64_MAX, stream);
 }
 
 // The forward on `path` (kAuto: tensor cores for 16-bit storage and 8 <= E <= 64 where the device
@@ -127,7 +139,7 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
       DeviceInfo dev;
       LORY_RETURN_IF_ERROR(current_device_info(dev));
       LORY_RETURN_IF_ERROR(device_runs_mma(
-          dev, reinterpret_cast<const void*>(merge_forward_tc_kernel<T, true, 1, typename Tuning::template At<1>>),
+          dev, reinterpret_cast<const void*>(merge_forward_tc_kernel<T, MergeIo::kVec, 1, typename Tuning::template At<1>>),
           mma));
       if (mma) {
         limits = merge_smem_limits(dev);
@@ -142,13 +154,12 @@ Status merge_forward_on_path(const MergeForwardArgs<T, float>& a, void* workspac
   }
   const MergeForwardViews<T> views(a);
   MergeForwardParams<T> prm = make_merge_forward_params(a, views);
-  const bool vec = views.vec;
   if (path == MergePath::kTensorCore) {
     prm.col_vecs = 32;
-    return vec ? merge_forward_tc<T, true, Tuning>(prm, workspace, limits, stream)
-               : merge_forward_tc<T, false, Tuning>(prm, workspace, limits, stream);
+    return views.vec ? merge_forward_tc<T, MergeIo::kVec, Tuning>(prm, workspace, limits, stream)
+                     : merge_forward_tc<T, MergeIo::kScalarRows, Tuning>(prm, workspace, limits, stream);
   }
-  return launch_merge_forward_simt(prm, vec, stream);
+  return launch_merge_forward_simt(prm, views.io, stream);
 }
 #endif  // LORY_HAS_DEVICE_CODE
 

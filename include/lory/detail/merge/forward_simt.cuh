@@ -45,7 +45,7 @@ struct MergeForwardSimtConfig {
 #if LORY_HAS_DEVICE_CODE
 // kWeightsSmem: the slice's weights in shared memory (else read through L1,
 // for large E where a pass's rows of weights would not fit).
-template <class T, bool kVecIO, bool kWeightsSmem>
+template <class T, MergeIo kIo, bool kWeightsSmem>
 LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(const MergeForwardParams<T> p) {
   using Cfg = MergeForwardSimtConfig<T>;
   constexpr int V = Cfg::kVec, kSegs = Cfg::kSegs, kPre = Cfg::kPrefetch;
@@ -69,10 +69,10 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
   // registers while the current tile is computed.
   // Vector i of a W tile is at column vector i % cg == c of expert i / cg (cg divides the block):
   // all of a thread's vectors of a tile share the view offset w_off(tile).
-  auto w_off = [&](int64_t tile) { return p.w_view.offset(tile * cg * V + c * V); };
+  auto w_off = [&](int64_t tile) { return merge_view_offset<kIo>(p.w_view, tile * cg * V + c * V); };
   auto load_w = [&](int64_t tile, int64_t off, int i) {
     const int e = i / cg;
-    return load_view_vec<T, kVecIO>(p.W + e * p.w_stride, p.w_view, off, tile * cg * V + c * V, p.P);
+    return load_view_vec<T, kIo>(p.W + e * p.w_stride, p.w_view, off, tile * cg * V + c * V, p.P);
   };
   const int tid = static_cast<int>(threadIdx.x);
   Vec16<T> pre[kPre];
@@ -126,11 +126,11 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads) merge_forward_simt_kernel(cons
           for (int v = 0; v < V; ++v) acc[m][v] = fmaf(a, wf[v], acc[m][v]);
         }
       }
-      const int64_t out_off = p.out_view.offset(col);  // here, not per tile: fewer registers over the FMAs
+      const int64_t out_off = merge_view_offset<kIo>(p.out_view, col);  // here, not per tile: fewer registers over the FMAs
 #pragma unroll
       for (int m = 0; m < kSegs; ++m) {
         const int64_t s = s0 + g * kSegs + m;
-        if (s < s_end) store_view_vec<T, kVecIO>(p.out + s * p.out_stride, p.out_view, out_off, col, p.P, float_to_vec<T>(acc[m]));
+        if (s < s_end) store_view_vec<T, kIo>(p.out + s * p.out_stride, p.out_view, out_off, col, p.P, float_to_vec<T>(acc[m]));
       }
     }
   }

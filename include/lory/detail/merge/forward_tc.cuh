@@ -57,9 +57,13 @@ struct MergeForwardTcConfig {
 };
 
 #if LORY_HAS_DEVICE_CODE
-template <class T, bool kVecIO, int kKSteps, class Knobs>
+// kIo: MergeIo::kVec (cp.async double buffer) or MergeIo::kScalarRows (one buffer, loaded element
+// by element at each one's view offset).
+template <class T, MergeIo kIo, int kKSteps, class Knobs>
 LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forward_tc_kernel(const MergeForwardParams<T> p) {
 #if LORY_MMA_AVAILABLE
+  static_assert(kIo != MergeIo::kScalar, "the tensor-core forward's scalar path is kScalarRows");
+  constexpr bool kVecIO = kIo == MergeIo::kVec;
   using Cfg = MergeForwardTcConfig<T, kKSteps, Knobs>;
   constexpr int kK = Cfg::kK, kWRow = Cfg::kWRow, kARow = Cfg::kARow, kStageRow = Cfg::kStageRow;
   constexpr int V = Vec16<T>::kSize;  // 8
@@ -96,7 +100,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
         cp_async_view_vec(d, k < p.E ? p.W + k * p.w_stride : p.W, off, k < p.E, col, p.P);
       } else {
         *reinterpret_cast<Vec16<T>*>(d) =
-            k < p.E ? load_view_vec<T, false>(p.W + k * p.w_stride, p.w_view, off, col, p.P) : zero_vec16<T>();
+            k < p.E ? load_view_vec<T, kIo>(p.W + k * p.w_stride, p.w_view, off, col, p.P) : zero_vec16<T>();
       }
     }
     if constexpr (kVecIO) cp_async_commit();
@@ -185,7 +189,7 @@ LORY_KERNEL void __launch_bounds__(kMergeThreads, Knobs::kMinBlocks) merge_forwa
         const int64_t s = s_begin + r0 + row;
         if (s < s_end) {
           const Vec16<T> x = *reinterpret_cast<const Vec16<T>*>(stage + row * kStageRow + chunk * V);
-          store_view_vec<T, kVecIO, Knobs::kStreamStores>(p.out + s * p.out_stride, p.out_view, out_off, out_col, p.P, x);
+          store_view_vec<T, kIo, Knobs::kStreamStores>(p.out + s * p.out_stride, p.out_view, out_off, out_col, p.P, x);
         }
       }
       __syncwarp();  // the staging tile is rewritten by the next m-tile

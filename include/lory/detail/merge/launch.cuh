@@ -84,22 +84,22 @@ Status launch_merge_forward(Kernel kernel, MergeForwardParams<T> prm, int64_t ti
 // The tensor-core forward at kKSteps = ceil(E / 16), with Tuning's knobs for it; workspace holds
 // the tile counters of a dynamic-tile tuning.
 // limits: the device's (merge_forward_tc_fits has checked that the kernel fits there).
-template <class T, bool kVecIO, class Tuning, int K>
+template <class T, MergeIo kIo, class Tuning, int K>
 Status merge_forward_tc_at(const MergeForwardParams<T>& prm, void* workspace, const MergeSmemLimits& limits,
                            cudaStream_t stream) {
   using Knobs = typename Tuning::template At<K>;
   using Cfg = MergeForwardTcConfig<T, K, Knobs>;
-  return launch_merge_forward<T>(merge_forward_tc_kernel<T, kVecIO, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
+  return launch_merge_forward<T>(merge_forward_tc_kernel<T, kIo, K, Knobs>, prm, Cfg::kTileN, Cfg::kRowsPerPass,
                                  Cfg::max_rows(limits), [](int64_t rows) { return Cfg::smem_bytes(rows); }, stream,
                                  Knobs::kDynamicTiles ? workspace : nullptr);
 }
 
-template <class T, bool kVecIO, class Tuning>
+template <class T, MergeIo kIo, class Tuning>
 Status merge_forward_tc(const MergeForwardParams<T>& prm, void* workspace, const MergeSmemLimits& limits,
                         cudaStream_t stream) {
   if constexpr (is_mma_b16<T>::value) {
     return with_ksteps(prm.E, Status::kErrorInvalidArgument, [&](auto k) {
-      return merge_forward_tc_at<T, kVecIO, Tuning, decltype(k)::value>(prm, workspace, limits, stream);
+      return merge_forward_tc_at<T, kIo, Tuning, decltype(k)::value>(prm, workspace, limits, stream);
     });
   } else {
     return Status::kErrorInvalidArgument;
@@ -214,21 +214,22 @@ Status launch_merge_backward_persistent(void (*kernel)(Params), const Params& pr
   return check_launch();
 }
 
-template <class T, bool kVecIO, int kEPT>
+template <class T, MergeIo kIo, int kEPT>
 Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, int max_blocks, size_t smem, int& blocks,
                                   cudaStream_t stream) {
-  return launch_merge_backward_persistent(merge_backward_simt_kernel<T, kVecIO, kEPT>, prm, max_blocks, smem, blocks,
+  return launch_merge_backward_persistent(merge_backward_simt_kernel<T, kIo, kEPT>, prm, max_blocks, smem, blocks,
                                           stream);
 }
 
-// The CUDA-core backward with kEPT = experts_per_thread (1, 2, 4 or 8) and vector I/O or not.
+// The CUDA-core backward with kEPT = experts_per_thread (1, 2, 4 or 8) and vector I/O or not (the
+// scalar path addresses every view by its offsets: flat views cost it no registers there).
 template <class T>
 Status launch_merge_backward_simt(const MergeBackwardParams<T>& prm, bool vec, int ept, int max_blocks, size_t smem,
                                   int& blocks, cudaStream_t stream) {
   auto run = [&](auto k) {
     constexpr int kEPT = decltype(k)::value;
-    return vec ? launch_merge_backward_simt<T, true, kEPT>(prm, max_blocks, smem, blocks, stream)
-               : launch_merge_backward_simt<T, false, kEPT>(prm, max_blocks, smem, blocks, stream);
+    return vec ? launch_merge_backward_simt<T, MergeIo::kVec, kEPT>(prm, max_blocks, smem, blocks, stream)
+               : launch_merge_backward_simt<T, MergeIo::kScalarRows, kEPT>(prm, max_blocks, smem, blocks, stream);
   };
   switch (ept) {
     case 1: return run(std::integral_constant<int, 1>{});

@@ -14,8 +14,11 @@
 //
 // Vectors: a 16-byte vector never straddles two rows when cols and every non-flat pitch are
 // multiples of the vector (column offsets of vectors are multiples of it), so the vector path
-// addresses a whole vector from its first element (merge_view_vec_ok); otherwise the scalar path
-// walks the vector's elements, stepping over the gap between rows.
+// addresses a whole vector from its first element (merge_view_vec_ok); otherwise a scalar path
+// moves the vector's elements one by one: at consecutive addresses where every view is flat
+// (MergeIo::kScalar), else each at its own view offset (MergeIo::kScalarRows). The two scalar
+// paths are separate kernels where it pays: in the CUDA-core forward, the row-gap addressing of
+// its 64-accumulator stores cost 30 to 40 registers per thread, and the flat one needs none.
 #pragma once
 #include <cstdint>
 
@@ -82,6 +85,20 @@ struct MergeRowView {
   LORY_HOST_DEVICE LORY_FORCEINLINE int64_t offset(int64_t j) const { return j + cols.div(j) * (pitch - cols.d); }
 };
 
+// How a merge kernel moves an operand's 16-byte vectors (decided once per call, merge_io):
+//   kVec        whole vectors (merge_view_vec_ok holds for every operand of the call);
+//   kScalar     element by element, every view flat (offset(j) == j);
+//   kScalarRows element by element, each at its view offset (any views).
+enum class MergeIo { kScalar, kScalarRows, kVec };
+inline MergeIo merge_io(bool vec, bool flat) {
+  return vec ? MergeIo::kVec : flat ? MergeIo::kScalar : MergeIo::kScalarRows;
+}
+// v.offset(j), which is j on the flat views of kScalar.
+template <MergeIo kIo>
+LORY_HOST_DEVICE LORY_FORCEINLINE int64_t merge_view_offset(const MergeRowView& v, int64_t j) {
+  return kIo == MergeIo::kScalar ? j : v.offset(j);
+}
+
 // Whether an operand at `base` with expert (segment) stride `stride` allows 16-byte vectors:
 // base and stride 16-byte aligned, and (non-flat) cols and pitch multiples of the vector.
 template <class T>
@@ -93,55 +110,34 @@ inline bool merge_view_vec_ok(const T* base, int64_t stride, const MergeRowView&
 #if LORY_HAS_DEVICE_CODE
 // Elements [col, col + kSize) of the flattened view at `base`; those at or past P read as zero. col
 // is a multiple of the vector and off == v.offset(col) (a kernel computes it once for all the
-// vectors of a thread at the same column). kVec: merge_view_vec_ok holds, so no vector straddles a
-// row (a tail only where the view is flat); else a non-flat view's scalar path walks the row gaps.
-template <class T, bool kVec>
+// vectors of a thread at the same column). kVec: no vector straddles a row, so a whole vector sits
+// at off (a tail only where the view is flat).
+template <class T, MergeIo kIo>
 LORY_DEVICE LORY_FORCEINLINE Vec16<T> load_view_vec(const T* base, const MergeRowView& v, int64_t off, int64_t col,
                                                     int64_t P) {
   constexpr int V = Vec16<T>::kSize;
-  if (kVec && col + V <= P) return load_vec16(base + off);
+  if (kIo == MergeIo::kVec && col + V <= P) return load_vec16(base + off);
   Vec16<T> r;
-  if (kVec || v.flat) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) r.v[i] = (col + i < P) ? base[off + i] : from_float<T>(0.f);
-    return r;
-  }
-  int64_t c = col - v.cols.div(col) * v.cols.d;
-  const T* at = base + off;
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    r.v[i] = (col + i < P) ? *at : from_float<T>(0.f);
-    if (++c == v.cols.d) c = 0, at += v.pitch - v.cols.d;
-    ++at;
-  }
+  for (int i = 0; i < V; ++i)
+    r.v[i] = (col + i < P) ? base[kIo == MergeIo::kScalarRows ? v.offset(col + i) : off + i] : from_float<T>(0.f);
   return r;
 }
 
-// Writes elements [col, min(col + kSize, P)) of the flattened view at `base` (off, kVec: as
+// Writes elements [col, min(col + kSize, P)) of the flattened view at `base` (off, kIo: as
 // load_view_vec's); kStream: the vector store evict-first.
-template <class T, bool kVec, bool kStream = false>
+template <class T, MergeIo kIo, bool kStream = false>
 LORY_DEVICE LORY_FORCEINLINE void store_view_vec(T* base, const MergeRowView& v, int64_t off, int64_t col, int64_t P,
                                                  const Vec16<T>& x) {
   constexpr int V = Vec16<T>::kSize;
-  if (kVec && col + V <= P) {
+  if (kIo == MergeIo::kVec && col + V <= P) {
     if constexpr (kStream) store_vec16_stream(base + off, x);
     else store_vec16(base + off, x);
     return;
   }
-  if (kVec || v.flat) {
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (col + i < P) base[off + i] = x.v[i];
-    return;
-  }
-  int64_t c = col - v.cols.div(col) * v.cols.d;
-  T* at = base + off;
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    if (col + i < P) *at = x.v[i];
-    if (++c == v.cols.d) c = 0, at += v.pitch - v.cols.d;
-    ++at;
-  }
+  for (int i = 0; i < V; ++i)
+    if (col + i < P) base[kIo == MergeIo::kScalarRows ? v.offset(col + i) : off + i] = x.v[i];
 }
 
 // The same into shared memory by cp.async (sm_80+; merge_view_vec_ok holds; off == v.offset(col)):
