@@ -3,14 +3,13 @@
 // over such a view.
 //
 // The kernels see every operand as P = rows * cols consecutive elements per expert (segment) and
-// tile over P as before. Element j of operand X sits at X_base + (j / cols) * pitch + j % cols
+// tile over P. Element j of operand X sits at X_base + (j / cols) * pitch + j % cols
 // (MergeRowView::offset). A view is flat when rows == 1 or pitch == cols: then offset(j) == j. The
 // divide by cols uses a precomputed magic number (MergeDivmod: one 64-bit multiply-high, two
-// shifts; no division instruction), once per thread and tile: all of a thread's vectors of a tile
-// sit at one column, so the kernels compute the offset once and address every row from it. The
-// scalar path of a flat view is the 1-D one (a uniform branch); of a non-flat view it walks the
-// row gaps. The GEMM method treats a call whose views are all flat as 1-D (merge_view_is_flat in
-// lory/merge.hpp).
+// shifts; no division instruction), once per thread and tile on the vector path: all of a thread's
+// vectors of a tile sit at one column, so the kernels compute the offset once and address every
+// row from it. The GEMM method treats a call whose views are all flat as 1-D (merge_view_is_flat
+// in lory/merge.hpp).
 //
 // Vectors: a 16-byte vector never straddles two rows when cols and every non-flat pitch are
 // multiples of the vector (column offsets of vectors are multiples of it), so the vector path
