@@ -102,19 +102,22 @@ lory_bench::Traffic backward_bytes(const Shape& s) {
           double(s.E * s.P()) * sizeof(bf16)};
 }
 
-void bench_forward(benchmark::State& state, Shape s) {
+// offset: 0, or 1 for W and Wbar one element past 16-byte alignment with strides of P + 1 (the
+// scalar I/O path, against the aligned row of the same shape).
+void bench_forward_at(benchmark::State& state, Shape s, int64_t offset) {
   auto& B = buffers();
-  B.ensure(size_t(s.S * s.P()), size_t(s.E * s.P()), size_t(s.S * s.E));
+  const int64_t stride = s.P() + offset;
+  B.ensure(size_t(offset + s.S * stride), size_t(offset + s.E * stride), size_t(s.S * s.E));
   Routing r(s.S, s.E);
   lory::MergeForwardArgs<bf16, float> a;
   a.num_segments = s.S;
   a.experts = s.E;
   a.params = s.P();
-  a.W = B.W;
-  a.expert_stride = s.P();
+  a.W = B.W + offset;
+  a.expert_stride = stride;
   a.weights = r.f32;
-  a.Wbar = B.big;
-  a.segment_stride = s.P();
+  a.Wbar = B.big + offset;
+  a.segment_stride = stride;
   size_t bytes = 0;
   if (lory::merge_forward(a, nullptr, bytes, nullptr) != lory::Status::kSuccess) {
     state.SkipWithError("merge_forward size query failed");
@@ -130,6 +133,8 @@ void bench_forward(benchmark::State& state, Shape s) {
   if (st != lory::Status::kSuccess) state.SkipWithError(lory::status_string(st));
   set_rate_counters(state, forward_bytes(s), 2.0 * s.S * s.E * s.P());
 }
+void bench_forward(benchmark::State& state, Shape s) { bench_forward_at(state, s, 0); }
+void bench_forward_unaligned(benchmark::State& state, Shape s) { bench_forward_at(state, s, 1); }
 
 void bench_forward_cublas(benchmark::State& state, Shape s) {
   auto& B = buffers();
@@ -209,7 +214,8 @@ void bench_backward_cublas(benchmark::State& state, Shape s) {
   });
 }
 
-// Registered at start-up: every paper shape x E in {8, 16, 32} x S in {128, 512}.
+// Registered at start-up: every paper shape x E in {8, 16, 32} x S in {128, 512}; the forward
+// over misaligned operands at E = 32, S = 512.
 const bool registered = [] {
   for (const auto& ps : paper_shapes())
     for (int E : {8, 16, 32})
@@ -217,6 +223,9 @@ const bool registered = [] {
         const Shape s{ps.d, ps.f, E, 16 * seqs};
         benchmark::RegisterBenchmark(("merge_forward" + s.suffix()).c_str(), bench_forward, s)
             ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+        if (seqs == 32 && E == 32)
+          benchmark::RegisterBenchmark(("merge_forward_unaligned" + s.suffix()).c_str(), bench_forward_unaligned, s)
+              ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
         benchmark::RegisterBenchmark(("merge_forward_cublas" + s.suffix()).c_str(), bench_forward_cublas, s)
             ->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
         benchmark::RegisterBenchmark(("merge_backward" + s.suffix()).c_str(), bench_backward, s)
