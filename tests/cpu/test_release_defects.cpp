@@ -389,7 +389,17 @@ TEST_CASE("release f: the issue's float-plan reproduction gives dW_r summing to 
   INFO("dW_r = [" << out.dW_r[0] << ", " << out.dW_r[1] << "], float64 [" << ref.dW_r[0] << ", " << ref.dW_r[1]
                   << "]");
   REQUIRE(ref.dW_r[0] != 0.0);
-  CHECK(rel_error(out.dW_r, ref.dW_r) <= 1e-5);
+  // The bound from the arithmetic: router row 0 feeds segment 1, so dW_r[e] = dz_e hbar_0 with
+  // dz_1 = -dz_0 = p_0 p_1 (dw_1 - dw_0) (E = 2, the form shifted by the most probable expert), dw the
+  // d_weights of segment 1. fp32 rounds each dw relative to its own size, and the difference can cancel
+  // far below it (about one seed in 300 failed a bound relative to dW_r itself), so the bound is
+  // 1e-5 p_0 p_1 (|dw_0| + |dw_1|) |hbar_0|. The old form's dz_1 = 0 fails it unless dw_0 and dw_1
+  // agree to 5 digits.
+  const double scale = ref.probs[0] * ref.probs[1] * (std::fabs(ref.d_weights[2]) + std::fabs(ref.d_weights[3])) *
+                       std::fabs(ref.hbar[0]);
+  INFO("scale " << scale);
+  REQUIRE(scale > 0.0);
+  for (int e = 0; e < 2; ++e) CHECK(std::fabs(double(out.dW_r[e]) - ref.dW_r[e]) <= 1e-5 * scale);
   CHECK(std::fabs(double(out.dW_r[0]) + out.dW_r[1]) <= 1e-5 * std::fabs(double(out.dW_r[0])));
 }
 
