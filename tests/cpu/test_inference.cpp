@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/catch.hpp"
+#include "common/moe_ffn_fixture.hpp"  // check_close_to_terms
 #include "common/test_util.hpp"
 #include "lory/inference.hpp"
 #include "lory/moe_ffn.hpp"
@@ -206,19 +207,6 @@ std::vector<double> down_term_magnitudes(const Model<T>& M, DecodeMethod method,
   return mag;
 }
 
-// ||got - ref|| <= tol ||mag||: the norm-relative bound, relative to the terms' magnitudes.
-template <class A>
-void check_close_to_terms(const char* what, const std::vector<A>& got, const std::vector<double>& ref,
-                          const std::vector<double>& mag, double tol) {
-  INFO(what);
-  REQUIRE(got.size() == ref.size());
-  REQUIRE(mag.size() == ref.size());
-  REQUIRE(lory_test::count_nan(got) == 0);  // every element written
-  const double err = lory_test::scaled_error(got.data(), ref.data(), mag.data(), static_cast<int64_t>(got.size()));
-  INFO("error relative to the terms " << err << " (tolerance " << tol << ")");
-  CHECK(err <= tol);
-}
-
 std::string case_name(const Case& c) {
   return "B" + std::to_string(c.B) + " L" + std::to_string(c.L) + " d" + std::to_string(c.sh.d) + " f" +
          std::to_string(c.sh.f) + " E" + std::to_string(c.sh.experts);
@@ -375,13 +363,13 @@ void check_orchestration(const Case& c, std::mt19937_64& rng) {
     // Expert space rounds to T twice more than the merged path (the per-expert
     // outputs before each combination), and tiny d, f leave few terms to average
     // rounding out: a 2x bound for it.
-    check_close_to_terms("y vs twin", y, y_ref, down_term_magnitudes(M, method, cache_d, probs_d),
+    lory_test::check_close_to_terms("y vs twin", y, y_ref, down_term_magnitudes(M, method, cache_d, probs_d),
                          method == DecodeMethod::kMerged ? tol : 2 * tol);
     ys.push_back(y);
   }
   // The two methods agree to rounding (each against the other's output); expert space's terms
   // bound the merged path's (|sum_e p_e Wd_e| <= sum_e p_e |Wd_e|).
-  check_close_to_terms("merged vs expert-space", ys[0], lory_test::to_double_vector(ys[1]),
+  lory_test::check_close_to_terms("merged vs expert-space", ys[0], lory_test::to_double_vector(ys[1]),
                        down_term_magnitudes(M, DecodeMethod::kExpertSpace, cache_d, probs_d), 3 * tol);
   // Expert space keeps the [B, E, max(f, d)] per-expert outputs on top.
   REQUIRE(expert_bytes >= merged_bytes + M.B * E * std::max(c.sh.f, d) * sizeof(T));
